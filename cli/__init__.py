@@ -1,0 +1,1 @@
+"""The ``raydiff`` command line (installed as ``raydiff.cli``)."""

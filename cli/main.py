@@ -1,0 +1,219 @@
+"""``raydiff`` commands: parse, validate, call one library function, format the output.
+
+Library errors (:class:`raydiff.errors.RaydiffError`) become one ``Error: …`` line on stderr
+and exit code 1; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import typer
+
+from raydiff.errors import RaydiffError
+from raydiff.options import ClusterOptions, DiffOptions, SubmitOptions, default_store
+
+app = typer.Typer(
+    name="raydiff",
+    help="What did this finetune change? Diff LLM checkpoints on Ray into a Parquet store, query it with SQL.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+_state = {"debug": False}
+T = TypeVar("T")
+
+StoreOpt = typer.Option(None, "--store", help="Store root (directory or s3:// URI). Default: $RAYDIFF_STORE or ./raydiff-store.")
+FormatOpt = typer.Option("table", "--format", "-f", help="Output format: table, csv or json.")
+
+
+@app.callback()
+def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks instead of one-line errors.")) -> None:
+    _state["debug"] = debug
+
+
+def _call(fn: Callable[[], T]) -> T:
+    """Run a library call; a RaydiffError becomes `Error: …` and exit code 1."""
+    try:
+        return fn()
+    except RaydiffError as e:
+        if _state["debug"]:
+            raise
+        typer.echo(f"Error: {e}", err=True)
+        raise typer.Exit(1) from None
+
+
+def _store(store: str | None) -> str:
+    return store or default_store()
+
+
+def _cell(v: Any) -> Any:
+    if isinstance(v, float):
+        return float(f"{v:.6g}")
+    if isinstance(v, dt.datetime):
+        return v.isoformat()
+    if isinstance(v, bytes):
+        return f"<{len(v)} bytes>"
+    if isinstance(v, (list, tuple)):
+        return [_cell(x) for x in v]
+    return v
+
+
+def render(cols: Sequence[str], rows: Sequence[Sequence[Any]], fmt: str) -> str:
+    """Rows as an aligned table, CSV with a header row, or a JSON array of objects."""
+    if fmt == "json":
+        return json.dumps([{c: _cell(v) for c, v in zip(cols, r)} for r in rows], indent=1, default=str)
+    if fmt == "csv":
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(cols)
+        w.writerows([[_cell(v) for v in r] for r in rows])
+        return buf.getvalue().rstrip("\n")
+    if fmt != "table":
+        raise RaydiffError(f"--format must be table, csv or json, got {fmt!r}")
+    text = [[("" if v is None else str(_cell(v))) for v in r] for r in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in text]) for i, c in enumerate(cols)]
+    line = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(cols), line(["-" * w for w in widths])] + [line(r) for r in text])
+
+
+class _Bar:
+    """A rich progress bar on stderr (tensor units, bytes, rate, ETA); silent when not a TTY."""
+
+    def __init__(self) -> None:
+        from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
+                                   TimeRemainingColumn, TransferSpeedColumn)
+        from rich.console import Console
+
+        self.enabled = sys.stderr.isatty()
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                            TransferSpeedColumn(), TextColumn("{task.fields[items]}"), TimeRemainingColumn(),
+                            console=Console(stderr=True), disable=not self.enabled, transient=True)
+        self.task = None
+        self.items = (0, 0)
+
+    def planned(self, p: Any) -> None:
+        self.items = (p.units_total - p.units_todo + p.spectra_total - p.spectra_todo,
+                      p.units_total + p.spectra_total)
+        self.bar.start()
+        self.task = self.bar.add_task(f"diff {p.run.name}", total=p.bytes_total + 0,
+                                      completed=p.bytes_total - p.bytes_todo, items=self._items())
+
+    def _items(self) -> str:
+        return f"{self.items[0]}/{self.items[1]} items"
+
+    def advanced(self, done: Any) -> None:
+        self.items = (self.items[0] + 1, self.items[1])
+        if self.task is not None:
+            self.bar.update(self.task, advance=done.nbytes if done.kind == "unit" else 0, items=self._items())
+
+    def stop(self) -> None:
+        self.bar.stop()
+
+
+def _submit(base: str, tuned: str, options: SubmitOptions):
+    from raydiff.submit import Progress, submit
+
+    bar = _Bar()
+
+    class _P(Progress):
+        def planned(self, p):  # noqa: ANN001
+            bar.planned(p)
+
+        def advanced(self, done):  # noqa: ANN001
+            bar.advanced(done)
+
+    try:
+        return submit(base, tuned, options, _P())
+    finally:
+        bar.stop()
+
+
+@app.command()
+def submit(
+    base: str = typer.Argument(..., help="Base checkpoint: local dir/file or org/name[@revision]."),
+    tuned: str = typer.Argument(..., help="Finetuned checkpoint: local dir/file or org/name[@revision]."),
+    store: str | None = StoreOpt,
+    name: str | None = typer.Option(None, "--name", help="Run name (default: last part of TUNED)."),
+    atol: float = typer.Option(1e-5, "--atol", help="Changed means |tuned - base| > ATOL (paper: 1e-5)."),
+    rel_eta: float = typer.Option(1e-3, "--rel-eta", help="η of the relative criterion |Δ| > η·max(|w|,|ŵ|)."),
+    rank: str = typer.Option("exact", "--rank", help="Rank of ΔW per matrix: exact (SVD), sketch (randomised), off."),
+    top_k: int = typer.Option(32, "--top-k", help="Leading singular values stored per matrix."),
+    sketch_rank: int = typer.Option(128, "--sketch-rank", help="Sketch size for --rank sketch."),
+    chunk_elems: int = typer.Option(1 << 24, "--chunk-elems", help="Elements per work unit (masks of runs line up only for equal values)."),
+    address: str | None = typer.Option(None, "--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster)."),
+    workers: int | None = typer.Option(None, "--workers", help="Number of diff actors (default: one per CPU, or per GPU share)."),
+    gpus_per_actor: float = typer.Option(1.0, "--gpus-per-actor", help="GPU fraction per actor on GPU clusters."),
+) -> None:
+    """Diff TUNED against BASE on Ray into the store; prints the run id.
+
+    Resubmitting the same pair with the same options resumes an interrupted run instead of
+    starting over, and returns a complete run unchanged.
+    """
+    options = _call(lambda: SubmitOptions(
+        store=_store(store), name=name,
+        diff=DiffOptions(atol=atol, rel_eta=rel_eta, rank=rank, top_k=top_k,  # type: ignore[arg-type]
+                         sketch_rank=sketch_rank, chunk_elems=chunk_elems),
+        cluster=ClusterOptions(address=address, workers=workers, gpus_per_actor=gpus_per_actor),
+    ))
+    result = _call(lambda: _submit(base, tuned, options))
+    c = result.commit
+    state = "already complete" if result.already_complete else ("resumed, complete" if result.resumed else "complete")
+    sparsity = 1 - c.changed / c.numel if c.numel else float("nan")
+    typer.echo(f"run {result.run_id} ({result.run.name}): {state}; {c.changed:,} of {c.numel:,} entries changed "
+               f"(|Δ| > {result.run.atol:g}), sparsity {sparsity:.2%}; {c.n_mismatched} tensors not compared",
+               err=True)
+    typer.echo(result.run_id)
+
+
+@app.command()
+def runs(store: str | None = StoreOpt, fmt: str = FormatOpt) -> None:
+    """List the runs in the store with their status and sparsity."""
+    from raydiff.views import query
+
+    cols, rows = _call(lambda: query(_store(store), "SELECT run_id, name, status, numel, changed, sparsity, "
+                                     "atol, rank_mode, base, tuned FROM runs ORDER BY created_at"))
+    _call(lambda: typer.echo(render(cols, rows, fmt)))
+
+
+@app.command()
+def sql(
+    query_text: str = typer.Argument(..., metavar="QUERY", help="SQL over the views (runs, tensors, units, masks, spectra, plan)."),
+    store: str | None = StoreOpt,
+    fmt: str = FormatOpt,
+) -> None:
+    """Run a SQL query over the store with DuckDB (read-only) and print the result."""
+    from raydiff.views import query
+
+    cols, rows = _call(lambda: query(_store(store), query_text))
+    _call(lambda: typer.echo(render(cols, rows, fmt)))
+
+
+@app.command()
+def demo(
+    store: str | None = StoreOpt,
+    family_dir: str | None = typer.Option(None, "--family-dir", help="Where the demo checkpoints are built/reused (default: <store>/demo-family)."),
+    workers: int | None = typer.Option(None, "--workers", help="Number of diff actors."),
+) -> None:
+    """Build (or reuse) a small demo finetune family, submit each finetune against its base, print a report."""
+    from raydiff.demo import run_demo
+
+    report = _call(lambda: run_demo(_store(store), family_dir, ClusterOptions(workers=workers),
+                                    log=lambda msg: typer.echo(msg, err=True)))
+    typer.echo(report)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""Ray: the only module that imports it. Actors are thin shells around an Executor.
+
+A pool of :class:`DiffActor` is sized to the cluster (one per CPU, or per GPU share when the
+cluster has GPUs). The driver hands out work largest-first, keeps two items in flight per
+actor so none idles between items, and receives only small :class:`~raydiff.execute.Done`
+records: results go from the actors to the store directly.
+
+Fault tolerance lives here too: actors restart when their process dies
+(``max_restarts``) and the unit in flight is retried (``max_task_retries``). A retried unit
+rewrites the same file with the same bytes, so a retry can never duplicate a result.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+
+import ray
+from ray.exceptions import RayActorError, RayTaskError
+
+from raydiff.errors import RaydiffError
+from raydiff.execute import Done, Executor, RunContext
+from raydiff.options import ClusterOptions
+from raydiff.plan import SpectrumTask, WorkUnit
+
+_IN_FLIGHT_PER_ACTOR = 2
+_MAX_RESTARTS = 4
+_MAX_TASK_RETRIES = 4
+
+
+def connect(address: str | None) -> dict[str, float]:
+    """Connect to a Ray cluster (``address``, else ``$RAY_ADDRESS``), or start a local one.
+
+    Returns the cluster's total resources. Reuses the connection when already connected.
+    """
+    if not ray.is_initialized():
+        address = address or os.environ.get("RAY_ADDRESS") or None
+        kwargs: dict[str, object] = dict(logging_level=logging.WARNING, log_to_driver=False)
+        if address is None:
+            kwargs["include_dashboard"] = False
+        ray.init(address=address, **kwargs)
+    return ray.cluster_resources()
+
+
+@ray.remote(max_restarts=_MAX_RESTARTS, max_task_retries=_MAX_TASK_RETRIES)
+class DiffActor:
+    """Diffs units and computes spectra of one run, on the node it was placed on."""
+
+    def __init__(self, ctx: RunContext, device: str) -> None:
+        node_id = ray.get_runtime_context().get_node_id()
+        self._ex = Executor(ctx, node_id=node_id, device=device)
+
+    def unit(self, u: WorkUnit) -> Done:
+        return self._ex.unit(u)
+
+    def spectrum(self, s: SpectrumTask) -> Done:
+        return self._ex.spectrum(s)
+
+
+def pool_size(resources: dict[str, float], options: ClusterOptions) -> tuple[int, float]:
+    """``(actors, gpus per actor)`` for a cluster's resources and the user's options."""
+    gpus = resources.get("GPU", 0.0)
+    cpus = max(1, int(resources.get("CPU", 1)))
+    if gpus > 0:
+        n = max(1, int(gpus / options.gpus_per_actor))
+        per = options.gpus_per_actor
+    else:
+        n, per = cpus, 0.0
+    if options.workers:
+        n = options.workers
+    return n, per
+
+
+def run_work(ctx: RunContext, units: Sequence[WorkUnit], spectra: Sequence[SpectrumTask],
+             options: ClusterOptions, on_done: Callable[[Done], None] | None = None) -> None:
+    """Run every unit and spectrum task on a pool of actors; return when all are stored.
+
+    Raises:
+        RaydiffError: the first user-facing error raised by any actor (bad checkpoint…).
+    """
+    if not units and not spectra:
+        return
+    resources = connect(options.address)
+    n, gpu_share = pool_size(resources, options)
+    n = min(n, len(units) + len(spectra))
+    device = "cuda" if gpu_share else "cpu"
+    actors = [DiffActor.options(num_cpus=1, num_gpus=gpu_share).remote(ctx, device) for _ in range(n)]
+    # Longest first: spectra (SVDs) by cost, then units by size.
+    work: list[tuple[str, object]] = [("spectrum", s) for s in sorted(spectra, key=lambda s: -s.flops)]
+    work += [("unit", u) for u in sorted(units, key=lambda u: -(u.stop - u.start))]
+    work.reverse()  # pop() from the end
+    pending: dict[ray.ObjectRef, int] = {}
+    load = [0] * n
+    try:
+        while work or pending:
+            for i in range(n):
+                while work and load[i] < _IN_FLIGHT_PER_ACTOR:
+                    kind, item = work.pop()
+                    ref = getattr(actors[i], kind).remote(item)
+                    pending[ref] = i
+                    load[i] += 1
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            for ref in ready:
+                load[pending.pop(ref)] -= 1
+                done = _get(ref)
+                if on_done is not None:
+                    on_done(done)
+    finally:
+        for a in actors:
+            ray.kill(a, no_restart=True)
+
+
+def _get(ref: ray.ObjectRef) -> Done:
+    try:
+        return ray.get(ref)
+    except RayTaskError as e:
+        cause = e.cause if hasattr(e, "cause") else None
+        if isinstance(cause, RaydiffError):
+            raise cause from None
+        raise
+    except RayActorError as e:
+        raise RaydiffError(f"a diff actor died and could not be restarted ({e}); "
+                           "submit again to resume the run") from None

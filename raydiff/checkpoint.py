@@ -1,0 +1,425 @@
+"""Checkpoints as frozen records: safetensors headers and index, parsed before any tensor byte.
+
+A safetensors file is an 8-byte little-endian header length ``N``, ``N`` bytes of JSON
+(``{name: {"dtype", "shape", "data_offsets"}, "__metadata__": {...}}``), then the data.
+Everything here is validated strictly — checkpoints come from strangers — and every problem
+is an :class:`~raydiff.errors.InvalidCheckpoint` naming the file and tensor.
+Tensor names are data, never paths: nothing here builds a path from a tensor name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import os
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from raydiff.errors import CheckpointNotFound, InvalidCheckpoint, UnsupportedFormat
+
+#: Refuse headers larger than this (the safetensors library uses the same 100 MB bound).
+MAX_HEADER_BYTES = 100_000_000
+#: Refuse index / config JSON files larger than this.
+MAX_JSON_BYTES = 50_000_000
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+@dataclass(frozen=True)
+class DType:
+    """A safetensors dtype: its code, size, kind and the numpy dtype of its raw bits."""
+
+    code: str
+    itemsize: int
+    kind: str  # "float", "int" or "bool"
+    bits: str  # numpy dtype of the stored bits (unsigned int of the same width)
+
+    @property
+    def is_float(self) -> bool:
+        return self.kind == "float"
+
+
+DTYPES: Mapping[str, DType] = {
+    d.code: d
+    for d in (
+        DType("F64", 8, "float", "<u8"),
+        DType("F32", 4, "float", "<u4"),
+        DType("F16", 2, "float", "<u2"),
+        DType("BF16", 2, "float", "<u2"),
+        DType("F8_E4M3", 1, "float", "u1"),
+        DType("F8_E5M2", 1, "float", "u1"),
+        DType("I64", 8, "int", "<u8"),
+        DType("I32", 4, "int", "<u4"),
+        DType("I16", 2, "int", "<u2"),
+        DType("I8", 1, "int", "u1"),
+        DType("U64", 8, "int", "<u8"),
+        DType("U32", 4, "int", "<u4"),
+        DType("U16", 2, "int", "<u2"),
+        DType("U8", 1, "int", "u1"),
+        DType("BOOL", 1, "bool", "u1"),
+    )
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor's bytes live, from its shard's header.
+
+    Attributes:
+        name: tensor name exactly as stored (data, never used as a path).
+        dtype: safetensors dtype code, e.g. ``"BF16"``.
+        shape: tensor shape (``()`` for a scalar).
+        file: absolute path of the shard holding it.
+        offset: absolute byte offset of its first byte in ``file``.
+        nbytes: size of its data in bytes.
+    """
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    file: str
+    offset: int
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+
+
+@dataclass(frozen=True)
+class ShardHeader:
+    """The parsed header of one ``.safetensors`` file."""
+
+    path: str
+    size: int
+    data_start: int
+    tensors: tuple[TensorInfo, ...]
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint as resolved: its identity and every tensor's location, no tensor data.
+
+    Attributes:
+        ref: the reference as resolved: an absolute local path or a Hub repo id.
+        revision: commit sha for Hub references, ``None`` for local ones.
+        root: local directory (or file) the shards were read from.
+        shards: parsed headers of every shard, in file-name order.
+        tensors: tensor name → location.
+        config: contents of ``config.json`` if present.
+        fingerprint: stable digest of the files' identity (names, sizes, mtimes or sha).
+    """
+
+    ref: str
+    revision: str | None
+    root: str
+    shards: tuple[ShardHeader, ...]
+    tensors: Mapping[str, TensorInfo]
+    config: Mapping[str, object] | None
+    fingerprint: str
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+
+def _shape_numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def parse_header(path: str | os.PathLike[str]) -> ShardHeader:
+    """Parse and validate the header of one safetensors file without reading tensor data.
+
+    Args:
+        path: a ``.safetensors`` file.
+
+    Returns:
+        The shard's header with absolute offsets for every tensor.
+
+    Raises:
+        InvalidCheckpoint: truncated file, oversized or non-JSON header, unknown dtype,
+            offsets outside the file, overlapping, or not matching shape × dtype size.
+
+    Example:
+        >>> parse_header("model.safetensors").tensors[0].dtype  # doctest: +SKIP
+        'BF16'
+    """
+    p = os.path.abspath(path)
+    try:
+        with open(p, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise InvalidCheckpoint(
+                    f"{p}: file is {size} bytes, too short for a safetensors header; "
+                    "the file is truncated — download or save it again"
+                )
+            (n,) = struct.unpack("<Q", prefix)
+            if n > MAX_HEADER_BYTES:
+                raise InvalidCheckpoint(
+                    f"{p}: header claims {n} bytes, over the {MAX_HEADER_BYTES}-byte limit; "
+                    "this is not a valid safetensors file"
+                )
+            if 8 + n > size:
+                raise InvalidCheckpoint(
+                    f"{p}: header claims {n} bytes but the file has only {size - 8} after the "
+                    "length prefix; the file is truncated — download or save it again"
+                )
+            raw = f.read(n)
+    except FileNotFoundError as e:
+        raise CheckpointNotFound(f"{p}: no such file") from e
+    except IsADirectoryError as e:
+        raise InvalidCheckpoint(f"{p}: is a directory, expected a .safetensors file") from e
+    return _parse_header_bytes(p, size, raw)
+
+
+def _parse_header_bytes(p: str, size: int, raw: bytes) -> ShardHeader:
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise InvalidCheckpoint(f"{p}: header is not valid UTF-8 JSON ({e}); not a safetensors file") from None
+    if not isinstance(obj, dict):
+        raise InvalidCheckpoint(f"{p}: header is JSON but not an object; not a safetensors file")
+    data_start = 8 + len(raw)
+    data_len = size - data_start
+    metadata = obj.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise InvalidCheckpoint(f"{p}: __metadata__ must map strings to strings")
+    tensors: list[TensorInfo] = []
+    for name, entry in obj.items():
+        tensors.append(_parse_entry(p, name, entry, data_start, data_len))
+    spans = sorted((t.offset, t.offset + t.nbytes, t.name) for t in tensors if t.nbytes)
+    for (_, end_a, name_a), (start_b, _, name_b) in zip(spans, spans[1:]):
+        if start_b < end_a:
+            raise InvalidCheckpoint(
+                f"{p}: tensors {_show(name_a)} and {_show(name_b)} overlap in the file; "
+                "the header is corrupt"
+            )
+    tensors.sort(key=lambda t: t.name)
+    return ShardHeader(path=p, size=size, data_start=data_start, tensors=tuple(tensors), metadata=metadata)
+
+
+def _show(name: str, limit: int = 120) -> str:
+    """A tensor name quoted for a message: control characters escaped, long names cut."""
+    r = json.dumps(name, ensure_ascii=True)
+    return r if len(r) <= limit else r[: limit - 5] + "…\" (" + str(len(name)) + " chars)"
+
+
+def _parse_entry(p: str, name: str, entry: object, data_start: int, data_len: int) -> TensorInfo:
+    where = f"{p}: tensor {_show(name)}"
+    if not isinstance(entry, dict):
+        raise InvalidCheckpoint(f"{where}: header entry is not an object")
+    dtype = entry.get("dtype")
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        known = ", ".join(DTYPES)
+        raise InvalidCheckpoint(f"{where}: unknown dtype {dtype!r} (raydiff reads {known})")
+    shape = entry.get("shape")
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 62 for d in shape
+    ):
+        raise InvalidCheckpoint(f"{where}: shape {shape!r} is not a list of non-negative integers")
+    offsets = entry.get("data_offsets")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+    ):
+        raise InvalidCheckpoint(f"{where}: data_offsets {offsets!r} is not a pair of integers")
+    begin, end = offsets
+    if not 0 <= begin <= end <= data_len:
+        raise InvalidCheckpoint(
+            f"{where}: data_offsets [{begin}, {end}] lie outside the file's {data_len} data "
+            "bytes; the file is truncated or corrupt"
+        )
+    numel = _shape_numel(tuple(shape))
+    expected = numel * DTYPES[dtype].itemsize
+    if end - begin != expected:
+        raise InvalidCheckpoint(
+            f"{where}: holds {end - begin} bytes but shape {shape} of {dtype} needs {expected}; "
+            "the header is corrupt"
+        )
+    return TensorInfo(name, dtype, tuple(shape), p, data_start + begin, end - begin)
+
+
+def _read_json(path: Path, what: str) -> object:
+    size = path.stat().st_size
+    if size > MAX_JSON_BYTES:
+        raise InvalidCheckpoint(f"{path}: {what} is {size} bytes, over the {MAX_JSON_BYTES}-byte limit")
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise InvalidCheckpoint(f"{path}: {what} is not valid JSON ({e})") from None
+
+
+def load_checkpoint(path: str | os.PathLike[str], *, ref: str | None = None,
+                    revision: str | None = None) -> Checkpoint:
+    """Read a local checkpoint's index and shard headers into a :class:`Checkpoint`.
+
+    Accepts a directory in Hugging Face layout (``model.safetensors.index.json`` + shards,
+    ``model.safetensors``, or any ``*.safetensors`` files) or a single ``.safetensors`` file.
+
+    Args:
+        path: local directory or file.
+        ref: the reference to record (defaults to the absolute path).
+        revision: the revision to record (Hub commit sha), if any.
+
+    Raises:
+        CheckpointNotFound: nothing at ``path`` or no safetensors files in it.
+        UnsupportedFormat: only pickle checkpoints (``.bin``/``.pt``) are present.
+        InvalidCheckpoint: malformed index or shard, or a tensor stored twice.
+    """
+    root = Path(path).absolute()
+    if not root.exists():
+        raise CheckpointNotFound(f"{root}: no such file or directory")
+    config = None
+    if root.is_file():
+        if root.suffix in PICKLE_SUFFIXES:
+            raise _pickle_refusal(root)
+        files = [root]
+        cfg = root.parent / "config.json"
+    else:
+        files = _shard_files(root)
+        cfg = root / "config.json"
+    if cfg.is_file():
+        c = _read_json(cfg, "config.json")
+        config = c if isinstance(c, dict) else None
+    shards = tuple(parse_header(f) for f in files)
+    tensors: dict[str, TensorInfo] = {}
+    for shard in shards:
+        for t in shard.tensors:
+            if t.name in tensors:
+                raise InvalidCheckpoint(
+                    f"{root}: tensor {_show(t.name)} is stored twice, in "
+                    f"{Path(tensors[t.name].file).name} and {Path(t.file).name}; "
+                    "the checkpoint is ambiguous — remove one copy"
+                )
+            tensors[t.name] = t
+    if root.is_dir() and (root / INDEX_NAME).is_file():
+        _check_index(root, tensors)
+    digest = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        digest.update(f"{f.name}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+    if revision:
+        digest.update(revision.encode())
+    return Checkpoint(
+        ref=ref or str(root),
+        revision=revision,
+        root=str(root),
+        shards=shards,
+        tensors=dict(sorted(tensors.items())),
+        config=config,
+        fingerprint=digest.hexdigest()[:32],
+    )
+
+
+def _pickle_refusal(path: Path) -> UnsupportedFormat:
+    return UnsupportedFormat(
+        f"{path}: is a pickle checkpoint; raydiff never unpickles files (loading one can run "
+        "arbitrary code). Convert it to safetensors in a trusted environment "
+        "(e.g. `safetensors.torch.save_file(torch.load(f, weights_only=True), out)`) and "
+        "point raydiff at the result"
+    )
+
+
+def _index_weight_map(root: Path) -> dict[str, str]:
+    index = _read_json(root / INDEX_NAME, INDEX_NAME)
+    wm = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(wm, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in wm.items()):
+        raise InvalidCheckpoint(f"{root / INDEX_NAME}: has no weight_map of tensor name → shard file")
+    for shard in set(wm.values()):
+        if shard != os.path.basename(shard) or shard in ("", ".", "..") or "\\" in shard or "\0" in shard:
+            raise InvalidCheckpoint(
+                f"{root / INDEX_NAME}: shard name {_show(shard)} is not a plain file name in the "
+                "checkpoint directory; refusing to read outside it"
+            )
+        if not shard.endswith(".safetensors"):
+            if shard.endswith(PICKLE_SUFFIXES):
+                raise _pickle_refusal(root / shard)
+            raise InvalidCheckpoint(f"{root / INDEX_NAME}: shard {_show(shard)} is not a .safetensors file")
+    return wm
+
+
+def _shard_files(root: Path) -> list[Path]:
+    if (root / INDEX_NAME).is_file():
+        wm = _index_weight_map(root)
+        files = [root / s for s in sorted(set(wm.values()))]
+        for f in files:
+            if not f.is_file():
+                raise InvalidCheckpoint(
+                    f"{root / INDEX_NAME}: names shard {f.name}, which is missing from {root}; "
+                    "the download is incomplete — fetch the missing shard"
+                )
+        return files
+    if (root / SINGLE_NAME).is_file():
+        return [root / SINGLE_NAME]
+    files = sorted(p for p in root.iterdir() if p.suffix == ".safetensors" and p.is_file())
+    if files:
+        return files
+    pickles = sorted(p for p in root.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise _pickle_refusal(pickles[0])
+    raise CheckpointNotFound(
+        f"{root}: holds no .safetensors files (expected {SINGLE_NAME} or {INDEX_NAME} and shards)"
+    )
+
+
+def _check_index(root: Path, tensors: Mapping[str, TensorInfo]) -> None:
+    for name, shard in _index_weight_map(root).items():
+        t = tensors.get(name)
+        if t is None or Path(t.file).name != shard:
+            raise InvalidCheckpoint(
+                f"{root / INDEX_NAME}: lists tensor {_show(name)} in {shard}, but that shard's "
+                "header does not hold it; the index and shards are from different saves"
+            )
+
+
+class TensorReader:
+    """Zero-copy reads of tensor bytes through read-only memory maps, one per file.
+
+    Example:
+        >>> r = TensorReader(); raw = r.read(info, 0, info.numel)  # doctest: +SKIP
+    """
+
+    def __init__(self) -> None:
+        self._maps: dict[str, mmap.mmap] = {}
+
+    def _map(self, path: str) -> mmap.mmap:
+        m = self._maps.get(path)
+        if m is None:
+            with open(path, "rb") as f:
+                m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            self._maps[path] = m
+        return m
+
+    def read(self, info: TensorInfo, start: int, stop: int) -> np.ndarray:
+        """The raw stored bits of elements ``[start, stop)`` (flat) of a tensor.
+
+        Returns a read-only array of unsigned integers of the dtype's width, backed by
+        the page cache (no copy).
+        """
+        d = DTYPES[info.dtype]
+        m = self._map(info.file)
+        off = info.offset + start * d.itemsize
+        count = stop - start
+        if off + count * d.itemsize > len(m):
+            raise InvalidCheckpoint(
+                f"{info.file}: tensor {_show(info.name)} extends past the end of the file; "
+                "the file changed or was truncated since its header was read"
+            )
+        return np.frombuffer(m, dtype=np.dtype(d.bits), count=count, offset=off)
+
+    def close(self) -> None:
+        self._maps.clear()

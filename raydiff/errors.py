@@ -1,0 +1,40 @@
+"""Exceptions raised by the raydiff library.
+
+Every error a user can cause is a :class:`RaydiffError` whose message names the object at
+fault (file, tensor, run) and says what to do about it. The CLI turns these into a single
+``Error: …`` line; any other exception is a bug in raydiff.
+"""
+
+from __future__ import annotations
+
+
+class RaydiffError(Exception):
+    """Base class of all user-facing raydiff errors."""
+
+
+class InvalidOption(RaydiffError):
+    """An option value is out of range or inconsistent with another option."""
+
+
+class CheckpointNotFound(RaydiffError):
+    """A checkpoint reference names nothing that exists (path, Hub repo or revision)."""
+
+
+class UnsupportedFormat(RaydiffError):
+    """The checkpoint is in a format raydiff refuses to read (e.g. pickle ``.bin``/``.pt``)."""
+
+
+class InvalidCheckpoint(RaydiffError):
+    """A safetensors file or index is malformed, truncated or inconsistent."""
+
+
+class StoreError(RaydiffError):
+    """The store is unreadable, inconsistent, or a run in it cannot be resumed."""
+
+
+class RunNotFound(RaydiffError):
+    """A run id or name matches no run in the store (or matches several)."""
+
+
+class QueryError(RaydiffError):
+    """A SQL query given to ``raydiff sql`` failed."""

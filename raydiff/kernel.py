@@ -1,0 +1,239 @@
+"""The diff kernel: two arrays of stored bits in, one :class:`UnitDiff` record out.
+
+Pure: no I/O, no Ray, no globals beyond constant lookup tables. One pass decides which
+entries' stored bits differ (cheap, integer compare); only those entries are decoded to
+floats, so the float work scales with the number of changed entries, not the tensor size.
+
+Δ is taken *in the compared dtype*, as the paper's ``(tuned - base).abs() <= atol`` does
+in torch: for a BF16 (or F16) pair, Δ and the tolerance are both rounded to BF16 (F16)
+before comparing; F32, F64 and mixed pairs (compared in F32/F64) use that float type. fp8
+pairs are decoded to F32. Integer and bool tensors are compared bitwise only: every
+criterion counts the entries whose bits differ and the float statistics are NULL.
+An entry whose bits differ and whose Δ is NaN (e.g. a NaN appeared) counts as changed under
+every criterion; entries with identical bits are unchanged, NaN included.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+
+import numpy as np
+
+from raydiff.checkpoint import DTYPES
+from raydiff.masks import encode_mask
+from raydiff.options import ATOL_LADDER
+
+_BASE_BLOCK = 1 << 16  # elements per block of the ‖W0‖F² pass, sized to stay in L2
+
+
+@dataclass(frozen=True)
+class Criteria:
+    """The thresholds a unit is counted under.
+
+    Attributes:
+        atol: the run's main tolerance (its ``changed`` count and mask).
+        rel_eta: η of the relative test ``|Δ| > η·max(|w|, |ŵ|)``.
+        ladder: further absolute tolerances, counted but not masked.
+    """
+
+    atol: float = 1e-5
+    rel_eta: float = 1e-3
+    ladder: tuple[float, ...] = ATOL_LADDER
+
+
+@dataclass(frozen=True)
+class UnitDiff:
+    """What changed in one work unit.
+
+    Attributes:
+        numel: elements in the unit.
+        changed_bits: entries whose stored bits differ (after exact widening, for mixed dtypes).
+        changed: entries with ``|Δ| > atol`` — the run's criterion and its mask.
+        changed_ladder: counts of ``|Δ| > t`` for each ``t`` in ``Criteria.ladder``.
+        changed_rel: entries with ``|Δ| > η·max(|w|, |ŵ|)``.
+        nonfinite: entries whose bits differ and whose base or tuned value is NaN or ±Inf.
+        max_abs_delta, sum_abs_delta, sum_sq_delta: over entries with finite values on both
+            sides (NULL for int/bool).
+        sum_sq_base: ``Σ w²`` over all base entries (NULL for int/bool).
+        rows_touched: rows (last-dim slices) with a changed entry; NULL for < 2-D.
+        cols_bitmap: packed LSB-first bitmap of columns with a changed entry; NULL for < 2-D,
+            empty bytes when nothing changed.
+        mask_codec, mask: the compressed ``changed`` mask (see :mod:`raydiff.masks`).
+    """
+
+    numel: int
+    changed_bits: int
+    changed: int
+    changed_ladder: tuple[int, ...]
+    changed_rel: int
+    nonfinite: int
+    max_abs_delta: float | None
+    sum_abs_delta: float | None
+    sum_sq_delta: float | None
+    sum_sq_base: float | None
+    rows_touched: int | None
+    cols_bitmap: bytes | None
+    mask_codec: str
+    mask: bytes
+
+
+@cache
+def _fp8_table(code: str) -> np.ndarray:
+    import torch
+
+    tdt = {"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}[code]
+    return torch.arange(256, dtype=torch.uint8).view(tdt).float().numpy()
+
+
+def decode(bits: np.ndarray, dtype: str) -> np.ndarray:
+    """Stored bits → float values (F32, or F64 for F64). Exact for every float dtype.
+
+    Example:
+        >>> decode(np.array([0x3F80], np.uint16), "BF16")
+        array([1.], dtype=float32)
+    """
+    if dtype == "BF16":
+        return (bits.astype(np.uint32) << 16).view(np.float32)
+    if dtype == "F16":
+        return bits.view(np.float16).astype(np.float32)
+    if dtype == "F32":
+        return bits.view(np.float32)
+    if dtype == "F64":
+        return bits.view(np.float64)
+    if dtype in ("F8_E4M3", "F8_E5M2"):
+        return _fp8_table(dtype)[bits]
+    raise ValueError(f"{dtype} is not a float dtype")
+
+
+def round_to(x: np.ndarray, dtype: str) -> np.ndarray:
+    """Round float32 values to a 16-bit float's precision (nearest-even), as torch does."""
+    if dtype == "F16":
+        with np.errstate(over="ignore"):
+            return x.astype(np.float16).astype(np.float32)
+    if dtype == "BF16":
+        u = x.view(np.uint32)
+        r = ((u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))) & np.uint32(0xFFFF0000)).view(np.float32)
+        return np.where(np.isnan(x), x, r)
+    return x
+
+
+def _threshold(t: float, dtype: str) -> np.floating:
+    """A tolerance in the dtype the comparison happens in (torch casts the scalar)."""
+    if dtype == "F64":
+        return np.float64(t)
+    return round_to(np.array([t], np.float32), dtype)[0]
+
+
+def diff_unit(
+    base: np.ndarray,
+    tuned: np.ndarray,
+    base_dtype: str,
+    tuned_dtype: str,
+    compare_dtype: str,
+    criteria: Criteria,
+    row_len: int = 0,
+) -> UnitDiff:
+    """Diff one unit: counts under every criterion, Δ statistics and the changed mask.
+
+    Args:
+        base, tuned: 1-D arrays of stored bits (unsigned ints of each dtype's width),
+            same length.
+        base_dtype, tuned_dtype: safetensors dtype codes of the two sides.
+        compare_dtype: dtype to compare in (see :func:`raydiff.plan.compare_dtype`).
+        criteria: thresholds.
+        row_len: row length when the unit covers whole rows of a ≥ 2-D tensor, else 0.
+
+    Returns:
+        The unit's :class:`UnitDiff`.
+
+    Example:
+        >>> b = np.array([0x3F80, 0x4000], np.uint16); t = np.array([0x3F81, 0x4000], np.uint16)
+        >>> diff_unit(b, t, "BF16", "BF16", "BF16", Criteria()).changed
+        1
+    """
+    n = int(base.size)
+    if tuned.size != n:
+        raise ValueError(f"unit sizes differ: base {n}, tuned {tuned.size}")
+    if row_len and n % row_len:
+        raise ValueError(f"unit of {n} elements does not cover whole rows of {row_len}")
+    kind = DTYPES[compare_dtype].kind
+    mixed = base_dtype != tuned_dtype
+    if mixed:
+        # Widen both sides exactly, then treat the widened values' bits as stored bits.
+        wide = np.float64 if compare_dtype == "F64" else np.float32
+        ubits = np.uint64 if compare_dtype == "F64" else np.uint32
+        base = decode(base, base_dtype).astype(wide, copy=False).view(ubits)
+        tuned = decode(tuned, tuned_dtype).astype(wide, copy=False).view(ubits)
+        value_dtype = compare_dtype
+    else:
+        value_dtype = base_dtype
+
+    neq = base != tuned
+    idx = np.flatnonzero(neq)
+    changed_bits = int(idx.size)
+
+    if kind != "float":
+        codec, payload = encode_mask(neq, changed_bits)
+        rows, cols = _touched(neq, changed_bits, row_len)
+        k = changed_bits
+        return UnitDiff(n, k, k, (k,) * len(criteria.ladder), k, 0, None, None, None, None,
+                        rows, cols, codec, payload)
+
+    wa = decode(base[idx], value_dtype)
+    wb = decode(tuned[idx], value_dtype)
+    with np.errstate(invalid="ignore", over="ignore"):
+        d = wb - wa
+        ad = np.abs(d)
+        # Δ as the compared dtype holds it (rounded for 16-bit floats); NaN compares False,
+        # so `~(|Δ| <= t)` counts NaN as changed.
+        adq = round_to(ad, compare_dtype)
+        is_changed = ~(adq <= _threshold(criteria.atol, compare_dtype))
+        ladder = tuple(int(np.count_nonzero(~(adq <= _threshold(t, compare_dtype)))) for t in criteria.ladder)
+        rel = int(np.count_nonzero(~(ad <= criteria.rel_eta * np.maximum(np.abs(wa), np.abs(wb)))))
+    fd = ad
+    if not np.isfinite(d).all():
+        # NaN/Inf inputs are counted, not summed; a Δ that only overflowed the compared float
+        # type (two huge finite weights) is summed in float64, where it is finite.
+        ok = np.isfinite(wa) & np.isfinite(wb)
+        fd = np.abs(wb[ok].astype(np.float64) - wa[ok].astype(np.float64))
+    nonfinite = changed_bits - int(fd.size)
+    max_abs = float(fd.max()) if fd.size else 0.0
+    fd64 = fd.astype(np.float64, copy=False)
+    with np.errstate(over="ignore", invalid="ignore"):
+        sum_abs = float(fd64.sum())
+        sum_sq = float(np.dot(fd64, fd64))
+
+    changed = int(np.count_nonzero(is_changed))
+    if changed == changed_bits:
+        mask = neq
+    else:
+        mask = np.zeros(n, dtype=bool)
+        mask[idx[is_changed]] = True
+    codec, payload = encode_mask(mask, changed)
+    rows, cols = _touched(mask, changed, row_len)
+    return UnitDiff(n, changed_bits, changed, ladder, rel, nonfinite, max_abs, sum_abs, sum_sq,
+                    _sum_sq(base, value_dtype), rows, cols, codec, payload)
+
+
+def _sum_sq(bits: np.ndarray, dtype: str) -> float:
+    """Σ w² over all entries, decoded block by block so temporaries stay in cache."""
+    total = 0.0
+    for i in range(0, bits.size, _BASE_BLOCK):
+        w = decode(bits[i:i + _BASE_BLOCK], dtype)
+        with np.errstate(over="ignore", invalid="ignore"):
+            w = w.astype(np.float64, copy=False)
+            total += float(np.dot(w, w))
+    return total
+
+
+def _touched(mask: np.ndarray, changed: int, row_len: int) -> tuple[int | None, bytes | None]:
+    """Rows with any change, and the packed bitmap of columns with any change."""
+    if not row_len:
+        return None, None
+    if changed == 0:
+        return 0, b""
+    grid = mask.reshape(-1, row_len)
+    rows = int(np.count_nonzero(grid.any(axis=1)))
+    cols = np.packbits(grid.any(axis=0), bitorder="little").tobytes()
+    return rows, cols

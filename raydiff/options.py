@@ -1,0 +1,113 @@
+"""The options of an analysis, validated once and shared by the library and every command.
+
+Two groups: :class:`DiffOptions` change *results* (they are part of a run's identity, so a
+resubmission with the same pair and the same DiffOptions resumes the same run), while
+:class:`ClusterOptions` only change *how* the work is executed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+from raydiff.errors import InvalidOption
+
+RankMode = Literal["exact", "sketch", "off"]
+RANK_MODES: tuple[str, ...] = ("exact", "sketch", "off")
+
+#: Absolute tolerances whose change counts are stored for every run (the paper's ladder),
+#: so SQL can compare criteria without re-running. Column ``changed_1e8`` is for 1e-8, etc.
+ATOL_LADDER: tuple[float, ...] = (1e-8, 1e-7, 1e-6, 1e-5, 1e-4)
+
+#: Relative cut-offs at which the rank of an update is also reported (σ_i > c · σ_1).
+RANK_CUTOFFS: tuple[float, ...] = (1e-1, 1e-2, 1e-3)
+
+DEFAULT_STORE = "./raydiff-store"
+DEFAULT_CHUNK_ELEMS = 1 << 24  # 16 Mi elements: 32 MiB per side for bf16
+
+
+def default_store() -> str:
+    """The store root used when none is given: ``$RAYDIFF_STORE`` or ``./raydiff-store``."""
+    return os.environ.get("RAYDIFF_STORE") or DEFAULT_STORE
+
+
+@dataclass(frozen=True)
+class DiffOptions:
+    """Options that change what a run computes (and so are part of its identity).
+
+    Attributes:
+        atol: absolute tolerance of the run's main criterion: an entry is *changed* when
+            ``|tuned − base| > atol``, Δ taken in the compared dtype (paper: 1e-5).
+            ``atol=0`` makes any value change count.
+        rel_eta: η of the relative criterion ``|Δ| > η·max(|w|, |ŵ|)`` (Zhu et al.: 1e-3).
+        rank: ``exact`` (SVD, as the paper), ``sketch`` (randomised SVD of the top
+            ``sketch_rank`` directions) or ``off``.
+        top_k: how many leading singular values are stored per matrix.
+        sketch_rank: size of the randomised sketch (``rank=sketch`` only).
+        chunk_elems: target elements per work unit; units of tensors with ≥ 2 dims cover
+            whole rows. Masks of runs line up only when their chunk sizes are equal.
+
+    Example:
+        >>> DiffOptions(atol=1e-6, rank="sketch").rank
+        'sketch'
+    """
+
+    atol: float = 1e-5
+    rel_eta: float = 1e-3
+    rank: RankMode = "exact"
+    top_k: int = 32
+    sketch_rank: int = 128
+    chunk_elems: int = DEFAULT_CHUNK_ELEMS
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.atol) and self.atol >= 0):
+            raise InvalidOption(f"--atol must be a finite number >= 0, got {self.atol!r}")
+        if not (math.isfinite(self.rel_eta) and 0 < self.rel_eta < 1):
+            raise InvalidOption(f"--rel-eta must be in (0, 1), got {self.rel_eta!r}")
+        if self.rank not in RANK_MODES:
+            raise InvalidOption(f"--rank must be one of {', '.join(RANK_MODES)}, got {self.rank!r}")
+        if not 1 <= self.top_k <= 4096:
+            raise InvalidOption(f"--top-k must be between 1 and 4096, got {self.top_k}")
+        if not 1 <= self.sketch_rank <= 8192:
+            raise InvalidOption(f"--sketch-rank must be between 1 and 8192, got {self.sketch_rank}")
+        if not 1024 <= self.chunk_elems <= 1 << 31:
+            raise InvalidOption(
+                f"--chunk-elems must be between 1024 and 2^31, got {self.chunk_elems}"
+            )
+
+    def identity(self) -> dict[str, object]:
+        """The fields that define a run's results, for hashing into its run id."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ClusterOptions:
+    """Options that change how a run executes but never its results.
+
+    Attributes:
+        address: Ray cluster address; ``None`` uses ``$RAY_ADDRESS`` or starts a local cluster.
+        workers: number of diff actors; ``None`` sizes the pool to the cluster's CPUs.
+        gpus_per_actor: GPU fraction requested per actor when the cluster has GPUs.
+    """
+
+    address: str | None = None
+    workers: int | None = None
+    gpus_per_actor: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.workers is not None and not 1 <= self.workers <= 4096:
+            raise InvalidOption(f"--workers must be between 1 and 4096, got {self.workers}")
+        if not 0 < self.gpus_per_actor <= 8:
+            raise InvalidOption(f"--gpus-per-actor must be in (0, 8], got {self.gpus_per_actor}")
+
+
+@dataclass(frozen=True)
+class SubmitOptions:
+    """Everything ``submit`` needs besides the two checkpoint references."""
+
+    store: str = field(default_factory=default_store)
+    name: str | None = None
+    diff: DiffOptions = field(default_factory=DiffOptions)
+    cluster: ClusterOptions = field(default_factory=ClusterOptions)

@@ -1,0 +1,239 @@
+"""The records raydiff stores, one frozen dataclass per Parquet file kind.
+
+The Parquet schema of each kind is derived from its dataclass (:func:`schema`), and every
+field's ``doc`` is carried into the Parquet field metadata, so the files describe
+themselves. Layout of a store (``<root>/runs/<run_id>/``):
+
+- ``run.parquet`` (:class:`RunRecord`) — written when the run starts;
+- ``plan.parquet`` (:class:`PlanRecord`) — one row per tensor name of either side;
+- ``units/u<unit_id>.parquet`` (:class:`UnitRecord`) — written by the actor that diffed it;
+- ``spectra/s<tensor_index>.parquet`` (:class:`SpectrumRecord`) — rank of one matrix;
+- ``tensors.parquet`` (:class:`TensorRecord`) — per-tensor totals, written at commit;
+- ``commit.parquet`` (:class:`CommitRecord`) — written last: its presence means *complete*.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+
+def _c(doc: str) -> Any:
+    return field(metadata={"doc": doc})
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    run_id: str = _c("Run id: digest of base, tuned and the options that change results")
+    name: str = _c("Human name of the run (`--name`, default: the tuned reference's last part)")
+    base: str = _c("Base reference as resolved: absolute local path or Hub repo id")
+    base_revision: str | None = _c("Hub commit sha of the base (NULL for local paths)")
+    base_fingerprint: str = _c("Digest of the base files' names, sizes and mtimes (or sha)")
+    tuned: str = _c("Tuned reference as resolved: absolute local path or Hub repo id")
+    tuned_revision: str | None = _c("Hub commit sha of the tuned checkpoint (NULL for local paths)")
+    tuned_fingerprint: str = _c("Digest of the tuned files' names, sizes and mtimes (or sha)")
+    created_at: dt.datetime = _c("When the run was first submitted (UTC)")
+    raydiff_version: str = _c("raydiff version that planned the run")
+    atol: float = _c("Absolute tolerance of the run's `changed` criterion")
+    rel_eta: float = _c("η of the relative criterion `changed_rel`")
+    rank_mode: str = _c("Rank mode: exact, sketch or off")
+    top_k: int = _c("Leading singular values stored per matrix")
+    sketch_rank: int = _c("Sketch size for rank_mode = sketch")
+    chunk_elems: int = _c("Target elements per work unit (masks line up only for equal values)")
+    n_tensors: int = _c("Tensor names in the plan (union of both sides)")
+    n_units: int = _c("Element work units in the plan")
+    n_spectra: int = _c("Matrices whose spectrum is computed")
+    input_bytes: int = _c("Bytes of both sides read by the element units")
+
+
+@dataclass(frozen=True)
+class PlanRecord:
+    run_id: str = _c("Run id")
+    tensor_index: int = _c("Position of the tensor in the plan (names sorted)")
+    tensor: str = _c("Tensor name")
+    status: str = _c("ok, only_in_base, only_in_tuned, shape_mismatch or dtype_mismatch")
+    note: str = _c("Detail of the status (empty when nothing to say)")
+    base_dtype: str | None = _c("Stored dtype in base")
+    tuned_dtype: str | None = _c("Stored dtype in tuned")
+    compare_dtype: str | None = _c("Dtype the comparison is done in")
+    base_shape: tuple[int, ...] | None = _c("Shape in base")
+    tuned_shape: tuple[int, ...] | None = _c("Shape in tuned")
+    numel: int = _c("Elements (of base if present, else of tuned)")
+    unit_elems: int = _c("Elements per work unit of this tensor")
+    row_len: int = _c("Row length (last dim) for tensors with ≥ 2 dims, else 0")
+    first_unit: int = _c("unit_id of the tensor's first unit")
+    n_units: int = _c("Number of units of the tensor (0 unless status = ok)")
+    has_spectrum: bool = _c("Whether the spectrum of ΔW is computed")
+
+
+@dataclass(frozen=True)
+class UnitRecord:
+    run_id: str = _c("Run id")
+    unit_id: int = _c("Unit number within the run")
+    tensor_index: int = _c("Tensor's plan index")
+    tensor: str = _c("Tensor name")
+    start: int = _c("First flat element of the unit")
+    stop: int = _c("One past the last flat element")
+    numel: int = _c("Elements in the unit")
+    changed: int = _c("Entries with |Δ| > atol (the run's criterion; the mask)")
+    changed_bits: int = _c("Entries whose stored bits differ")
+    changed_1e8: int = _c("Entries with |Δ| > 1e-8")
+    changed_1e7: int = _c("Entries with |Δ| > 1e-7")
+    changed_1e6: int = _c("Entries with |Δ| > 1e-6")
+    changed_1e5: int = _c("Entries with |Δ| > 1e-5 (the paper's criterion)")
+    changed_1e4: int = _c("Entries with |Δ| > 1e-4")
+    changed_rel: int = _c("Entries with |Δ| > η·max(|w|,|ŵ|)")
+    nonfinite: int = _c("Changed entries whose base or tuned value is NaN or ±Inf")
+    max_abs_delta: float | None = _c("max |Δ| over entries finite on both sides (NULL for int/bool)")
+    sum_abs_delta: float | None = _c("Σ |Δ| over entries finite on both sides")
+    sum_sq_delta: float | None = _c("Σ Δ² over entries finite on both sides")
+    sum_sq_base: float | None = _c("Σ w² over the unit's base entries")
+    rows_touched: int | None = _c("Rows with a changed entry (≥ 2-D tensors)")
+    cols_bitmap: bytes | None = _c("Packed LSB-first bitmap of columns with a changed entry")
+    mask_codec: str = _c("Codec of `mask`: empty, packbits or packbits+zstd")
+    mask: bytes = _c("The compressed `changed` mask of the unit (LSB-first bits)")
+    node_id: str = _c("Ray node that processed the unit")
+    worker_pid: int = _c("Process id of the actor that processed the unit")
+    seconds: float = _c("Wall time of read + kernel + write")
+    finished_at: dt.datetime = _c("When the unit was written (UTC)")
+
+
+@dataclass(frozen=True)
+class SpectrumRecord:
+    run_id: str = _c("Run id")
+    tensor_index: int = _c("Tensor's plan index")
+    tensor: str = _c("Tensor name")
+    method: str = _c("exact or sketch")
+    device: str = _c("torch device of the SVD")
+    rank: int | None = _c("rank(ΔW) at matrix_rank's default tolerance (exact only)")
+    max_rank: int = _c("min(m, n)")
+    top_sv: tuple[float, ...] = _c("Leading singular values of ΔW, largest first")
+    stable_rank: float | None = _c("‖ΔW‖F² / σ1²")
+    effective_rank: float | None = _c("exp(entropy of σ/Σσ) (exact only)")
+    rank_1e1: int | None = _c("Singular values above 1e-1·σ1")
+    rank_1e2: int | None = _c("Singular values above 1e-2·σ1")
+    rank_1e3: int | None = _c("Singular values above 1e-3·σ1")
+    fro: float = _c("‖ΔW‖F of the analysed matrix")
+    seconds: float = _c("Wall time of the decomposition")
+    node_id: str = _c("Ray node that computed it")
+
+
+@dataclass(frozen=True)
+class TensorRecord:
+    run_id: str = _c("Run id")
+    tensor_index: int = _c("Tensor's plan index")
+    tensor: str = _c("Tensor name")
+    status: str = _c("ok when compared, else only_in_base, only_in_tuned, shape_mismatch, dtype_mismatch")
+    note: str = _c("Detail of the status or of the comparison (e.g. mixed dtypes)")
+    dtype: str = _c("Stored dtype (base's when present)")
+    compare_dtype: str | None = _c("Dtype the comparison was done in")
+    shape: tuple[int, ...] = _c("Shape (base's when present)")
+    base_shape: tuple[int, ...] | None = _c("Shape in base")
+    tuned_shape: tuple[int, ...] | None = _c("Shape in tuned")
+    numel: int = _c("Elements")
+    changed: int | None = _c("Entries with |Δ| > atol, summed over units")
+    changed_bits: int | None = _c("Entries whose stored bits differ")
+    changed_1e8: int | None = _c("Entries with |Δ| > 1e-8")
+    changed_1e7: int | None = _c("Entries with |Δ| > 1e-7")
+    changed_1e6: int | None = _c("Entries with |Δ| > 1e-6")
+    changed_1e5: int | None = _c("Entries with |Δ| > 1e-5")
+    changed_1e4: int | None = _c("Entries with |Δ| > 1e-4")
+    changed_rel: int | None = _c("Entries with |Δ| > η·max(|w|,|ŵ|)")
+    nonfinite: int | None = _c("Changed entries whose base or tuned value is NaN or ±Inf")
+    max_abs_delta: float | None = _c("max |Δ|")
+    mean_abs_delta: float | None = _c("Σ|Δ| / numel")
+    delta_fro: float | None = _c("‖ΔW‖F (finite entries)")
+    base_fro: float | None = _c("‖W0‖F")
+    rows: int | None = _c("Rows (product of all but the last dim) for ≥ 2-D tensors")
+    rows_touched: int | None = _c("Rows with a changed entry")
+    cols: int | None = _c("Columns (last dim) for ≥ 2-D tensors")
+    cols_touched: int | None = _c("Columns with a changed entry")
+    rank: int | None = _c("rank(ΔW) as the paper computes it (exact mode)")
+    max_rank: int | None = _c("min(m, n) for 2-D tensors")
+    rank_method: str | None = _c("exact or sketch; NULL when no spectrum was computed")
+    stable_rank: float | None = _c("‖ΔW‖F² / σ1²")
+    effective_rank: float | None = _c("exp(entropy of σ/Σσ)")
+    rank_1e1: int | None = _c("Singular values above 1e-1·σ1")
+    rank_1e2: int | None = _c("Singular values above 1e-2·σ1")
+    rank_1e3: int | None = _c("Singular values above 1e-3·σ1")
+    top_sv: tuple[float, ...] | None = _c("Leading singular values of ΔW")
+
+
+@dataclass(frozen=True)
+class CommitRecord:
+    run_id: str = _c("Run id")
+    completed_at: dt.datetime = _c("When the run was committed (UTC)")
+    numel: int = _c("Elements compared (tensors with status ok)")
+    changed: int = _c("Entries with |Δ| > atol over the whole model")
+    changed_bits: int = _c("Entries whose stored bits differ over the whole model")
+    n_units: int = _c("Units committed")
+    n_spectra: int = _c("Spectra committed")
+    n_mismatched: int = _c("Tensors with a status other than ok")
+
+
+RECORD_KINDS: dict[str, type] = {
+    "run": RunRecord,
+    "plan": PlanRecord,
+    "unit": UnitRecord,
+    "spectrum": SpectrumRecord,
+    "tensor": TensorRecord,
+    "commit": CommitRecord,
+}
+
+
+def _arrow_type(tp: Any) -> tuple[pa.DataType, bool]:
+    """Arrow type and nullability of a field annotation."""
+    nullable = False
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        nullable = len(args) != len(typing.get_args(tp))
+        (tp,) = args
+        origin = typing.get_origin(tp)
+    if origin is tuple:
+        inner, _ = _arrow_type(typing.get_args(tp)[0])
+        return pa.list_(inner), nullable
+    simple = {int: pa.int64(), float: pa.float64(), str: pa.string(), bytes: pa.binary(),
+              bool: pa.bool_(), dt.datetime: pa.timestamp("us", tz="UTC")}
+    return simple[tp], nullable
+
+
+def schema(kind: type) -> pa.Schema:
+    """The Parquet schema of a record class, with each field's doc as metadata.
+
+    Example:
+        >>> schema(CommitRecord).field("changed").type
+        DataType(int64)
+    """
+    hints = typing.get_type_hints(kind)
+    fields = []
+    for f in dataclasses.fields(kind):
+        t, nullable = _arrow_type(hints[f.name])
+        fields.append(pa.field(f.name, t, nullable=nullable, metadata={"doc": f.metadata.get("doc", "")}))
+    return pa.schema(fields, metadata={"raydiff.record": kind.__name__})
+
+
+def to_table(records: list[Any], kind: type) -> pa.Table:
+    """Records of one kind → an Arrow table with the derived schema."""
+    s = schema(kind)
+    cols = {f.name: [getattr(r, f.name) for r in records] for f in dataclasses.fields(kind)}
+    return pa.Table.from_pydict(cols, schema=s)
+
+
+def from_table(table: pa.Table, kind: type) -> list[Any]:
+    """An Arrow table with a record's columns → records (lists become tuples)."""
+    names = [f.name for f in dataclasses.fields(kind)]
+    rows = table.select(names).to_pylist()
+    out = []
+    for row in rows:
+        for k, v in row.items():
+            if isinstance(v, list):
+                row[k] = tuple(v)
+        out.append(kind(**row))
+    return out

@@ -1,0 +1,279 @@
+"""The Parquet store: where actors write unit results and the driver commits runs.
+
+Layout under the root (a local directory or any URI pyarrow's filesystems take, such as
+``s3://bucket/prefix``)::
+
+    runs/<run_id>/run.parquet            RunRecord, written when the run starts
+    runs/<run_id>/plan.parquet           PlanRecord per tensor name
+    runs/<run_id>/units/u00000042.parquet     UnitRecord (stats + compressed mask)
+    runs/<run_id>/spectra/s00000007.parquet   SpectrumRecord
+    runs/<run_id>/tensors.parquet        TensorRecord per tensor, written at commit
+    runs/<run_id>/commit.parquet         CommitRecord, written last
+
+Every file is written whole or not at all: locally to a temporary name then renamed (atomic
+on POSIX), on object stores by a single PUT. A run is *complete* exactly when its
+``commit.parquet`` exists; until then it is incomplete and a resubmission resumes it,
+skipping the units already written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import os
+import re
+import uuid
+from collections.abc import Iterable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from raydiff.checkpoint import DTYPES
+from raydiff.errors import StoreError
+from raydiff.plan import STATUS_OK, Plan
+from raydiff.records import (
+    CommitRecord,
+    PlanRecord,
+    RunRecord,
+    SpectrumRecord,
+    TensorRecord,
+    UnitRecord,
+    from_table,
+    to_table,
+)
+
+_RUN_ID = re.compile(r"^[0-9a-f]{8,64}$")
+_UNIT_FILE = re.compile(r"^u(\d{8,})\.parquet$")
+_SPECTRUM_FILE = re.compile(r"^s(\d{8,})\.parquet$")
+
+
+def _is_uri(root: str) -> bool:
+    return "://" in root
+
+
+class Store:
+    """A store root and the operations on it. Cheap to create; safe to send to Ray actors.
+
+    Example:
+        >>> s = Store("./raydiff-store"); [r.name for r, _ in s.runs()]  # doctest: +SKIP
+    """
+
+    def __init__(self, root: str) -> None:
+        self.root = root if _is_uri(root) else os.path.abspath(root)
+        self._fs: pafs.FileSystem | None = None
+        self._base = ""
+
+    def __reduce__(self):  # filesystems are not all picklable; rebuild on the other side
+        return (Store, (self.root,))
+
+    @property
+    def fs(self) -> pafs.FileSystem:
+        if self._fs is None:
+            try:
+                if _is_uri(self.root):
+                    self._fs, self._base = pafs.FileSystem.from_uri(self.root)
+                else:
+                    self._fs, self._base = pafs.LocalFileSystem(), self.root
+            except (pa.ArrowException, OSError, ValueError) as e:
+                raise StoreError(f"store {self.root}: cannot open ({e})") from None
+        return self._fs
+
+    @property
+    def is_local(self) -> bool:
+        return not _is_uri(self.root)
+
+    # -- paths ------------------------------------------------------------------------------
+
+    def path(self, rel: str) -> str:
+        """Filesystem path of a store-relative path."""
+        _ = self.fs
+        return f"{self._base.rstrip('/')}/{rel}"
+
+    @staticmethod
+    def run_dir(run_id: str) -> str:
+        if not _RUN_ID.match(run_id):
+            raise StoreError(f"{run_id!r} is not a run id (hex digest)")
+        return f"runs/{run_id}"
+
+    # -- primitive I/O ------------------------------------------------------------------------
+
+    def exists(self, rel: str) -> bool:
+        return self.fs.get_file_info(self.path(rel)).type != pafs.FileType.NotFound
+
+    def write(self, rel: str, records: list, kind: type) -> None:
+        """Write records as one Parquet file, atomically (whole file or nothing)."""
+        table = to_table(records, kind)
+        full = self.path(rel)
+        fs = self.fs
+        fs.create_dir(full.rsplit("/", 1)[0], recursive=True)
+        if self.is_local:
+            tmp = f"{full}.tmp-{uuid.uuid4().hex}"
+            try:
+                pq.write_table(table, tmp, filesystem=fs, compression="zstd")
+                os.replace(tmp, full)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        else:
+            pq.write_table(table, full, filesystem=fs, compression="zstd")
+
+    def read(self, rel: str, kind: type, columns: list[str] | None = None) -> pa.Table:
+        try:
+            return pq.read_table(self.path(rel), filesystem=self.fs, columns=columns)
+        except (pa.ArrowException, OSError) as e:
+            raise StoreError(f"store {self.root}: cannot read {rel} ({e})") from None
+
+    def list_dir(self, rel: str) -> list[str]:
+        """Names of the finished files directly in a store directory (temporaries excluded)."""
+        sel = pafs.FileSelector(self.path(rel), allow_not_found=True)
+        return sorted(i.base_name for i in self.fs.get_file_info(sel)
+                      if i.type == pafs.FileType.File and i.base_name.endswith(".parquet"))
+
+    def read_many(self, rels: Iterable[str], columns: list[str] | None = None) -> pa.Table | None:
+        paths = [self.path(r) for r in rels]
+        if not paths:
+            return None
+        try:
+            return pq.ParquetDataset(paths, filesystem=self.fs).read(columns=columns)
+        except (pa.ArrowException, OSError) as e:
+            raise StoreError(f"store {self.root}: cannot read results ({e})") from None
+
+    # -- runs ----------------------------------------------------------------------------------
+
+    def begin_run(self, run: RunRecord, plan: list[PlanRecord]) -> RunRecord:
+        """Record a run's start, or return the existing record when the run already exists."""
+        d = self.run_dir(run.run_id)
+        if self.exists(f"{d}/run.parquet"):
+            (existing,) = from_table(self.read(f"{d}/run.parquet", RunRecord), RunRecord)
+            return existing
+        self.write(f"{d}/plan.parquet", plan, PlanRecord)
+        self.write(f"{d}/run.parquet", [run], RunRecord)
+        return run
+
+    def is_complete(self, run_id: str) -> bool:
+        return self.exists(f"{self.run_dir(run_id)}/commit.parquet")
+
+    def write_unit(self, rec: UnitRecord) -> None:
+        self.write(f"{self.run_dir(rec.run_id)}/units/u{rec.unit_id:08d}.parquet", [rec], UnitRecord)
+
+    def write_spectrum(self, rec: SpectrumRecord) -> None:
+        self.write(f"{self.run_dir(rec.run_id)}/spectra/s{rec.tensor_index:08d}.parquet", [rec], SpectrumRecord)
+
+    def done_units(self, run_id: str) -> set[int]:
+        """Unit ids already written for a run."""
+        names = self.list_dir(f"{self.run_dir(run_id)}/units")
+        return {int(m.group(1)) for n in names if (m := _UNIT_FILE.match(n))}
+
+    def done_spectra(self, run_id: str) -> set[int]:
+        """Tensor indices whose spectrum is already written for a run."""
+        names = self.list_dir(f"{self.run_dir(run_id)}/spectra")
+        return {int(m.group(1)) for n in names if (m := _SPECTRUM_FILE.match(n))}
+
+    def runs(self) -> list[tuple[RunRecord, CommitRecord | None]]:
+        """Every run in the store with its commit record (``None`` while incomplete)."""
+        sel = pafs.FileSelector(self.path("runs"), allow_not_found=True)
+        out = []
+        for info in self.fs.get_file_info(sel):
+            if info.type != pafs.FileType.Directory or not _RUN_ID.match(info.base_name):
+                continue
+            d = f"runs/{info.base_name}"
+            if not self.exists(f"{d}/run.parquet"):
+                continue
+            (run,) = from_table(self.read(f"{d}/run.parquet", RunRecord), RunRecord)
+            commit = None
+            if self.exists(f"{d}/commit.parquet"):
+                (commit,) = from_table(self.read(f"{d}/commit.parquet", CommitRecord), CommitRecord)
+            out.append((run, commit))
+        return sorted(out, key=lambda rc: rc[0].created_at)
+
+    def commit(self, run: RunRecord, plan: Plan) -> CommitRecord:
+        """Aggregate a run's units and spectra per tensor and mark the run complete.
+
+        Raises:
+            StoreError: a unit or spectrum of the plan is missing (the run stays incomplete).
+        """
+        d = self.run_dir(run.run_id)
+        done = self.done_units(run.run_id)
+        missing = [u.unit_id for u in plan.units if u.unit_id not in done]
+        if missing:
+            raise StoreError(f"run {run.run_id}: {len(missing)} units not written (first: {missing[0]}); "
+                             "submit again to resume")
+        spec_done = self.done_spectra(run.run_id)
+        missing_s = [s.tensor for s in plan.spectra if s.tensor_index not in spec_done]
+        if missing_s:
+            raise StoreError(f"run {run.run_id}: spectrum of {missing_s[0]!r} not written; submit again to resume")
+        unit_cols = [f.name for f in dataclasses.fields(UnitRecord) if f.name != "mask"]
+        units = self.read_many([f"{d}/units/u{u.unit_id:08d}.parquet" for u in plan.units], unit_cols)
+        spectra = self.read_many([f"{d}/spectra/s{s.tensor_index:08d}.parquet" for s in plan.spectra])
+        tensors = _aggregate(run.run_id, plan, units, spectra)
+        self.write(f"{d}/tensors.parquet", tensors, TensorRecord)
+        ok = [t for t in tensors if t.status == STATUS_OK]
+        commit = CommitRecord(
+            run_id=run.run_id,
+            completed_at=dt.datetime.now(dt.timezone.utc),
+            numel=sum(t.numel for t in ok),
+            changed=sum(t.changed or 0 for t in ok),
+            changed_bits=sum(t.changed_bits or 0 for t in ok),
+            n_units=len(plan.units),
+            n_spectra=len(plan.spectra),
+            n_mismatched=len(tensors) - len(ok),
+        )
+        self.write(f"{d}/commit.parquet", [commit], CommitRecord)
+        return commit
+
+
+_SUMMED = ("changed", "changed_bits", "changed_1e8", "changed_1e7", "changed_1e6", "changed_1e5",
+           "changed_1e4", "changed_rel", "nonfinite")
+
+
+def _aggregate(run_id: str, plan: Plan, units: pa.Table | None,
+               spectra: pa.Table | None) -> list[TensorRecord]:
+    by_tensor: dict[int, list[dict]] = {}
+    if units is not None:
+        for row in units.to_pylist():
+            by_tensor.setdefault(row["tensor_index"], []).append(row)
+    spec = {row["tensor_index"]: row for row in (spectra.to_pylist() if spectra is not None else [])}
+    out = []
+    for tp in plan.tensors:
+        info = tp.base or tp.tuned
+        assert info is not None
+        shape = info.shape
+        rows = cols = None
+        if len(shape) >= 2:
+            cols = shape[-1]
+            rows = info.numel // cols if cols else 0
+        agg: dict[str, object] = {k: None for k in _SUMMED}
+        stats: dict[str, object] = dict(max_abs_delta=None, mean_abs_delta=None, delta_fro=None,
+                                        base_fro=None, rows_touched=None, cols_touched=None)
+        if tp.status == STATUS_OK:
+            rs = sorted(by_tensor.get(tp.index, []), key=lambda r: r["unit_id"])
+            for k in _SUMMED:
+                agg[k] = sum(r[k] for r in rs)
+            if tp.compare_dtype and DTYPES[tp.compare_dtype].is_float:
+                stats["max_abs_delta"] = max((r["max_abs_delta"] for r in rs), default=0.0)
+                sum_abs = sum(r["sum_abs_delta"] for r in rs)
+                stats["mean_abs_delta"] = sum_abs / info.numel if info.numel else None
+                stats["delta_fro"] = float(np.sqrt(sum(r["sum_sq_delta"] for r in rs)))
+                stats["base_fro"] = float(np.sqrt(sum(r["sum_sq_base"] for r in rs)))
+            if rows is not None:
+                stats["rows_touched"] = sum(r["rows_touched"] for r in rs)
+                acc = np.zeros((cols + 7) // 8, np.uint8)
+                for r in rs:
+                    if r["cols_bitmap"]:
+                        acc |= np.frombuffer(r["cols_bitmap"], np.uint8)
+                stats["cols_touched"] = int(np.bitwise_count(acc).sum())
+        s = spec.get(tp.index)
+        out.append(TensorRecord(
+            run_id=run_id, tensor_index=tp.index, tensor=tp.name, status=tp.status, note=tp.note,
+            dtype=info.dtype, compare_dtype=tp.compare_dtype, shape=shape,
+            base_shape=tp.base.shape if tp.base else None, tuned_shape=tp.tuned.shape if tp.tuned else None,
+            numel=info.numel, **agg, **stats, rows=rows, cols=cols,  # type: ignore[arg-type]
+            rank=s["rank"] if s else None, max_rank=s["max_rank"] if s else (min(shape) if len(shape) == 2 else None),
+            rank_method=s["method"] if s else None, stable_rank=s["stable_rank"] if s else None,
+            effective_rank=s["effective_rank"] if s else None, rank_1e1=s["rank_1e1"] if s else None,
+            rank_1e2=s["rank_1e2"] if s else None, rank_1e3=s["rank_1e3"] if s else None,
+            top_sv=tuple(s["top_sv"]) if s else None,
+        ))
+    return out

@@ -1,0 +1,170 @@
+"""``submit``: resolve references → plan → run actors → commit. The one path data takes.
+
+Example:
+    >>> from raydiff.submit import submit
+    >>> result = submit("base/", "tuned/")  # doctest: +SKIP
+    >>> result.run_id, result.commit.changed  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+
+from raydiff.checkpoint import Checkpoint
+from raydiff.execute import Done, RunContext
+from raydiff.kernel import Criteria
+from raydiff.options import SubmitOptions
+from raydiff.plan import Plan, make_plan
+from raydiff.records import CommitRecord, PlanRecord, RunRecord, from_table
+from raydiff.refs import resolve
+from raydiff.store import Store
+
+#: Bumped when a change to raydiff changes the results of an identical submission.
+RESULTS_VERSION = 1
+
+
+def raydiff_version() -> str:
+    try:
+        return version("raydiff")
+    except PackageNotFoundError:  # running from a source tree
+        return "0+unknown"
+
+
+@dataclass(frozen=True)
+class Planned:
+    """What the driver tells a progress display once the plan is known."""
+
+    run: RunRecord
+    units_total: int
+    units_todo: int
+    bytes_total: int
+    bytes_todo: int
+    spectra_total: int
+    spectra_todo: int
+
+
+@dataclass(frozen=True)
+class SubmitResult:
+    """The outcome of :func:`submit`.
+
+    Attributes:
+        run: the run's record (its ``name`` is the one given when it was first submitted).
+        commit: the commit record (totals of the complete run).
+        resumed: units were already in the store from an earlier, interrupted submission.
+        already_complete: the run was complete before this call; nothing was recomputed.
+    """
+
+    run: RunRecord
+    commit: CommitRecord
+    resumed: bool
+    already_complete: bool
+
+    @property
+    def run_id(self) -> str:
+        return self.run.run_id
+
+
+class Progress:
+    """Progress callbacks of :func:`submit`; the default does nothing (the library never prints)."""
+
+    def planned(self, p: Planned) -> None:
+        """The plan is known and the store says what is already done."""
+
+    def advanced(self, done: Done) -> None:
+        """One unit or spectrum finished and is in the store."""
+
+
+def run_id_for(base: Checkpoint, tuned: Checkpoint, options: SubmitOptions) -> str:
+    """Deterministic id of a (base, tuned, result-changing options) triple."""
+    ident = {
+        "v": RESULTS_VERSION,
+        "base": [base.ref, base.revision, base.fingerprint],
+        "tuned": [tuned.ref, tuned.revision, tuned.fingerprint],
+        "diff": options.diff.identity(),
+    }
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def default_name(tuned: Checkpoint) -> str:
+    """``--name`` default: the last part of the tuned path or repo id (with its revision)."""
+    name = os.path.basename(tuned.ref.rstrip("/")) or tuned.ref
+    if name.endswith(".safetensors") and os.path.isfile(tuned.ref):
+        parent = os.path.basename(os.path.dirname(tuned.ref))
+        name = parent or name
+    return name
+
+
+def plan_records(run_id: str, plan: Plan) -> list[PlanRecord]:
+    return [
+        PlanRecord(
+            run_id=run_id, tensor_index=t.index, tensor=t.name, status=t.status, note=t.note,
+            base_dtype=t.base.dtype if t.base else None, tuned_dtype=t.tuned.dtype if t.tuned else None,
+            compare_dtype=t.compare_dtype, base_shape=t.base.shape if t.base else None,
+            tuned_shape=t.tuned.shape if t.tuned else None, numel=t.numel, unit_elems=t.unit_elems,
+            row_len=t.row_len, first_unit=t.first_unit, n_units=t.n_units, has_spectrum=t.spectrum,
+        )
+        for t in plan.tensors
+    ]
+
+
+def submit(base: str, tuned: str, options: SubmitOptions | None = None,
+           progress: Progress | None = None) -> SubmitResult:
+    """Diff ``tuned`` against ``base`` on Ray and commit a complete run to the store.
+
+    Resubmitting the same pair with the same result-changing options resumes the same run:
+    units already in the store are skipped, and a complete run is returned as it is.
+
+    Args:
+        base, tuned: checkpoint references (local path or ``org/name[@revision]``).
+        options: store, name, diff and cluster options.
+        progress: callbacks for a progress display.
+
+    Returns:
+        The committed run.
+
+    Raises:
+        RaydiffError: bad references or checkpoints, unusable store, failed actors.
+    """
+    options = options or SubmitOptions()
+    progress = progress or Progress()
+    base_ck, tuned_ck = resolve(base), resolve(tuned)
+    plan = make_plan(base_ck, tuned_ck, options.diff)
+    run_id = run_id_for(base_ck, tuned_ck, options)
+    d = options.diff
+    record = RunRecord(
+        run_id=run_id, name=options.name or default_name(tuned_ck),
+        base=base_ck.ref, base_revision=base_ck.revision, base_fingerprint=base_ck.fingerprint,
+        tuned=tuned_ck.ref, tuned_revision=tuned_ck.revision, tuned_fingerprint=tuned_ck.fingerprint,
+        created_at=dt.datetime.now(dt.timezone.utc), raydiff_version=raydiff_version(),
+        atol=d.atol, rel_eta=d.rel_eta, rank_mode=d.rank, top_k=d.top_k, sketch_rank=d.sketch_rank,
+        chunk_elems=d.chunk_elems, n_tensors=len(plan.tensors), n_units=len(plan.units),
+        n_spectra=len(plan.spectra), input_bytes=plan.input_bytes,
+    )
+    store = Store(options.store)
+    record = store.begin_run(record, plan_records(run_id, plan))
+    if store.is_complete(run_id):
+        (commit,) = from_table(store.read(f"{store.run_dir(run_id)}/commit.parquet", CommitRecord), CommitRecord)
+        return SubmitResult(record, commit, resumed=False, already_complete=True)
+
+    done_units = store.done_units(run_id)
+    done_spectra = store.done_spectra(run_id)
+    units = [u for u in plan.units if u.unit_id not in done_units]
+    spectra = [s for s in plan.spectra if s.tensor_index not in done_spectra]
+    progress.planned(Planned(
+        run=record, units_total=len(plan.units), units_todo=len(units), bytes_total=plan.input_bytes,
+        bytes_todo=sum(u.nbytes for u in units), spectra_total=len(plan.spectra), spectra_todo=len(spectra),
+    ))
+    ctx = RunContext(run_id=run_id, store_root=store.root, criteria=Criteria(d.atol, d.rel_eta),
+                     rank_mode=d.rank, top_k=d.top_k, sketch_rank=d.sketch_rank)
+    from raydiff import actors  # Ray is imported only when there is work for it
+
+    actors.run_work(ctx, units, spectra, options.cluster, progress.advanced)
+    commit = store.commit(record, plan)
+    resumed = bool(done_units or done_spectra)
+    return SubmitResult(record, commit, resumed=resumed, already_complete=False)

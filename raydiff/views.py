@@ -1,0 +1,91 @@
+"""DuckDB over a store: the raw Parquet files registered as tables, the views on top.
+
+The store's files are registered as Arrow datasets (``raw_run``, ``raw_plan``, ``raw_unit``,
+``raw_spectrum``, ``raw_tensor``, ``raw_commit``), which works for local and object-store
+roots alike; the views (``runs``, ``tensors``, ``units``, ``masks``, ``spectra``, ``plan``…)
+come from the ``.sql`` files shipped in ``raydiff.queries``, run in file-name order. After
+setup the connection cannot touch files: external access is disabled and the
+configuration locked, so ``raydiff sql`` is read-only whatever the query says.
+"""
+
+from __future__ import annotations
+
+import re
+from importlib.resources import files
+
+import duckdb
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+
+from raydiff.errors import QueryError
+from raydiff.records import RECORD_KINDS, schema
+from raydiff.store import Store
+
+#: raw table name → (record kind, pattern of its files relative to ``runs/``)
+_RAW = {
+    "raw_run": ("run", re.compile(r"^[0-9a-f]+/run\.parquet$")),
+    "raw_plan": ("plan", re.compile(r"^[0-9a-f]+/plan\.parquet$")),
+    "raw_unit": ("unit", re.compile(r"^[0-9a-f]+/units/u\d+\.parquet$")),
+    "raw_spectrum": ("spectrum", re.compile(r"^[0-9a-f]+/spectra/s\d+\.parquet$")),
+    "raw_tensor": ("tensor", re.compile(r"^[0-9a-f]+/tensors\.parquet$")),
+    "raw_commit": ("commit", re.compile(r"^[0-9a-f]+/commit\.parquet$")),
+}
+
+
+def sql_files() -> list[tuple[str, str]]:
+    """``(file name, SQL text)`` of every view definition shipped with raydiff, in order."""
+    root = files("raydiff.queries")
+    return sorted((p.name, p.read_text(encoding="utf-8")) for p in root.iterdir() if p.name.endswith(".sql"))
+
+
+def connect(store: Store | str) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB connection with the store's tables and views, read-only.
+
+    Example:
+        >>> con = connect("./raydiff-store")  # doctest: +SKIP
+        >>> con.sql("SELECT name, sparsity FROM runs").fetchall()  # doctest: +SKIP
+    """
+    store = Store(store) if isinstance(store, str) else store
+    fs = store.fs
+    runs_dir = store.path("runs")
+    sel = pafs.FileSelector(runs_dir, recursive=True, allow_not_found=True)
+    found: dict[str, list[str]] = {name: [] for name in _RAW}
+    for info in fs.get_file_info(sel):
+        if info.type != pafs.FileType.File:
+            continue
+        rel = info.path[len(runs_dir):].lstrip("/")
+        for name, (_, pattern) in _RAW.items():
+            if pattern.match(rel):
+                found[name].append(info.path)
+    con = duckdb.connect(":memory:")
+    for name, (kind, _) in _RAW.items():
+        s = schema(RECORD_KINDS[kind])
+        paths = sorted(found[name])
+        source = pads.dataset(paths, schema=s, format="parquet", filesystem=fs) if paths else s.empty_table()
+        con.register(name, source)
+    for fname, text in sql_files():
+        try:
+            con.execute(text)
+        except duckdb.Error as e:  # a broken shipped view is a bug, but say which file
+            raise QueryError(f"view definition {fname} failed: {e}") from None
+    con.execute("SET enable_external_access = false")
+    con.execute("SET lock_configuration = true")
+    return con
+
+
+def query(store: Store | str, sql: str) -> tuple[list[str], list[tuple]]:
+    """Run one SQL statement over a store; returns ``(column names, rows)``.
+
+    Raises:
+        QueryError: the SQL is invalid or fails (the message is DuckDB's).
+    """
+    con = connect(store)
+    try:
+        rel = con.execute(sql)
+        cols = [d[0] for d in rel.description] if rel.description else []
+        rows = rel.fetchall() if rel.description else []
+    except duckdb.Error as e:
+        raise QueryError(str(e).strip()) from None
+    finally:
+        con.close()
+    return cols, rows

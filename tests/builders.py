@@ -1,0 +1,113 @@
+"""Tiny builders of real safetensors checkpoints, and independent reference computations.
+
+The references here use torch and numpy directly on the full arrays — never raydiff's
+kernel — so tests compare raydiff against an independent computation.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+_INT_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32,
+             torch.float64: torch.int64, torch.float8_e4m3fn: torch.uint8, torch.float8_e5m2: torch.uint8}
+
+
+def write_checkpoint(path: Path, tensors: Mapping[str, torch.Tensor], shards: int | Sequence[Sequence[str]] = 1,
+                     config: Mapping | None = None, shard_name: str = "model-{i:05d}-of-{n:05d}.safetensors") -> Path:
+    """Write a checkpoint in Hugging Face layout: one ``model.safetensors`` or an index + shards.
+
+    ``shards`` is a count (tensors dealt round-robin in name order) or explicit name groups.
+    """
+    path.mkdir(parents=True, exist_ok=True)
+    names = sorted(tensors)
+    if isinstance(shards, int):
+        groups = [names[i::shards] for i in range(shards)]
+    else:
+        groups = [list(g) for g in shards]
+    groups = [g for g in groups if g]
+    if config is not None:
+        (path / "config.json").write_text(json.dumps(config))
+    if len(groups) == 1 and isinstance(shards, int):
+        save_file({k: tensors[k].contiguous() for k in groups[0]}, str(path / "model.safetensors"))
+        return path
+    weight_map = {}
+    for i, group in enumerate(groups, 1):
+        fname = shard_name.format(i=i, n=len(groups))
+        save_file({k: tensors[k].contiguous() for k in group}, str(path / fname))
+        weight_map.update({k: fname for k in group})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    (path / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    return path
+
+
+def ref_diff(base: torch.Tensor, tuned: torch.Tensor, atol: float = 1e-5, eta: float = 1e-3) -> dict:
+    """Reference counts for one tensor pair, computed the paper's way with torch/numpy."""
+    if base.dtype == tuned.dtype:
+        iv = _INT_VIEW.get(base.dtype)
+        bits_b = base.view(iv) if iv else base
+        bits_t = tuned.view(iv) if iv else tuned
+        neq = (bits_b != bits_t).numpy().ravel()
+        if base.dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+            delta = tuned - base  # the paper's way: Δ in the stored dtype
+        elif base.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            delta = tuned.float() - base.float()  # torch has no fp8 arithmetic; raydiff uses f32
+        else:
+            delta = None
+    else:
+        wide = torch.float64 if torch.float64 in (base.dtype, tuned.dtype) else torch.float32
+        bw, tw = base.to(wide), tuned.to(wide)
+        neq = (bw.view(_INT_VIEW[wide]) != tw.view(_INT_VIEW[wide])).numpy().ravel()
+        delta = tw - bw
+    out = {"numel": base.numel(), "changed_bits": int(neq.sum()), "neq": neq}
+    if delta is None:  # int / bool / fp8: bitwise
+        for k in ("changed", "changed_1e8", "changed_1e7", "changed_1e6", "changed_1e5", "changed_1e4", "changed_rel"):
+            out[k] = out["changed_bits"]
+        out["mask"] = neq
+        return out
+    # Entries with identical bits are unchanged even when NaN (torch alone would call NaN-NaN changed).
+    ad = delta.abs()
+    out["mask"] = neq & (~(ad <= atol)).numpy().ravel()
+    out["changed"] = int(out["mask"].sum())
+    for tol, k in zip((1e-8, 1e-7, 1e-6, 1e-5, 1e-4), ("changed_1e8", "changed_1e7", "changed_1e6", "changed_1e5", "changed_1e4")):
+        out[k] = int((neq & (~(ad <= tol)).numpy().ravel()).sum())
+    bf = base.double().numpy().ravel()
+    tf = tuned.double().numpy().ravel()
+    with np.errstate(over="ignore", invalid="ignore"):
+        d64 = tf - bf
+    ft = np.float64 if torch.float64 in (base.dtype, tuned.dtype) else np.float32
+    with np.errstate(over="ignore", invalid="ignore"):
+        bw, tw = bf.astype(ft), tf.astype(ft)
+        rel_ok = np.abs(tw - bw) <= ft(eta) * np.maximum(np.abs(bw), np.abs(tw))
+    out["changed_rel"] = int((neq & ~rel_ok).sum())
+    fin = np.isfinite(bf) & np.isfinite(tf)
+    out["nonfinite"] = int((neq & ~fin).sum())
+    d64 = np.where(fin, d64, 0.0)
+    out["max_abs_delta"] = float(np.abs(d64).max()) if d64.size else 0.0
+    with np.errstate(over="ignore", invalid="ignore"):
+        out["base_fro"] = float(np.sqrt((bf ** 2).sum()))
+        out["delta_fro"] = float(np.sqrt((d64 ** 2).sum()))
+    out["mean_abs_delta"] = float(np.abs(d64).sum() / bf.size) if bf.size else None
+    if base.ndim >= 2:
+        grid = out["mask"].reshape(-1, base.shape[-1])
+        out["rows_touched"] = int(grid.any(axis=1).sum())
+        out["cols_touched"] = int(grid.any(axis=0).sum())
+    if base.ndim == 2:
+        out["rank"] = int(torch.linalg.matrix_rank((tuned - base).float()))
+    return out
+
+
+def perturb(t: torch.Tensor, fraction: float, scale: float, seed: int) -> torch.Tensor:
+    """A copy of ``t`` with a random ``fraction`` of entries moved by ``scale``·N(0,1)."""
+    g = torch.Generator().manual_seed(seed)
+    out = t.clone()
+    sel = torch.rand(t.shape, generator=g) < fraction
+    noise = torch.randn(t.shape, generator=g) * scale
+    out[sel] = (t.float()[sel] + noise[sel]).to(t.dtype)
+    return out

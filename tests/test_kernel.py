@@ -1,0 +1,140 @@
+"""The pure kernel against torch/numpy on the same arrays, on adversarial bit patterns."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from builders import ref_diff
+from raydiff.kernel import Criteria, decode, diff_unit
+from raydiff.masks import decode_mask
+from raydiff.spectrum import spectrum
+
+_TORCH = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+          "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+_UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+
+def _bits(t: torch.Tensor) -> np.ndarray:
+    return t.contiguous().view(torch.uint8).numpy().view(_UINT[t.element_size()]).ravel()
+
+
+def _check(base: torch.Tensor, tuned: torch.Tensor, bd: str, td: str, cd: str, row_len: int = 0):
+    r = diff_unit(_bits(base), _bits(tuned), bd, td, cd, Criteria(), row_len)
+    ref = ref_diff(base, tuned)
+    for k in ("changed", "changed_bits", "changed_rel"):
+        assert getattr(r, k) == ref[k], k
+    assert r.changed_ladder == tuple(ref[k] for k in ("changed_1e8", "changed_1e7", "changed_1e6",
+                                                       "changed_1e5", "changed_1e4"))
+    np.testing.assert_array_equal(decode_mask(r.mask_codec, r.mask, r.numel), ref["mask"])
+    if r.changed_bits and "max_abs_delta" in ref:
+        assert r.max_abs_delta == pytest.approx(ref["max_abs_delta"], rel=1e-6)
+        assert np.sqrt(r.sum_sq_delta) == pytest.approx(ref["delta_fro"], rel=1e-6)
+        assert r.nonfinite == ref["nonfinite"]
+    return r
+
+
+def _tensor_from_bits(raw: bytes, dtype: str) -> torch.Tensor:
+    t = _TORCH[dtype]
+    size = torch.empty(0, dtype=t).element_size()
+    raw = raw[: len(raw) // size * size]
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(t).clone() if raw else torch.empty(0, dtype=t)
+
+
+@settings(max_examples=150, deadline=None)
+@given(dtype=st.sampled_from(["BF16", "F16", "F32", "F64"]), raw=st.binary(min_size=0, max_size=512),
+       flips=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 63)), max_size=40),
+       small=st.lists(st.tuples(st.integers(0, 10_000), st.floats(-1e-4, 1e-4)), max_size=40))
+def test_same_dtype_matches_torch_on_any_bits(dtype, raw, flips, small):
+    base = _tensor_from_bits(raw, dtype)
+    tuned = base.clone()
+    n = base.numel()
+    if n:
+        bits = tuned.view(torch.uint8).numpy().view(_UINT[tuned.element_size()])
+        for i, b in flips:  # arbitrary bit flips: NaNs, Infs, signed zeros, subnormals…
+            bits[i % n] ^= bits.dtype.type(1) << bits.dtype.type(b % (8 * tuned.element_size()))
+        for i, eps in small:  # small value moves around the tolerances
+            tuned[i % n] = (tuned[i % n].double() + eps).to(tuned.dtype)
+    _check(base, tuned, dtype, dtype, dtype)
+
+
+@settings(max_examples=60, deadline=None)
+@given(pair=st.sampled_from([("BF16", "F32"), ("F16", "F32"), ("BF16", "F16"), ("F32", "F64"), ("BF16", "F64")]),
+       seed=st.integers(0, 2**31), n=st.integers(0, 300), scale=st.sampled_from([1e-7, 1e-5, 1e-3, 1.0]))
+def test_mixed_dtypes_compare_in_the_wider_type(pair, seed, n, scale):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, generator=g, dtype=torch.float64)
+    base = w.to(_TORCH[pair[0]])
+    tuned = (base.double() + torch.randn(n, generator=g, dtype=torch.float64) * scale
+             * (torch.rand(n, generator=g) < 0.5)).to(_TORCH[pair[1]])
+    cd = "F64" if "F64" in pair else "F32"
+    _check(base, tuned, pair[0], pair[1], cd)
+
+
+def test_tolerance_is_taken_in_bf16_like_the_papers_torch_code():
+    # Δ = bf16(1e-5) exactly: torch compares |Δ| <= bf16(1e-5) → unchanged; an f64 threshold would say changed.
+    base = torch.zeros(4, dtype=torch.bfloat16)
+    tuned = torch.tensor([1e-5, 1.0014e-5, 1.1e-5, 0.0]).bfloat16()  # first two round to one bf16
+    r = _check(base, tuned, "BF16", "BF16", "BF16")
+    assert (r.changed_bits, r.changed) == (3, 1)  # an f64 threshold would give (3, 3)
+
+
+def test_fp8_and_integer_tensors():
+    g = torch.Generator().manual_seed(3)
+    for dt in ("F8_E4M3", "F8_E5M2"):
+        base = (torch.randn(200, generator=g)).to(_TORCH[dt])
+        tuned = base.clone()
+        tuned[::7] = (tuned[::7].float() * 1.5).to(_TORCH[dt])
+        _check(base, tuned, dt, dt, dt)
+    a = np.arange(100, dtype=np.int32).view(np.uint32)
+    b = a.copy()
+    b[[3, 50]] += 1
+    r = diff_unit(a, b, "I32", "I32", "I32", Criteria())
+    assert (r.changed_bits, r.changed, r.changed_rel, r.max_abs_delta) == (2, 2, 2, None)
+    assert r.changed_ladder == (2,) * 5
+
+
+def test_nonfinite_deltas_count_as_changed():
+    base = torch.tensor([1.0, 2.0, float("inf"), float("nan"), 0.0, -0.0])
+    tuned = torch.tensor([float("nan"), float("inf"), float("inf"), float("nan"), -0.0, 5e-6])
+    r = _check(base, tuned, "F32", "F32", "F32")
+    assert (r.changed_bits, r.nonfinite, r.changed) == (4, 2, 2)
+
+
+def test_diff_with_itself_is_empty_and_chunking_adds_up():
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 0x7F00, 10_000, dtype=np.uint16)  # finite bf16 bit patterns, both signs below
+    a[::3] |= 0x8000
+    r = diff_unit(a, a, "BF16", "BF16", "BF16", Criteria(), row_len=100)
+    assert (r.changed_bits, r.changed, r.rows_touched, r.mask_codec) == (0, 0, 0, "empty")
+    b = a.copy()
+    b[rng.random(a.size) < 0.1] ^= 1
+    whole = diff_unit(a, b, "BF16", "BF16", "BF16", Criteria(), row_len=100)
+    parts = [diff_unit(a[i:i + 1000], b[i:i + 1000], "BF16", "BF16", "BF16", Criteria(), row_len=100)
+             for i in range(0, a.size, 1000)]
+    assert whole.changed_bits == sum(p.changed_bits for p in parts)
+    assert whole.rows_touched == sum(p.rows_touched for p in parts)
+    assert whole.sum_sq_base == pytest.approx(sum(p.sum_sq_base for p in parts), rel=1e-12)
+    ref = torch.from_numpy(a.view(np.int16)).view(torch.bfloat16).double()
+    assert whole.sum_sq_base == pytest.approx(float((ref ** 2).sum()), rel=1e-12)
+    assert decode(a, "BF16").tolist() == ref.tolist()
+
+
+def test_spectrum_matches_torch_matrix_rank_and_sketch_finds_planted_rank():
+    g = torch.Generator().manual_seed(0)
+    low = (torch.randn(300, 16, generator=g) @ torch.randn(16, 200, generator=g)) * 1e-2
+    noisy = low + torch.randn(300, 200, generator=g) * 1e-6
+    for d in (low, noisy, torch.randn(50, 80, generator=g)):
+        ex = spectrum(d, "exact")
+        assert ex.rank == int(torch.linalg.matrix_rank(d))
+        s = torch.linalg.svdvals(d.double())
+        assert ex.top_sv[:5] == pytest.approx(s[:5].tolist(), rel=1e-4)
+        assert ex.stable_rank == pytest.approx(float((s ** 2).sum() / s[0] ** 2), rel=1e-4)
+    sk = spectrum(noisy, "sketch", sketch_rank=32)
+    ex = spectrum(noisy, "exact")
+    assert sk.rank is None and sk.rank_cutoffs == ex.rank_cutoffs == (16, 16, 16)
+    assert sk.top_sv[:16] == pytest.approx(ex.top_sv[:16], rel=1e-3)
+    assert spectrum(torch.zeros(3, 4), "exact").rank == 0

@@ -1,0 +1,216 @@
+"""End to end: real safetensors files → real Ray actors → real Parquet → real DuckDB.
+
+Every count is checked against torch/numpy on the same arrays (tests/builders.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from builders import perturb, ref_diff, write_checkpoint
+from raydiff.cli.main import app
+from raydiff.masks import decode_mask
+from raydiff.options import ClusterOptions, DiffOptions, SubmitOptions
+from raydiff.submit import submit
+from raydiff.views import query
+
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+
+
+def _pair(tmp_path, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    base = {
+        "model.embed_tokens.weight": torch.randn(97, 48, generator=g).bfloat16(),
+        "model.layers.0.self_attn.q_proj.weight": torch.randn(48, 48, generator=g).bfloat16(),
+        "model.layers.0.mlp.up_proj.weight": torch.randn(130, 48, generator=g).bfloat16(),
+        "model.layers.0.input_layernorm.weight": torch.ones(48).bfloat16(),
+        "model.layers.0.conv.weight": torch.randn(5, 7, 9, generator=g).bfloat16(),
+        "model.norm.weight": torch.randn(48, generator=g),  # fp32 on both sides
+        "lm_head.weight": torch.randn(97, 48, generator=g).bfloat16(),  # fp32 in tuned
+        "model.layers.0.mlp.down_proj.weight": torch.randn(48, 130, generator=g).bfloat16(),  # shape differs
+        "only.in.base": torch.randn(6, generator=g),
+    }
+    tuned = {
+        "model.embed_tokens.weight": perturb(base["model.embed_tokens.weight"], 0.05, 1e-2, 1),
+        "model.layers.0.self_attn.q_proj.weight": perturb(base["model.layers.0.self_attn.q_proj.weight"], 0.3, 3e-3, 2),
+        "model.layers.0.mlp.up_proj.weight": perturb(base["model.layers.0.mlp.up_proj.weight"], 0.5, 1e-5, 3),
+        "model.layers.0.input_layernorm.weight": base["model.layers.0.input_layernorm.weight"].clone(),
+        "model.layers.0.conv.weight": perturb(base["model.layers.0.conv.weight"], 0.2, 1e-1, 4),
+        "model.norm.weight": perturb(base["model.norm.weight"], 0.5, 1e-6, 5),
+        "lm_head.weight": perturb(base["lm_head.weight"].float(), 0.1, 1e-4, 6),
+        "model.layers.0.mlp.down_proj.weight": torch.randn(48, 131, generator=g).bfloat16(),
+        "only.in.tuned": torch.randn(2, 3, generator=g).bfloat16(),
+    }
+    b = write_checkpoint(tmp_path / "base", base, shards=3)
+    t = write_checkpoint(tmp_path / "tuned", tuned, shards=[["lm_head.weight", "model.norm.weight"],
+                                                            sorted(set(tuned) - {"lm_head.weight", "model.norm.weight"})])
+    return b, t, base, tuned
+
+
+def _opts(tmp_path, **diff):
+    return SubmitOptions(store=str(tmp_path / "store"), diff=DiffOptions(**diff))
+
+
+def _tensors(store, run_id):
+    cols, rows = query(store, f"SELECT * FROM tensors WHERE run_id = '{run_id}' ORDER BY tensor")
+    return {r[cols.index("tensor")]: dict(zip(cols, r)) for r in rows}
+
+
+def _masks(store, run_id):
+    cols, rows = query(store, f"SELECT tensor, start, stop, mask_codec, mask FROM masks "
+                              f"WHERE run_id = '{run_id}' ORDER BY tensor, start")
+    out: dict[str, list[np.ndarray]] = {}
+    for tensor, start, stop, codec, payload in rows:
+        out.setdefault(tensor, []).append(decode_mask(codec, payload, stop - start))
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def test_counts_match_numpy_and_torch(tmp_path):
+    b, t, base, tuned = _pair(tmp_path)
+    res = submit(str(b), str(t), _opts(tmp_path, chunk_elems=1024))
+    got = _tensors(str(tmp_path / "store"), res.run_id)
+    masks = _masks(str(tmp_path / "store"), res.run_id)
+    assert set(got) == set(base) | set(tuned)
+    assert got["only.in.base"]["status"] == "only_in_base"
+    assert got["only.in.tuned"]["status"] == "only_in_tuned"
+    assert got["model.layers.0.mlp.down_proj.weight"]["status"] == "shape_mismatch"
+    assert "[48, 130] in base, [48, 131] in tuned" in got["model.layers.0.mlp.down_proj.weight"]["note"]
+    assert got["lm_head.weight"]["compare_dtype"] == "F32"
+    total_numel = total_changed = 0
+    for name in sorted(set(base) & set(tuned)):
+        if base[name].shape != tuned[name].shape:
+            continue
+        ref = ref_diff(base[name], tuned[name])
+        row = got[name]
+        assert row["status"] == "ok", name
+        for k in ("numel", "changed", "changed_bits", "changed_1e8", "changed_1e7", "changed_1e6",
+                  "changed_1e5", "changed_1e4", "changed_rel"):
+            assert row[k] == ref[k], (name, k, row[k], ref[k])
+        assert row["sparsity"] == pytest.approx(1 - ref["changed"] / ref["numel"])
+        for k in ("max_abs_delta", "delta_fro", "base_fro", "mean_abs_delta"):
+            assert row[k] == pytest.approx(ref[k], rel=1e-6, abs=1e-12), (name, k)
+        np.testing.assert_array_equal(masks[name], ref["mask"], err_msg=name)
+        if base[name].ndim >= 2:
+            assert (row["rows_touched"], row["cols_touched"]) == (ref["rows_touched"], ref["cols_touched"]), name
+        if base[name].ndim == 2:
+            assert row["rank"] == ref["rank"], name
+            assert row["max_rank"] == min(base[name].shape)
+            assert row["rank_method"] == "exact"
+        else:
+            assert row["rank"] is None
+        total_numel += ref["numel"]
+        total_changed += ref["changed"]
+    # some tensors span several units at this chunk size
+    cols, rows = query(str(tmp_path / "store"), f"SELECT count(*) FROM units WHERE run_id = '{res.run_id}' "
+                                                "AND tensor = 'model.layers.0.mlp.up_proj.weight'")
+    assert rows[0][0] > 1
+    cols, rows = query(str(tmp_path / "store"), f"SELECT status, numel, changed, sparsity, base, tuned FROM runs "
+                                                f"WHERE run_id = '{res.run_id}'")
+    assert rows == [("complete", total_numel, total_changed, pytest.approx(1 - total_changed / total_numel),
+                     str(b), str(t))]
+
+
+def test_identical_checkpoints_have_no_changes(tmp_path):
+    b, _, base, _ = _pair(tmp_path)
+    res = submit(str(b), str(b), _opts(tmp_path, rank="off"))
+    assert res.commit.changed == 0 and res.commit.changed_bits == 0
+    got = _tensors(str(tmp_path / "store"), res.run_id)
+    assert all(r["sparsity"] == 1.0 for r in got.values() if r["numel"])
+    assert all(r["rank"] is None for r in got.values())
+
+
+def _comparable(rows):
+    drop = {"run_id"}
+    return {k: {c: v for c, v in r.items() if c not in drop} for k, r in rows.items()}
+
+
+@pytest.mark.parametrize(("chunk", "workers"), [(1024, 1), (1500, 2), (4096, 2), (1 << 20, 1)])
+def test_results_do_not_depend_on_chunking_or_workers(tmp_path, chunk, workers):
+    b, t, _, _ = _pair(tmp_path)
+    ref_run = submit(str(b), str(t), _opts(tmp_path, chunk_elems=1 << 24))
+    opts = dataclasses.replace(_opts(tmp_path, chunk_elems=chunk), cluster=ClusterOptions(workers=workers))
+    run = submit(str(b), str(t), opts)
+    assert run.run_id != ref_run.run_id
+    store = str(tmp_path / "store")
+    assert _comparable(_tensors(store, run.run_id)) == _comparable(_tensors(store, ref_run.run_id))
+    m1, m2 = _masks(store, run.run_id), _masks(store, ref_run.run_id)
+    assert m1.keys() == m2.keys()
+    for k in m1:
+        np.testing.assert_array_equal(m1[k], m2[k])
+
+
+def test_resubmit_resumes_and_never_duplicates(tmp_path):
+    b, t, _, _ = _pair(tmp_path)
+    opts = _opts(tmp_path, chunk_elems=1024)
+    first = submit(str(b), str(t), opts)
+    store = tmp_path / "store" / "runs" / first.run_id
+    expected = _tensors(str(tmp_path / "store"), first.run_id)
+    again = submit(str(b), str(t), opts)
+    assert again.already_complete and again.run_id == first.run_id
+    # simulate a run interrupted after some units: drop the commit and half the units
+    (store / "commit.parquet").unlink()
+    (store / "tensors.parquet").unlink()
+    units = sorted((store / "units").iterdir())
+    for u in units[::2]:
+        u.unlink()
+    cols, rows = query(str(tmp_path / "store"), f"SELECT status FROM runs WHERE run_id = '{first.run_id}'")
+    assert rows == [("incomplete",)]
+    assert _tensors(str(tmp_path / "store"), first.run_id) == {}  # incomplete runs expose no results
+    resumed = submit(str(b), str(t), opts)
+    assert resumed.resumed and not resumed.already_complete
+    assert _tensors(str(tmp_path / "store"), first.run_id) == expected
+    cols, rows = query(str(tmp_path / "store"), "SELECT count(*), count(DISTINCT run_id) FROM runs")
+    assert rows == [(1, 1)]
+    assert len(list((store / "units").iterdir())) == len(units)
+
+
+def test_cli_submit_sql_runs(tmp_path):
+    b, t, _, _ = _pair(tmp_path)
+    store = str(tmp_path / "store")
+    runner = CliRunner()
+    r = runner.invoke(app, ["submit", str(b), str(t), "--store", store, "--name", "pair", "--rank", "sketch"])
+    assert r.exit_code == 0, r.output
+    run_id = r.stdout.strip().splitlines()[-1]
+    r = runner.invoke(app, ["sql", "SELECT name, status, changed FROM runs", "--store", store, "--format", "json"])
+    rows = json.loads(r.stdout)
+    assert rows[0]["name"] == "pair" and rows[0]["status"] == "complete"
+    r = runner.invoke(app, ["sql", "SELECT tensor, rank_method, rank FROM tensors WHERE rank_method IS NOT NULL "
+                                   "ORDER BY tensor", "--store", store, "--format", "csv"])
+    lines = r.stdout.strip().splitlines()
+    assert lines[0] == "tensor,rank_method,rank"
+    assert all(line.endswith(",sketch,") for line in lines[1:]) and len(lines) > 2
+    r = runner.invoke(app, ["runs", "--store", store])
+    assert run_id in r.stdout and "complete" in r.stdout
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    runner = CliRunner()
+    r = runner.invoke(app, ["submit", str(tmp_path / "nope"), str(tmp_path / "nope2"), "--store", str(tmp_path / "s")])
+    assert r.exit_code == 1
+    assert r.stderr.strip().splitlines() == [
+        f"Error: '{tmp_path / 'nope'}': no such file or directory, and not a Hub id of the form org/name[@revision]"]
+    assert "Traceback" not in r.output
+    r = runner.invoke(app, ["submit", "a", "b", "--atol", "-1"])
+    assert r.exit_code == 1 and r.stderr.strip() == "Error: --atol must be a finite number >= 0, got -1.0"
+    r = runner.invoke(app, ["sql", "SELECT nope FROM runs", "--store", str(tmp_path / "s")])
+    assert r.exit_code == 1 and r.stderr.startswith("Error: Binder Error") and "nope" in r.stderr
+
+
+def test_sql_is_read_only(tmp_path):
+    b, t, _, _ = _pair(tmp_path)
+    store = tmp_path / "store"
+    submit(str(b), str(t), _opts(tmp_path, rank="off"))
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    runner = CliRunner()
+    for stmt in (f"COPY (SELECT 1) TO '{tmp_path / 'out.csv'}'",
+                 f"SELECT * FROM read_parquet('{store}/runs/*/run.parquet')",
+                 "SET enable_external_access = true"):
+        r = runner.invoke(app, ["sql", stmt, "--store", str(store)])
+        assert r.exit_code == 1 and r.stderr.startswith("Error: "), (stmt, r.output)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
