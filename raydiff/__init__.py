@@ -1,1 +1,6 @@
-x=1
+"""raydiff: what did this finetune change in the weights?
+
+Diffs checkpoint pairs on Ray into a Parquet store queried with DuckDB. Entry points:
+:func:`raydiff.submit.submit` (the library's ``raydiff submit``) and
+:func:`raydiff.views.connect` (DuckDB over a store).
+"""

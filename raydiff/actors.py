@@ -35,6 +35,10 @@ def connect(address: str | None) -> dict[str, float]:
     Returns the cluster's total resources. Reuses the connection when already connected.
     """
     if not ray.is_initialized():
+        # A local cluster keeps Ray's default token authentication; only the notice that it
+        # is on is dropped, since it would follow every `raydiff submit`.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
+            lambda r: not r.getMessage().startswith("Token authentication is enabled for this Ray cluster"))
         address = address or os.environ.get("RAY_ADDRESS") or None
         kwargs: dict[str, object] = dict(logging_level=logging.WARNING, log_to_driver=False)
         if address is None:

@@ -18,6 +18,7 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
 from raydiff.errors import QueryError
+from raydiff.overlap import and_count_arrow
 from raydiff.records import RECORD_KINDS, schema
 from raydiff.store import Store
 
@@ -63,6 +64,8 @@ def connect(store: Store | str) -> duckdb.DuckDBPyConnection:
         paths = sorted(found[name])
         source = pads.dataset(paths, schema=s, format="parquet", filesystem=fs) if paths else s.empty_table()
         con.register(name, source)
+    con.create_function("mask_and_count", and_count_arrow,
+                        ["VARCHAR", "BLOB", "VARCHAR", "BLOB", "BIGINT"], "BIGINT", type="arrow")
     for fname, text in sql_files():
         try:
             con.execute(text)

@@ -1,0 +1,69 @@
+-- run_ref(x): the run id of a complete run given by id or by name (a name means the most
+-- recently completed run of that name). Errors when nothing matches.
+CREATE OR REPLACE MACRO run_ref(x) AS (
+    SELECT coalesce(
+        first(run_id ORDER BY (run_id = x) DESC, completed_at DESC),
+        error('no complete run has id or name ''' || x || '''; see `raydiff runs`'))
+    FROM runs
+    WHERE status = 'complete' AND (run_id = x OR name = x)
+);
+
+-- _pair_check(a, b): errors unless two runs share their base and their chunk layout, the
+-- conditions under which their masks line up element for element.
+CREATE OR REPLACE MACRO _pair_check(a, b) AS (
+    SELECT CASE
+        WHEN ra.base <> rb.base OR ra.base_fingerprint <> rb.base_fingerprint
+            THEN error('runs ' || a || ' and ' || b || ' have different bases (' || ra.base || ' vs ' || rb.base
+                       || '); overlap is only defined for finetunes of one base')
+        WHEN ra.chunk_elems <> rb.chunk_elems
+            THEN error('runs ' || a || ' and ' || b || ' were cut into units of ' || ra.chunk_elems || ' and '
+                       || rb.chunk_elems || ' elements; resubmit one with --chunk-elems ' || ra.chunk_elems)
+        ELSE true END
+    FROM raw_run ra, raw_run rb WHERE ra.run_id = a AND rb.run_id = b
+);
+
+-- overlap(run_a, run_b): per tensor, the paper's subnetwork overlap between two runs over
+-- one base. o1 = |I_a ∩ I_b| / |I_a|, o2 = |I_a ∩ I_b| / |I_b|; the random baselines are
+-- those of independent masks with the same densities: o1_random = density of b, etc.
+CREATE OR REPLACE MACRO overlap(run_a, run_b) AS TABLE
+WITH ids AS (SELECT run_ref(run_a) AS a, run_ref(run_b) AS b),
+ok AS (SELECT _pair_check(a, b) AS ok FROM ids),
+u AS (
+    SELECT ua.tensor, ua.numel, ua.changed AS ca, ub.changed AS cb,
+           mask_and_count(ua.mask_codec, ua.mask, ub.mask_codec, ub.mask, ua.numel) AS both_
+    FROM ids, ok, raw_unit ua
+    JOIN raw_unit ub ON ub.tensor = ua.tensor AND ub."start" = ua."start" AND ub."stop" = ua."stop"
+    WHERE ok.ok AND ua.run_id = ids.a AND ub.run_id = ids.b
+),
+t AS (
+    SELECT tensor, sum(numel) AS numel, sum(ca) AS changed_a, sum(cb) AS changed_b, sum(both_) AS "both"
+    FROM u GROUP BY tensor
+)
+SELECT tensor, numel, changed_a, changed_b, "both",
+       "both" / NULLIF(changed_a, 0) AS o1,
+       "both" / NULLIF(changed_b, 0) AS o2,
+       "both" / NULLIF(changed_a + changed_b - "both", 0) AS jaccard,
+       changed_b / NULLIF(numel, 0) AS o1_random,
+       changed_a / NULLIF(numel, 0) AS o2_random,
+       (changed_a / numel) * (changed_b / numel)
+           / NULLIF(changed_a / numel + changed_b / numel - (changed_a / numel) * (changed_b / numel), 0)
+           AS jaccard_random
+FROM t ORDER BY tensor;
+
+-- overlap_total(run_a, run_b): the same over all parameters compared in both runs (one row).
+CREATE OR REPLACE MACRO overlap_total(run_a, run_b) AS TABLE
+WITH t AS (
+    SELECT sum(numel) AS numel, sum(changed_a) AS changed_a, sum(changed_b) AS changed_b,
+           sum("both") AS "both"
+    FROM overlap(run_a, run_b)
+)
+SELECT '*' AS tensor, numel, changed_a, changed_b, "both",
+       "both" / NULLIF(changed_a, 0) AS o1,
+       "both" / NULLIF(changed_b, 0) AS o2,
+       "both" / NULLIF(changed_a + changed_b - "both", 0) AS jaccard,
+       changed_b / NULLIF(numel, 0) AS o1_random,
+       changed_a / NULLIF(numel, 0) AS o2_random,
+       (changed_a / numel) * (changed_b / numel)
+           / NULLIF(changed_a / numel + changed_b / numel - (changed_a / numel) * (changed_b / numel), 0)
+           AS jaccard_random
+FROM t;

@@ -1,0 +1,73 @@
+"""The demo family: real training, real checkpoints, analysed through the normal Ray path."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from raydiff.demo import MEMBERS, FamilyConfig, build_family, run_demo
+from raydiff.options import ClusterOptions
+from raydiff.views import query
+
+LLAMA_NAMES = ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"] + [
+    f"model.layers.{i}.{m}.weight" for i in range(2) for m in (
+        "input_layernorm", "post_attention_layernorm", "self_attn.q_proj", "self_attn.k_proj",
+        "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+
+
+@pytest.fixture(scope="session")
+def family(tmp_path_factory):
+    return build_family(tmp_path_factory.mktemp("family"), FamilyConfig.small())
+
+
+def _load(path):
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    out = {}
+    for name, shard in index["weight_map"].items():
+        with safe_open(str(path / shard), "pt") as f:
+            out[name] = f.get_tensor(name)
+    return index, out
+
+
+def test_family_layout(family):
+    assert set(MEMBERS) <= set(family.members)
+    assert any(m.startswith("rl-seed1-step") for m in family.members)
+    _, base = _load(family.base)
+    for path in [family.base, *family.members.values()]:
+        index, tensors = _load(path)
+        assert sorted(tensors) == sorted(LLAMA_NAMES)
+        assert len(set(index["weight_map"].values())) >= 2
+        assert all(t.dtype == torch.bfloat16 for t in tensors.values())
+        cfg = json.loads((path / "config.json").read_text())
+        assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["model_type"] == "llama"
+        assert tensors["model.layers.0.self_attn.k_proj.weight"].shape == (
+            cfg["num_key_value_heads"] * cfg["hidden_size"] // cfg["num_attention_heads"], cfg["hidden_size"])
+        assert tensors["model.layers.0.mlp.up_proj.weight"].shape == (cfg["intermediate_size"], cfg["hidden_size"])
+        if path != family.base:
+            assert any(not torch.equal(tensors[k], base[k]) for k in tensors), path
+
+
+def test_family_is_cached_and_deterministic(family, tmp_path):
+    again = build_family(family.root, FamilyConfig.small())
+    assert again.members == family.members
+    other = build_family(tmp_path / "other", FamilyConfig.small())
+    for name in ("base", "rl-seed2"):
+        _, a = _load(family.root / name)
+        _, b = _load(other.root / name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_run_demo_reports_and_leaves_a_queryable_store(family, tmp_path):
+    store = str(tmp_path / "store")
+    report = run_demo(store, str(family.root), ClusterOptions(), config=FamilyConfig.small())
+    cols, rows = query(store, "SELECT name, status, sparsity FROM runs ORDER BY name")
+    assert sorted(r[0] for r in rows) == sorted(family.members)
+    assert all(r[1] == "complete" for r in rows)
+    for name, _, sparsity in rows:
+        assert f"{name} " in report and f"{sparsity:9.1%}" in report
+    cols, rows = query(store, "SELECT o1, o1_random FROM overlap_total('rl-seed1', 'rl-seed2')")
+    assert f"o1 {rows[0][0]:.1%}" in report and f"random baseline {rows[0][1]:.1%}" in report

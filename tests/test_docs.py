@@ -1,0 +1,53 @@
+"""The README covers the CLI and the schema; CI runs the README's test command."""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from pathlib import Path
+
+from typer.main import get_command
+
+from raydiff.cli.main import app
+from raydiff.views import connect
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+
+
+def _code_blocks(text: str) -> list[str]:
+    return re.findall(r"```bash\n(.*?)```", text, re.S)
+
+
+def test_every_command_has_help_and_is_in_the_readme():
+    group = get_command(app)
+    assert group.commands
+    for name, cmd in group.commands.items():
+        assert cmd.help and len(cmd.help) > 20, name
+        assert f"raydiff {name}" in README, name
+        for p in cmd.params:
+            if p.param_type_name == "option":
+                assert p.help, (name, p.name)
+
+
+def test_ci_runs_the_readme_test_command():
+    test_cmd = next(b.strip() for b in _code_blocks(README) if "pytest" in b)
+    ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()
+    assert ci[-1] == test_cmd
+    demo_cmd = next(b.strip() for b in _code_blocks(README) if "raydiff demo" in b)
+    assert demo_cmd.startswith("python3 -m venv .venv") and demo_cmd.endswith("raydiff demo")
+
+
+def test_every_view_column_is_documented():
+    con = connect(tempfile.mkdtemp())
+    for view in ("runs", "tensors"):
+        section = README.split(f"### `{view}` columns", 1)[1].split("###", 1)[0].split("## ", 1)[0]
+        for (col, *_rest) in con.execute(f"DESCRIBE {view}").fetchall():
+            assert f"`{col}`" in section, (view, col)
+
+
+def test_every_submit_option_is_in_the_options_table():
+    submit = get_command(app).commands["submit"]
+    for p in submit.params:
+        if p.param_type_name == "option":
+            assert f"| `{p.opts[0]}` |" in README, p.opts[0]
