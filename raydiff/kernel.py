@@ -21,7 +21,7 @@ from functools import cache
 import numpy as np
 
 from raydiff.checkpoint import DTYPES
-from raydiff.masks import encode_mask
+from raydiff.masks import encode_mask, encode_packed
 from raydiff.options import ATOL_LADDER
 
 _BASE_BLOCK = 1 << 16  # elements per block of the ‖W0‖F² pass, sized to stay in L2
@@ -118,11 +118,41 @@ def round_to(x: np.ndarray, dtype: str) -> np.ndarray:
     return x
 
 
-def _threshold(t: float, dtype: str) -> np.floating:
-    """A tolerance in the dtype the comparison happens in (torch casts the scalar)."""
+@cache
+def cutoff(t: float, dtype: str) -> np.floating:
+    """The float32 (float64 for F64) cut-off ``c`` with: ``|Δ|`` rounded to ``dtype`` is
+    ``<= t`` rounded to ``dtype`` exactly when the unrounded ``|Δ| <= c``.
+
+    This is how torch compares ``(tuned - base).abs() <= t`` for a 16-bit pair (the
+    difference and the scalar both rounded to the tensors' dtype); precomputing ``c`` lets
+    the kernel compare the exact float32 ``|Δ|`` without rounding anything.
+
+    Example:
+        >>> float(cutoff(1e-5, "BF16")) > 1e-5
+        True
+    """
     if dtype == "F64":
         return np.float64(t)
-    return round_to(np.array([t], np.float32), dtype)[0]
+    if dtype not in ("BF16", "F16"):
+        return np.float32(t)
+    target = round_to(np.array([t], np.float32), dtype)[0]
+    if not np.isfinite(target):
+        return np.float32(np.inf)
+    lo = int(np.array([target], np.float32).view(np.uint32)[0])  # round(lo) <= target
+    hi = 0x7F800000  # +inf: rounds above any finite target
+    while hi - lo > 1:  # round_to is monotone in the bits of non-negative floats
+        mid = (lo + hi) // 2
+        x = np.array([mid], np.uint32).view(np.float32)
+        if round_to(x, dtype)[0] <= target:
+            lo = mid
+        else:
+            hi = mid
+    return np.array([lo], np.uint32).view(np.float32)[0]
+
+
+@cache
+def _lut(dtype: str) -> np.ndarray:
+    return decode(np.arange(1 << 16, dtype=np.uint16), dtype).astype(np.float32)
 
 
 def diff_unit(
@@ -159,6 +189,8 @@ def diff_unit(
         raise ValueError(f"unit of {n} elements does not cover whole rows of {row_len}")
     kind = DTYPES[compare_dtype].kind
     mixed = base_dtype != tuned_dtype
+    if not mixed and compare_dtype in _FUSED:
+        return _diff_fused(base, tuned, compare_dtype, criteria, row_len)
     if mixed:
         # Widen both sides exactly, then treat the widened values' bits as stored bits.
         wide = np.float64 if compare_dtype == "F64" else np.float32
@@ -185,11 +217,9 @@ def diff_unit(
     with np.errstate(invalid="ignore", over="ignore"):
         d = wb - wa
         ad = np.abs(d)
-        # Δ as the compared dtype holds it (rounded for 16-bit floats); NaN compares False,
-        # so `~(|Δ| <= t)` counts NaN as changed.
-        adq = round_to(ad, compare_dtype)
-        is_changed = ~(adq <= _threshold(criteria.atol, compare_dtype))
-        ladder = tuple(int(np.count_nonzero(~(adq <= _threshold(t, compare_dtype)))) for t in criteria.ladder)
+        # NaN compares False, so `~(|Δ| <= c)` counts NaN as changed.
+        is_changed = ~(ad <= cutoff(criteria.atol, compare_dtype))
+        ladder = tuple(int(np.count_nonzero(~(ad <= cutoff(t, compare_dtype)))) for t in criteria.ladder)
         rel = int(np.count_nonzero(~(ad <= criteria.rel_eta * np.maximum(np.abs(wa), np.abs(wb)))))
     fd = ad
     if not np.isfinite(d).all():
@@ -214,6 +244,42 @@ def diff_unit(
     rows, cols = _touched(mask, changed, row_len)
     return UnitDiff(n, changed_bits, changed, ladder, rel, nonfinite, max_abs, sum_abs, sum_sq,
                     _sum_sq(base, value_dtype), rows, cols, codec, payload)
+
+
+_FUSED = ("BF16", "F16", "F32")
+
+
+def _diff_fused(base: np.ndarray, tuned: np.ndarray, dtype: str, criteria: Criteria, row_len: int) -> UnitDiff:
+    """BF16/F16/F32 pairs of one dtype: a single fused pass (see :mod:`raydiff._fused`)."""
+    from raydiff import _fused as f
+
+    n = int(base.size)
+    cuts = np.array([cutoff(criteria.atol, dtype)] + [cutoff(t, dtype) for t in criteria.ladder], np.float32)
+    assert cuts.size == f.N_CUTS, "the fused loop takes the atol and a 5-step ladder"
+    counts = np.zeros(f.C_CUTS + cuts.size, np.int64)
+    stats = np.zeros(4, np.float64)
+    mask = np.zeros((n + 7) // 8, np.uint8)
+    rows = np.zeros(n // row_len if row_len else 0, np.uint8)
+    cols = np.zeros(row_len, np.uint8)
+    eta = np.float32(criteria.rel_eta)
+    if dtype == "F32":
+        f.diff32(base, tuned, cuts, eta, row_len, counts, stats, mask, rows, cols)
+    else:
+        f.diff16(base, tuned, _lut(dtype), cuts, eta, row_len, counts, stats, mask, rows, cols)
+    changed = int(counts[f.C_CUTS])
+    codec, payload = encode_packed(mask, changed)
+    rows_touched = cols_bitmap = None
+    if row_len:
+        rows_touched = int(np.count_nonzero(rows))
+        cols_bitmap = np.packbits(cols, bitorder="little").tobytes() if changed else b""
+    return UnitDiff(
+        numel=n, changed_bits=int(counts[f.C_BITS]), changed=changed,
+        changed_ladder=tuple(int(c) for c in counts[f.C_CUTS + 1:]), changed_rel=int(counts[f.C_REL]),
+        nonfinite=int(counts[f.C_NONFINITE]), max_abs_delta=float(stats[f.S_MAX]),
+        sum_abs_delta=float(stats[f.S_SUM]), sum_sq_delta=float(stats[f.S_SQ]),
+        sum_sq_base=float(stats[f.S_BASE]), rows_touched=rows_touched, cols_bitmap=cols_bitmap,
+        mask_codec=codec, mask=payload,
+    )
 
 
 def _sum_sq(bits: np.ndarray, dtype: str) -> float:

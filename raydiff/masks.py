@@ -41,7 +41,13 @@ def encode_mask(mask: np.ndarray, changed: int | None = None) -> tuple[str, byte
         changed = int(np.count_nonzero(mask))
     if changed == 0:
         return CODEC_EMPTY, b""
-    packed = np.packbits(mask, bitorder="little")
+    return encode_packed(np.packbits(mask, bitorder="little"), changed)
+
+
+def encode_packed(packed: np.ndarray, changed: int) -> tuple[str, bytes]:
+    """Compress an already packed (LSB-first) mask holding ``changed`` set bits."""
+    if changed == 0:
+        return CODEC_EMPTY, b""
     z = _ZSTD.compress(packed, asbytes=True)
     if len(z) < packed.nbytes:
         return CODEC_ZSTD, z
