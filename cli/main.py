@@ -50,6 +50,12 @@ def _call(fn: Callable[[], T]) -> T:
         raise typer.Exit(1) from None
 
 
+def _fail(message: str) -> None:
+    """A usage problem found by the CLI itself: `Error: …`, exit code 1."""
+    typer.echo(f"Error: {message}", err=True)
+    raise typer.Exit(1)
+
+
 def _store(store: str | None) -> str:
     return store or default_store()
 
@@ -194,6 +200,87 @@ def sql(
 
     cols, rows = _call(lambda: query(_store(store), query_text))
     _call(lambda: typer.echo(render(cols, rows, fmt)))
+
+
+@app.command()
+def overlap(
+    runs_: list[str] = typer.Argument(..., metavar="RUN RUN [RUN…]", help="Two or more complete runs over one base (names or ids)."),
+    per_tensor: bool = typer.Option(False, "--per-tensor", help="For exactly two runs: one row per tensor instead of the total."),
+    store: str | None = StoreOpt,
+    fmt: str = FormatOpt,
+) -> None:
+    """Subnetwork overlap o1/o2 (and Jaccard) of every pair of runs, against the random baseline."""
+    from raydiff.overlap import pairwise
+    from raydiff.views import query
+
+    if len(runs_) < 2 or (per_tensor and len(runs_) != 2):
+        _fail("--per-tensor takes exactly two runs" if per_tensor else "overlap needs two or more runs")
+    if per_tensor:
+        a, b = (r.replace("'", "''") for r in runs_)
+        cols, rows = _call(lambda: query(_store(store), f"SELECT * FROM overlap('{a}', '{b}')"))
+    else:
+        cols, rows = _call(lambda: _with_connection(_store(store), lambda con: pairwise(con, runs_)))
+    typer.echo(render(cols, rows, fmt))
+
+
+@app.command()
+def layers(
+    run: str = typer.Argument(..., help="A complete run (name or id)."),
+    store: str | None = StoreOpt,
+    fmt: str = FormatOpt,
+) -> None:
+    """Sparsity per transformer layer and module kind for one run (module '*' = whole layer)."""
+    from raydiff.views import query
+
+    r = run.replace("'", "''")
+    cols, rows = _call(lambda: query(_store(store), (
+        "SELECT layer, module, n_tensors, numel, changed, sparsity_weighted, sparsity_mean, mean_rank_ratio "
+        f"FROM layers WHERE run_id = run_ref('{r}') ORDER BY layer NULLS FIRST, module = '*', module")))
+    typer.echo(render(cols, rows, fmt))
+
+
+@app.command()
+def consensus(
+    runs_: list[str] = typer.Argument(..., metavar="RUN RUN [RUN…]", help="Two or more complete runs over one base."),
+    store: str | None = StoreOpt,
+    fmt: str = FormatOpt,
+) -> None:
+    """Per tensor, how many entries are changed in exactly k of the N runs (k = 0…N)."""
+    from raydiff.views import query
+
+    if len(runs_) < 2:
+        _fail("consensus needs two or more runs")
+    lst = ", ".join("'" + r.replace("'", "''") + "'" for r in runs_)
+    cols, rows = _call(lambda: query(_store(store), f"SELECT * FROM consensus([{lst}])"))
+    typer.echo(render(cols, rows, fmt))
+
+
+@app.command()
+def report(
+    runs_: list[str] = typer.Argument(..., metavar="RUN [RUN…]", help="Complete runs (names or ids)."),
+    out: str = typer.Option("raydiff-report", "--out", help="Directory for report.html and the PNG figures."),
+    store: str | None = StoreOpt,
+) -> None:
+    """Write a self-contained HTML report with plots (and each plot as a PNG) for runs."""
+    from raydiff.report import write_report
+
+    path = _call(lambda: write_report(_store(store), runs_, out))
+    typer.echo(str(path))
+
+
+def _with_connection(store: str, fn: Callable[[Any], T]) -> T:
+    import duckdb
+
+    from raydiff.errors import QueryError
+    from raydiff.views import connect
+
+    con = connect(store)
+    try:
+        return fn(con)
+    except duckdb.Error as e:
+        raise QueryError(str(e).strip()) from None
+    finally:
+        con.close()
 
 
 @app.command()

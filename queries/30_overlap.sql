@@ -8,18 +8,24 @@ CREATE OR REPLACE MACRO run_ref(x) AS (
     WHERE status = 'complete' AND (run_id = x OR name = x)
 );
 
--- _pair_check(a, b): errors unless two runs share their base and their chunk layout, the
--- conditions under which their masks line up element for element.
-CREATE OR REPLACE MACRO _pair_check(a, b) AS (
+-- _pair_problem(a, b): why two runs' masks do not line up element for element (different
+-- bases or different chunk layouts), or NULL when they do. It returns text rather than
+-- raising, because DuckDB may evaluate a CASE over rows that a WHERE later discards.
+CREATE OR REPLACE MACRO _pair_problem(a, b) AS (
     SELECT CASE
         WHEN ra.base <> rb.base OR ra.base_fingerprint <> rb.base_fingerprint
-            THEN error('runs ' || a || ' and ' || b || ' have different bases (' || ra.base || ' vs ' || rb.base
-                       || '); overlap is only defined for finetunes of one base')
+            THEN 'runs ' || a || ' and ' || b || ' have different bases (' || ra.base || ' vs ' || rb.base
+                 || '); overlap is only defined for finetunes of one base'
         WHEN ra.chunk_elems <> rb.chunk_elems
-            THEN error('runs ' || a || ' and ' || b || ' were cut into units of ' || ra.chunk_elems || ' and '
-                       || rb.chunk_elems || ' elements; resubmit one with --chunk-elems ' || ra.chunk_elems)
-        ELSE true END
+            THEN 'runs ' || a || ' and ' || b || ' were cut into units of ' || ra.chunk_elems || ' and '
+                 || rb.chunk_elems || ' elements; resubmit one with --chunk-elems ' || ra.chunk_elems
+        END
     FROM raw_run ra, raw_run rb WHERE ra.run_id = a AND rb.run_id = b
+);
+
+-- _pair_check(a, b): true, or an error saying why the two runs cannot be compared.
+CREATE OR REPLACE MACRO _pair_check(a, b) AS (
+    SELECT CASE WHEN p IS NULL THEN true ELSE error(p) END FROM (SELECT _pair_problem(a, b) AS p)
 );
 
 -- overlap(run_a, run_b): per tensor, the paper's subnetwork overlap between two runs over

@@ -12,6 +12,10 @@ import pyarrow as pa
 
 from raydiff.masks import CODEC_EMPTY, decode_packed
 
+#: Columns of the ``overlap`` / ``overlap_total`` macros after ``tensor``.
+OVERLAP_COLUMNS = ("numel", "changed_a", "changed_b", "both", "o1", "o2", "jaccard",
+                   "o1_random", "o2_random", "jaccard_random")
+
 
 def and_count(codec_a: str, mask_a: bytes, codec_b: str, mask_b: bytes, n: int) -> int:
     """Number of elements set in both of two stored masks of ``n`` elements.
@@ -46,3 +50,21 @@ def count_histogram(codecs: list[str], masks: list[bytes], n: int) -> list[int]:
         if codec != CODEC_EMPTY:
             counts += np.unpackbits(decode_packed(codec, payload, n), count=n, bitorder="little")
     return np.bincount(counts, minlength=len(codecs) + 1).tolist()
+
+
+def histogram_arrow(codecs: pa.Array, masks: pa.Array, numel: pa.Array) -> pa.Array:
+    """Arrow-vectorised :func:`count_histogram` over rows of mask lists (the DuckDB UDF)."""
+    cs, ms, ns = codecs.to_pylist(), masks.to_pylist(), numel.to_pylist()
+    return pa.array([count_histogram(c, [m or b"" for m in mm], n) for c, mm, n in zip(cs, ms, ns)],
+                    type=pa.list_(pa.int64()))
+
+
+def pairwise(con, runs: list[str]) -> tuple[list[str], list[tuple]]:
+    """Global overlap of every pair of runs (names or ids) on a :func:`raydiff.views.connect`
+    connection: one row per pair ``(run_a, run_b, numel, …, jaccard_random)``."""
+    rows = []
+    for i, a in enumerate(runs):
+        for b in runs[i + 1:]:
+            cols = ", ".join(f'"{c}"' for c in OVERLAP_COLUMNS)
+            rows.append((a, b, *con.execute(f"SELECT {cols} FROM overlap_total(?, ?)", [a, b]).fetchone()))
+    return ["run_a", "run_b", *OVERLAP_COLUMNS], rows

@@ -18,7 +18,7 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
 from raydiff.errors import QueryError
-from raydiff.overlap import and_count_arrow
+from raydiff.overlap import and_count_arrow, histogram_arrow
 from raydiff.records import RECORD_KINDS, schema
 from raydiff.store import Store
 
@@ -66,6 +66,7 @@ def connect(store: Store | str) -> duckdb.DuckDBPyConnection:
         con.register(name, source)
     con.create_function("mask_and_count", and_count_arrow,
                         ["VARCHAR", "BLOB", "VARCHAR", "BLOB", "BIGINT"], "BIGINT", type="arrow")
+    con.create_function("mask_histogram", histogram_arrow, ["VARCHAR[]", "BLOB[]", "BIGINT"], "BIGINT[]", type="arrow")
     for fname, text in sql_files():
         try:
             con.execute(text)

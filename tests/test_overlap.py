@@ -1,0 +1,177 @@
+"""Planted change sets: overlap, Jaccard, baselines, consensus and layers against numpy."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from builders import write_checkpoint
+from raydiff.cli.main import app
+from raydiff.errors import QueryError
+from raydiff.options import DiffOptions, SubmitOptions
+from raydiff.report import write_report
+from raydiff.submit import submit
+from raydiff.views import query
+
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+
+SHAPES = {"model.layers.0.mlp.up_proj.weight": (70, 33), "model.layers.1.self_attn.q_proj.weight": (40, 40),
+          "model.norm.weight": (2500,), "model.embed_tokens.weight": (9, 16)}
+CHUNK = 1024  # every tensor but the smallest spans several units; 2-D units end on row boundaries
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("planted")
+    g = torch.Generator().manual_seed(7)
+    rng = np.random.default_rng(7)
+    base = {k: torch.randn(s, generator=g).bfloat16() for k, s in SHAPES.items()}
+    write_checkpoint(root / "base", base, shards=2)
+    masks: dict[str, dict[str, np.ndarray]] = {}
+    shared = {k: rng.random(s) < 0.25 for k, s in SHAPES.items()}  # correlated runs: a common core
+    for run, density in (("a", 0.1), ("b", 0.3), ("c", 0.05)):
+        tuned, masks[run] = {}, {}
+        for k, s in SHAPES.items():
+            m = (rng.random(s) < density) | (shared[k] & (rng.random(s) < 0.5))
+            masks[run][k] = m.ravel()
+            t = base[k].clone()
+            t[torch.from_numpy(m)] = (t[torch.from_numpy(m)].float() + 1.0).bfloat16()  # Δ ≈ 1 > atol
+            tuned[k] = t
+        write_checkpoint(root / run, tuned, shards=3)
+    store = str(root / "store")
+    for run in ("a", "b", "c"):
+        submit(str(root / "base"), str(root / run), SubmitOptions(store=store, name=run,
+                                                                   diff=DiffOptions(chunk_elems=CHUNK, rank="off")))
+    return root, store, masks
+
+
+def _expected(ma, mb):
+    n = ma.size
+    ca, cb, both = int(ma.sum()), int(mb.sum()), int((ma & mb).sum())
+    p, q = ca / n, cb / n
+    return dict(numel=n, changed_a=ca, changed_b=cb, both=both, o1=both / ca, o2=both / cb,
+                jaccard=both / (ca + cb - both), o1_random=cb / n, o2_random=ca / n, jaccard_random=p * q / (p + q - p * q))
+
+
+def test_overlap_per_tensor_and_total_match_numpy(planted):
+    _, store, masks = planted
+    cols, rows = query(store, "SELECT * FROM overlap('a', 'b')")
+    got = {r[0]: dict(zip(cols[1:], r[1:])) for r in rows}
+    assert set(got) == set(SHAPES)
+    for k in SHAPES:
+        exp = _expected(masks["a"][k], masks["b"][k])
+        for c, v in exp.items():
+            assert got[k][c] == pytest.approx(v, rel=1e-12), (k, c)
+    cols, rows = query(store, "SELECT * FROM overlap_total('a', 'b')")
+    total = dict(zip(cols, rows[0]))
+    exp = _expected(np.concatenate([masks["a"][k] for k in SHAPES]), np.concatenate([masks["b"][k] for k in SHAPES]))
+    for c, v in exp.items():
+        assert total[c] == pytest.approx(v, rel=1e-12), c
+    assert total["both"] <= min(total["changed_a"], total["changed_b"])
+    # units really do split tensors, inside rows of 2-D tensors never
+    cols, rows = query(store, "SELECT tensor, count(*), min(\"start\" % 33) FROM units u JOIN runs r USING (run_id) "
+                              "WHERE r.name = 'a' AND tensor = 'model.layers.0.mlp.up_proj.weight' GROUP BY tensor")
+    assert rows[0][1] == 3 and rows[0][2] == 0
+
+
+def test_overlap_is_symmetric_and_self_overlap_is_one(planted):
+    _, store, _ = planted
+    _, ab = query(store, "SELECT o1, o2, jaccard FROM overlap_total('a', 'b')")
+    _, ba = query(store, "SELECT o1, o2, jaccard FROM overlap_total('b', 'a')")
+    assert ab[0][0] == ba[0][1] and ab[0][1] == ba[0][0] and ab[0][2] == ba[0][2]
+    _, aa = query(store, "SELECT o1, o2, jaccard FROM overlap_total('a', 'a')")
+    assert aa == [(1.0, 1.0, 1.0)]
+
+
+def test_consensus_histogram_matches_numpy(planted):
+    _, store, masks = planted
+    cols, rows = query(store, "SELECT tensor, numel, n_runs, histogram, in_all FROM consensus(['a', 'b', 'c'])")
+    assert {r[0] for r in rows} == set(SHAPES)
+    for tensor, numel, n_runs, hist, in_all in rows:
+        k = masks["a"][tensor].astype(int) + masks["b"][tensor] + masks["c"][tensor]
+        assert (numel, n_runs) == (k.size, 3)
+        assert hist == np.bincount(k, minlength=4).tolist()
+        assert in_all == int((k == 3).sum())
+
+
+def test_layers_view_weightings(planted):
+    _, store, masks = planted
+    cols, rows = query(store, "SELECT layer, module, numel, changed, sparsity_weighted, sparsity_mean FROM layers "
+                              "WHERE run_id = run_ref('b') ORDER BY layer NULLS FIRST, module")
+    got = {(r[0], r[1]): r[2:] for r in rows}
+    m = masks["b"]
+    up, q = m["model.layers.0.mlp.up_proj.weight"], m["model.layers.1.self_attn.q_proj.weight"]
+    assert got[(0, "up")] == (up.size, int(up.sum()), pytest.approx(1 - up.mean()), pytest.approx(1 - up.mean()))
+    assert got[(1, "q")][:2] == (q.size, int(q.sum()))
+    emb, norm = m["model.embed_tokens.weight"], m["model.norm.weight"]
+    outside = got[(None, "*")]
+    assert outside[0] == emb.size + norm.size
+    assert outside[2] == pytest.approx(1 - (emb.sum() + norm.sum()) / (emb.size + norm.size))  # element-weighted
+    assert outside[3] == pytest.approx(((1 - emb.mean()) + (1 - norm.mean())) / 2)  # unweighted mean
+    assert got[(None, "embed")][0] == emb.size and got[(None, "norm")][0] == norm.size
+
+
+def test_overlap_refuses_different_bases_and_layouts(planted, tmp_path):
+    root, store, _ = planted
+    g = torch.Generator().manual_seed(1)
+    other = write_checkpoint(tmp_path / "other", {k: torch.randn(s, generator=g).bfloat16() for k, s in SHAPES.items()})
+    submit(str(other), str(root / "a"), SubmitOptions(store=store, name="a-vs-other", diff=DiffOptions(chunk_elems=CHUNK, rank="off")))
+    with pytest.raises(QueryError, match="have different bases"):
+        query(store, "SELECT * FROM overlap_total('a', 'a-vs-other')")
+    submit(str(root / "base"), str(root / "c"), SubmitOptions(store=store, name="c-big", diff=DiffOptions(chunk_elems=4096, rank="off")))
+    with pytest.raises(QueryError, match="were cut into units of 1024 and 4096 elements; resubmit one with --chunk-elems 1024"):
+        query(store, "SELECT * FROM overlap_total('a', 'c-big')")
+    with pytest.raises(QueryError, match="no complete run has id or name 'nope'"):
+        query(store, "SELECT * FROM overlap('a', 'nope')")
+
+
+def test_cli_overlap_layers_consensus(planted):
+    _, store, masks = planted
+    runner = CliRunner()
+    r = runner.invoke(app, ["overlap", "a", "b", "c", "--store", store, "--format", "json"])
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.stdout)
+    assert [(x["run_a"], x["run_b"]) for x in rows] == [("a", "b"), ("a", "c"), ("b", "c")]
+    _, total = query(store, "SELECT \"both\", o1 FROM overlap_total('b', 'c')")
+    assert (rows[2]["both"], rows[2]["o1"]) == (total[0][0], pytest.approx(total[0][1], rel=1e-5))
+    r = runner.invoke(app, ["overlap", "a", "b", "--per-tensor", "--store", store, "--format", "csv"])
+    assert r.stdout.splitlines()[0].startswith("tensor,numel,changed_a,changed_b,both,o1,o2,jaccard")
+    assert len(r.stdout.splitlines()) == 1 + len(SHAPES)
+    r = runner.invoke(app, ["overlap", "a", "--store", store])
+    assert r.exit_code == 1 and r.stderr.strip() == "Error: overlap needs two or more runs"
+    r = runner.invoke(app, ["layers", "a", "--store", store, "--format", "json"])
+    assert {(x["layer"], x["module"]) for x in json.loads(r.stdout)} >= {(0, "up"), (1, "q"), (None, "embed"), (0, "*")}
+    r = runner.invoke(app, ["consensus", "a", "b", "--store", store, "--format", "json"])
+    hist = {x["tensor"]: x["histogram"] for x in json.loads(r.stdout)}
+    k = masks["a"]["model.norm.weight"].astype(int) + masks["b"]["model.norm.weight"]
+    assert hist["model.norm.weight"] == np.bincount(k, minlength=3).tolist()
+
+
+def test_report_renders_in_headless_chromium(planted, tmp_path):
+    _, store, _ = planted
+    path = write_report(store, ["a", "b", "c"], tmp_path / "rep")
+    assert {p.name for p in (tmp_path / "rep").iterdir()} == {"report.html", "heatmap.png", "tolerance.png",
+                                                             "rank.png", "overlap.png"}
+    page = path.read_text()
+    assert page.count("data:image/png;base64,") == 4 and "<td>a</td>" in page
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("chromium is not installed (.ci/run installs it)")
+    shot = tmp_path / "shot.png"
+    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                    f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,2400",
+                    f"--screenshot={shot}", path.as_uri()], check=True, capture_output=True, timeout=120)
+    from PIL import Image
+
+    img = np.asarray(Image.open(shot).convert("RGB"))
+    assert img.shape[:2] == (2400, 1200)
+    white = (img > 245).all(axis=2).mean()
+    colours = len(np.unique(img.reshape(-1, 3)[::7], axis=0))
+    assert white < 0.9 and colours > 200, (white, colours)  # plots drawn, not a blank or error page
