@@ -1,7 +1,7 @@
 """Ray: the only module that imports it. Actors are thin shells around an Executor.
 
 A pool of :class:`DiffActor` is sized to the cluster (one per CPU, or per GPU share when the
-cluster has GPUs). The driver hands out work largest-first, keeps two items in flight per
+cluster has GPUs) and kept by the driver between submissions. The driver hands out work largest-first, keeps two items in flight per
 actor so none idles between items, and receives only small :class:`~raydiff.execute.Done`
 records: results go from the actors to the store directly.
 
@@ -49,17 +49,50 @@ def connect(address: str | None) -> dict[str, float]:
 
 @ray.remote(max_restarts=_MAX_RESTARTS, max_task_retries=_MAX_TASK_RETRIES)
 class DiffActor:
-    """Diffs units and computes spectra of one run, on the node it was placed on."""
+    """Diffs units and computes spectra, on the node it was placed on, for any run."""
 
-    def __init__(self, ctx: RunContext, device: str) -> None:
-        node_id = ray.get_runtime_context().get_node_id()
-        self._ex = Executor(ctx, node_id=node_id, device=device)
+    def __init__(self, device: str) -> None:
+        self._node_id = ray.get_runtime_context().get_node_id()
+        self._device = device
+        self._ex: Executor | None = None
 
-    def unit(self, u: WorkUnit) -> Done:
-        return self._ex.unit(u)
+    def _executor(self, ctx: RunContext) -> Executor:
+        if self._ex is None or self._ex.ctx != ctx:  # a new run: drop the old run's file maps
+            self._ex = Executor(ctx, node_id=self._node_id, device=self._device)
+        return self._ex
 
-    def spectrum(self, s: SpectrumTask) -> Done:
-        return self._ex.spectrum(s)
+    def unit(self, ctx: RunContext, u: WorkUnit) -> Done:
+        return self._executor(ctx).unit(u)
+
+    def spectrum(self, ctx: RunContext, s: SpectrumTask) -> Done:
+        return self._executor(ctx).spectrum(s)
+
+    def release(self) -> None:
+        """Unmap the run's checkpoint files (so deleted checkpoints free their disk space)."""
+        self._ex = None
+
+
+# The driver keeps its actor pool between submissions (e.g. the demo's seven), since an
+# actor's start — a Ray worker importing torch and loading the compiled kernel — costs
+# 1–3 s, more than diffing a small pair.
+_pool: dict[str, object] = {}
+
+
+def _actors(n: int, gpu_share: float) -> list:
+    key = (ray.get_runtime_context().get_job_id(), n, gpu_share)
+    if _pool.get("key") != key:
+        for a in _pool.get("actors", []):
+            ray.kill(a, no_restart=True)
+        device = "cuda" if gpu_share else "cpu"
+        _pool["actors"] = [DiffActor.options(num_cpus=1, num_gpus=gpu_share).remote(device) for _ in range(n)]
+        _pool["key"] = key
+    return _pool["actors"]  # type: ignore[return-value]
+
+
+def _drop_pool() -> None:
+    for a in _pool.pop("actors", []):
+        ray.kill(a, no_restart=True)
+    _pool.pop("key", None)
 
 
 def pool_size(resources: dict[str, float], options: ClusterOptions) -> tuple[int, float]:
@@ -87,32 +120,27 @@ def run_work(ctx: RunContext, units: Sequence[WorkUnit], spectra: Sequence[Spect
         return
     resources = connect(options.address)
     n, gpu_share = pool_size(resources, options)
-    n = min(n, len(units) + len(spectra))
-    device = "cuda" if gpu_share else "cpu"
-    actors = [DiffActor.options(num_cpus=1, num_gpus=gpu_share).remote(ctx, device) for _ in range(n)]
+    actors = _actors(n, gpu_share)
     # Longest first: spectra (SVDs) by cost, then units by size.
     work: list[tuple[str, object]] = [("spectrum", s) for s in sorted(spectra, key=lambda s: -s.flops)]
     work += [("unit", u) for u in sorted(units, key=lambda u: -(u.stop - u.start))]
     work.reverse()  # pop() from the end
     pending: dict[ray.ObjectRef, int] = {}
     load = [0] * n
-    try:
-        while work or pending:
-            for i in range(n):
-                while work and load[i] < _IN_FLIGHT_PER_ACTOR:
-                    kind, item = work.pop()
-                    ref = getattr(actors[i], kind).remote(item)
-                    pending[ref] = i
-                    load[i] += 1
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            for ref in ready:
-                load[pending.pop(ref)] -= 1
-                done = _get(ref)
-                if on_done is not None:
-                    on_done(done)
-    finally:
-        for a in actors:
-            ray.kill(a, no_restart=True)
+    while work or pending:
+        for i in range(n):
+            while work and load[i] < _IN_FLIGHT_PER_ACTOR:
+                kind, item = work.pop()
+                ref = getattr(actors[i], kind).remote(ctx, item)
+                pending[ref] = i
+                load[i] += 1
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        for ref in ready:
+            load[pending.pop(ref)] -= 1
+            done = _get(ref)
+            if on_done is not None:
+                on_done(done)
+    ray.get([a.release.remote() for a in actors])
 
 
 def _get(ref: ray.ObjectRef) -> Done:
@@ -124,5 +152,6 @@ def _get(ref: ray.ObjectRef) -> Done:
             raise cause from None
         raise
     except RayActorError as e:
+        _drop_pool()
         raise RaydiffError(f"a diff actor died and could not be restarted ({e}); "
                            "submit again to resume the run") from None

@@ -23,6 +23,22 @@ from raydiff.spectrum import spectrum
 from raydiff.store import Store
 
 
+def _rss_anon() -> int:
+    """Anonymous resident memory of this process (Linux ``RssAnon``; 0 where unavailable).
+
+    File-backed pages of the memory-mapped checkpoints are not counted: they belong to the
+    page cache and are dropped under pressure, so they do not size an actor.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 @dataclass(frozen=True)
 class RunContext:
     """What every actor of a run needs to know, sent once when the actor starts."""
@@ -65,6 +81,7 @@ class Executor:
         base = self.reader.read(u.base, u.start, u.stop)
         tuned = self.reader.read(u.tuned, u.start, u.stop)
         r = diff_unit(base, tuned, u.base.dtype, u.tuned.dtype, u.compare_dtype, self.ctx.criteria, u.row_len)
+        rss_anon = _rss_anon()
         ladder = dict(zip(("changed_1e8", "changed_1e7", "changed_1e6", "changed_1e5", "changed_1e4"),
                           r.changed_ladder))
         seconds = time.perf_counter() - t0
@@ -74,7 +91,7 @@ class Executor:
             **ladder, changed_rel=r.changed_rel, nonfinite=r.nonfinite, max_abs_delta=r.max_abs_delta,
             sum_abs_delta=r.sum_abs_delta, sum_sq_delta=r.sum_sq_delta, sum_sq_base=r.sum_sq_base,
             rows_touched=r.rows_touched, cols_bitmap=r.cols_bitmap, mask_codec=r.mask_codec, mask=r.mask,
-            node_id=self.node_id, worker_pid=os.getpid(), seconds=seconds,
+            node_id=self.node_id, worker_pid=os.getpid(), seconds=seconds, rss_anon_bytes=rss_anon,
             finished_at=dt.datetime.now(dt.timezone.utc),
         ))
         return Done("unit", u.unit_id, u.nbytes, time.perf_counter() - t0)

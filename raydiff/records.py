@@ -101,6 +101,7 @@ class UnitRecord:
     node_id: str = _c("Ray node that processed the unit")
     worker_pid: int = _c("Process id of the actor that processed the unit")
     seconds: float = _c("Wall time of read + kernel + write")
+    rss_anon_bytes: int = _c("Anonymous (not file-backed) resident memory of the actor right after the kernel")
     finished_at: dt.datetime = _c("When the unit was written (UTC)")
 
 
