@@ -28,13 +28,14 @@ def test_unit_memory_is_bounded_by_chunk_not_tensor(tmp_path):
     plan = make_plan(resolve(str(tmp_path / "b")), resolve(str(tmp_path / "t")), DiffOptions(chunk_elems=chunk, rank="off"))
     assert len(plan.units) == n_rows * n_cols // chunk
     ex = Executor(RunContext("0" * 20, str(tmp_path / "store"), Criteria(), "off", 32, 128))
+    ex.unit(plan.units[0])  # loads the compiled kernel once: a constant, not per-unit, cost
     tracemalloc.start()
-    for u in plan.units:
+    for u in plan.units[1:]:
         ex.unit(u)
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     chunk_bytes = chunk * 2 * 2  # both sides, bf16
     tensor_bytes = n_rows * n_cols * 2 * 2
     print(f'peak traced {peak / 2**20:.1f} MiB for {chunk_bytes / 2**20:.1f} MiB units')
-    assert peak < 12 * chunk_bytes, peak
+    assert peak < 2 * chunk_bytes, peak  # numpy buffers of one unit, whatever the tensor size
     assert peak < tensor_bytes / 5, peak
