@@ -148,55 +148,101 @@ def parse_header(path: str | os.PathLike[str]) -> ShardHeader:
 
     Raises:
         InvalidCheckpoint: truncated file, oversized or non-JSON header, unknown dtype,
-            offsets outside the file, overlapping, or not matching shape × dtype size.
+            offsets outside the file, overlapping, or not matching shape × dtype size; a
+            pickle renamed to ``.safetensors`` (refused, never unpickled).
 
     Example:
         >>> parse_header("model.safetensors").tensors[0].dtype  # doctest: +SKIP
         'BF16'
     """
     p = os.path.abspath(path)
+    where = _path(p)
     try:
         with open(p, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             prefix = f.read(8)
             if len(prefix) < 8:
                 raise InvalidCheckpoint(
-                    f"{p}: file is {size} bytes, too short for a safetensors header; "
+                    f"{where}: file is {size} bytes, too short for a safetensors header; "
                     "the file is truncated — download or save it again"
                 )
             (n,) = struct.unpack("<Q", prefix)
+            if (n > MAX_HEADER_BYTES or 8 + n > size) and _looks_pickled(prefix):
+                raise InvalidCheckpoint(
+                    f"{where}: is a pickle (or torch.save zip) under a .safetensors name, not "
+                    f"safetensors; {_PICKLE_ADVICE}"
+                )
             if n > MAX_HEADER_BYTES:
                 raise InvalidCheckpoint(
-                    f"{p}: header claims {n} bytes, over the {MAX_HEADER_BYTES}-byte limit; "
+                    f"{where}: header claims {n} bytes, over the {MAX_HEADER_BYTES}-byte limit; "
                     "this is not a valid safetensors file"
                 )
             if 8 + n > size:
                 raise InvalidCheckpoint(
-                    f"{p}: header claims {n} bytes but the file has only {size - 8} after the "
+                    f"{where}: header claims {n} bytes but the file has only {size - 8} after the "
                     "length prefix; the file is truncated — download or save it again"
                 )
             raw = f.read(n)
     except FileNotFoundError as e:
-        raise CheckpointNotFound(f"{p}: no such file") from e
+        raise CheckpointNotFound(f"{where}: no such file") from e
     except IsADirectoryError as e:
-        raise InvalidCheckpoint(f"{p}: is a directory, expected a .safetensors file") from e
+        raise InvalidCheckpoint(f"{where}: is a directory, expected a .safetensors file") from e
+    except OSError as e:  # a name too long, a symlink loop, no permission, an I/O error
+        raise InvalidCheckpoint(f"{where}: cannot be read ({e.strerror or e}); check the file") from None
     return _parse_header_bytes(p, size, raw)
 
 
+def _looks_pickled(prefix: bytes) -> bool:
+    """A pickle (``\\x80`` + protocol 2–5) or a ``torch.save`` zip, renamed to ``.safetensors``."""
+    return (prefix[0] == 0x80 and 2 <= prefix[1] <= 5) or prefix[:4] == b"PK\x03\x04"
+
+
+class _DupDict(dict):
+    """A JSON object that named ``dup`` more than once (``json`` alone keeps the last silently)."""
+
+    dup: str
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    d = dict(pairs)
+    if len(d) == len(pairs):
+        return d
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            break
+        seen.add(key)
+    out = _DupDict(d)
+    out.dup = key
+    return out
+
+
 def _parse_header_bytes(p: str, size: int, raw: bytes) -> ShardHeader:
+    where = _path(p)
     try:
-        obj = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise InvalidCheckpoint(f"{p}: header is not valid UTF-8 JSON ({e}); not a safetensors file") from None
+        obj = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InvalidCheckpoint(f"{where}: header is not valid UTF-8 JSON ({e}); not a safetensors file") from None
+    except (ValueError, RecursionError):  # a 5000-digit number, or [[[[…]]]] nested past the stack
+        raise InvalidCheckpoint(
+            f"{where}: header JSON holds a number too long or nesting too deep to be a safetensors "
+            "header; not a safetensors file"
+        ) from None
     if not isinstance(obj, dict):
-        raise InvalidCheckpoint(f"{p}: header is JSON but not an object; not a safetensors file")
+        raise InvalidCheckpoint(f"{where}: header is JSON but not an object; not a safetensors file")
+    if isinstance(obj, _DupDict):
+        raise InvalidCheckpoint(
+            f"{where}: header lists tensor {_show(obj.dup)} twice; the file is ambiguous — save it again"
+        )
     data_start = 8 + len(raw)
     data_len = size - data_start
     metadata = obj.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
-        raise InvalidCheckpoint(f"{p}: __metadata__ must map strings to strings")
+        raise InvalidCheckpoint(
+            f"{where}: __metadata__ must map strings to strings; the header is corrupt — save the file again"
+        )
     tensors: list[TensorInfo] = []
     for name, entry in obj.items():
         tensors.append(_parse_entry(p, name, entry, data_start, data_len))
@@ -204,7 +250,7 @@ def _parse_header_bytes(p: str, size: int, raw: bytes) -> ShardHeader:
     for (_, end_a, name_a), (start_b, _, name_b) in zip(spans, spans[1:]):
         if start_b < end_a:
             raise InvalidCheckpoint(
-                f"{p}: tensors {_show(name_a)} and {_show(name_b)} overlap in the file; "
+                f"{where}: tensors {_show(name_a)} and {_show(name_b)} overlap in the file; "
                 "the header is corrupt"
             )
     tensors.sort(key=lambda t: t.name)
@@ -217,26 +263,54 @@ def _show(name: str, limit: int = 120) -> str:
     return r if len(r) <= limit else r[: limit - 5] + "…\" (" + str(len(name)) + " chars)"
 
 
+def _path(path: str | os.PathLike[str]) -> str:
+    """A path for a message: as it is, or quoted like :func:`_show` when a file name from a
+    stranger holds a newline or other unprintable character (an error stays one line)."""
+    s = os.fspath(path)
+    return s if s.isprintable() else _show(s, limit=400)
+
+
+def _brief(value: object, limit: int = 60) -> str:
+    """A header value for a message: its repr, cut so a hostile value cannot flood the line."""
+    r = repr(value)
+    return r if len(r) <= limit else r[: limit - 1] + "…"
+
+
 def _parse_entry(p: str, name: str, entry: object, data_start: int, data_len: int) -> TensorInfo:
-    where = f"{p}: tensor {_show(name)}"
+    where = f"{_path(p)}: tensor {_show(name)}"
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # JSON's "\ud800" escape: a str no Parquet file or terminal can hold
+        raise InvalidCheckpoint(
+            f"{where}: the name is not valid Unicode (a lone surrogate); the header is corrupt"
+        ) from None
     if not isinstance(entry, dict):
-        raise InvalidCheckpoint(f"{where}: header entry is not an object")
+        raise InvalidCheckpoint(f"{where}: header entry is not an object; the header is corrupt")
+    if isinstance(entry, _DupDict):
+        raise InvalidCheckpoint(f"{where}: header entry gives {_show(entry.dup)} twice; the header is corrupt")
     dtype = entry.get("dtype")
     if not isinstance(dtype, str) or dtype not in DTYPES:
         known = ", ".join(DTYPES)
-        raise InvalidCheckpoint(f"{where}: unknown dtype {dtype!r} (raydiff reads {known})")
+        raise InvalidCheckpoint(
+            f"{where}: unknown dtype {_brief(dtype)} (raydiff reads {known}); "
+            "save the tensor in one of those"
+        )
     shape = entry.get("shape")
     if not isinstance(shape, list) or not all(
         isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 62 for d in shape
     ):
-        raise InvalidCheckpoint(f"{where}: shape {shape!r} is not a list of non-negative integers")
+        raise InvalidCheckpoint(
+            f"{where}: shape {_brief(shape)} is not a list of non-negative integers; the header is corrupt"
+        )
     offsets = entry.get("data_offsets")
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
         or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
     ):
-        raise InvalidCheckpoint(f"{where}: data_offsets {offsets!r} is not a pair of integers")
+        raise InvalidCheckpoint(
+            f"{where}: data_offsets {_brief(offsets)} is not a pair of integers; the header is corrupt"
+        )
     begin, end = offsets
     if not 0 <= begin <= end <= data_len:
         raise InvalidCheckpoint(
@@ -254,13 +328,30 @@ def _parse_entry(p: str, name: str, entry: object, data_start: int, data_len: in
 
 
 def _read_json(path: Path, what: str) -> object:
-    size = path.stat().st_size
-    if size > MAX_JSON_BYTES:
-        raise InvalidCheckpoint(f"{path}: {what} is {size} bytes, over the {MAX_JSON_BYTES}-byte limit")
     try:
+        size = path.stat().st_size
+        if size > MAX_JSON_BYTES:
+            raise InvalidCheckpoint(f"{_path(path)}: {what} is {size} bytes, over the {MAX_JSON_BYTES}-byte limit")
         return json.loads(path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise InvalidCheckpoint(f"{path}: {what} is not valid JSON ({e})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InvalidCheckpoint(
+            f"{_path(path)}: {what} is not valid JSON ({e}); the file is corrupt — download or save it again"
+        ) from None
+    except (ValueError, RecursionError):  # a 5000-digit number, or nesting past the stack
+        raise InvalidCheckpoint(
+            f"{_path(path)}: {what} holds a number too long or nesting too deep; the file is corrupt — "
+            "download or save it again"
+        ) from None
+    except OSError as e:
+        raise InvalidCheckpoint(f"{_path(path)}: {what} cannot be read ({e.strerror or e})") from None
+
+
+def _is_file(path: Path) -> bool:
+    """``Path.is_file`` that is ``False``, not an exception, for a name too long to exist."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
 
 
 def load_checkpoint(path: str | os.PathLike[str], *, ref: str | None = None,
@@ -281,8 +372,13 @@ def load_checkpoint(path: str | os.PathLike[str], *, ref: str | None = None,
         InvalidCheckpoint: malformed index or shard, or a tensor stored twice.
     """
     root = Path(path).absolute()
-    if not root.exists():
-        raise CheckpointNotFound(f"{root}: no such file or directory")
+    if not os.path.exists(root):
+        raise CheckpointNotFound(f"{_path(root)}: no such file or directory")
+    if not (root.is_file() or root.is_dir()):
+        raise InvalidCheckpoint(
+            f"{_path(root)}: is neither a directory nor a regular file; point raydiff at a "
+            "checkpoint directory or a .safetensors file"
+        )
     config = None
     if root.is_file():
         if root.suffix in PICKLE_SUFFIXES:
@@ -292,7 +388,7 @@ def load_checkpoint(path: str | os.PathLike[str], *, ref: str | None = None,
     else:
         files = _shard_files(root)
         cfg = root / "config.json"
-    if cfg.is_file():
+    if _is_file(cfg):
         c = _read_json(cfg, "config.json")
         config = c if isinstance(c, dict) else None
     shards = tuple(parse_header(f) for f in files)
@@ -301,12 +397,12 @@ def load_checkpoint(path: str | os.PathLike[str], *, ref: str | None = None,
         for t in shard.tensors:
             if t.name in tensors:
                 raise InvalidCheckpoint(
-                    f"{root}: tensor {_show(t.name)} is stored twice, in "
-                    f"{Path(tensors[t.name].file).name} and {Path(t.file).name}; "
+                    f"{_path(root)}: tensor {_show(t.name)} is stored twice, in "
+                    f"{_path(Path(tensors[t.name].file).name)} and {_path(Path(t.file).name)}; "
                     "the checkpoint is ambiguous — remove one copy"
                 )
             tensors[t.name] = t
-    if root.is_dir() and (root / INDEX_NAME).is_file():
+    if root.is_dir() and _is_file(root / INDEX_NAME):
         _check_index(root, tensors)
     digest = hashlib.sha256()
     for f in files:
@@ -325,45 +421,50 @@ def load_checkpoint(path: str | os.PathLike[str], *, ref: str | None = None,
     )
 
 
+_PICKLE_ADVICE = (
+    "raydiff never unpickles files (loading one can run arbitrary code). Convert it to safetensors "
+    "in a trusted environment (e.g. `safetensors.torch.save_file(torch.load(f, weights_only=True), out)`) "
+    "and point raydiff at the result"
+)
+
+
 def _pickle_refusal(path: Path) -> UnsupportedFormat:
-    return UnsupportedFormat(
-        f"{path}: is a pickle checkpoint; raydiff never unpickles files (loading one can run "
-        "arbitrary code). Convert it to safetensors in a trusted environment "
-        "(e.g. `safetensors.torch.save_file(torch.load(f, weights_only=True), out)`) and "
-        "point raydiff at the result"
-    )
+    return UnsupportedFormat(f"{_path(path)}: is a pickle checkpoint; {_PICKLE_ADVICE}")
 
 
 def _index_weight_map(root: Path) -> dict[str, str]:
+    where = _path(root / INDEX_NAME)
     index = _read_json(root / INDEX_NAME, INDEX_NAME)
     wm = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(wm, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in wm.items()):
-        raise InvalidCheckpoint(f"{root / INDEX_NAME}: has no weight_map of tensor name → shard file")
-    for shard in set(wm.values()):
+        raise InvalidCheckpoint(
+            f"{where}: has no weight_map of tensor name → shard file; the index is corrupt — download it again"
+        )
+    for shard in sorted(set(wm.values())):
         if shard != os.path.basename(shard) or shard in ("", ".", "..") or "\\" in shard or "\0" in shard:
             raise InvalidCheckpoint(
-                f"{root / INDEX_NAME}: shard name {_show(shard)} is not a plain file name in the "
+                f"{where}: shard name {_show(shard)} is not a plain file name in the "
                 "checkpoint directory; refusing to read outside it"
             )
         if not shard.endswith(".safetensors"):
             if shard.endswith(PICKLE_SUFFIXES):
                 raise _pickle_refusal(root / shard)
-            raise InvalidCheckpoint(f"{root / INDEX_NAME}: shard {_show(shard)} is not a .safetensors file")
+            raise InvalidCheckpoint(f"{where}: shard {_show(shard)} is not a .safetensors file")
     return wm
 
 
 def _shard_files(root: Path) -> list[Path]:
-    if (root / INDEX_NAME).is_file():
+    if _is_file(root / INDEX_NAME):
         wm = _index_weight_map(root)
         files = [root / s for s in sorted(set(wm.values()))]
         for f in files:
-            if not f.is_file():
+            if not _is_file(f):
                 raise InvalidCheckpoint(
-                    f"{root / INDEX_NAME}: names shard {f.name}, which is missing from {root}; "
-                    "the download is incomplete — fetch the missing shard"
+                    f"{_path(root / INDEX_NAME)}: names shard {_path(f.name)}, which is missing from "
+                    f"{_path(root)}; the download is incomplete — fetch the missing shard"
                 )
         return files
-    if (root / SINGLE_NAME).is_file():
+    if _is_file(root / SINGLE_NAME):
         return [root / SINGLE_NAME]
     files = sorted(p for p in root.iterdir() if p.suffix == ".safetensors" and p.is_file())
     if files:
@@ -372,7 +473,7 @@ def _shard_files(root: Path) -> list[Path]:
     if pickles:
         raise _pickle_refusal(pickles[0])
     raise CheckpointNotFound(
-        f"{root}: holds no .safetensors files (expected {SINGLE_NAME} or {INDEX_NAME} and shards)"
+        f"{_path(root)}: holds no .safetensors files (expected {SINGLE_NAME} or {INDEX_NAME} and shards)"
     )
 
 
@@ -381,7 +482,7 @@ def _check_index(root: Path, tensors: Mapping[str, TensorInfo]) -> None:
         t = tensors.get(name)
         if t is None or Path(t.file).name != shard:
             raise InvalidCheckpoint(
-                f"{root / INDEX_NAME}: lists tensor {_show(name)} in {shard}, but that shard's "
+                f"{_path(root / INDEX_NAME)}: lists tensor {_show(name)} in {_path(shard)}, but that shard's "
                 "header does not hold it; the index and shards are from different saves"
             )
 
@@ -416,7 +517,7 @@ class TensorReader:
         count = stop - start
         if off + count * d.itemsize > len(m):
             raise InvalidCheckpoint(
-                f"{info.file}: tensor {_show(info.name)} extends past the end of the file; "
+                f"{_path(info.file)}: tensor {_show(info.name)} extends past the end of the file; "
                 "the file changed or was truncated since its header was read"
             )
         return np.frombuffer(m, dtype=np.dtype(d.bits), count=count, offset=off)

@@ -65,6 +65,7 @@ def _hub_snapshot(repo_id: str, revision: str | None) -> str:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
+        HFValidationError,
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
@@ -73,6 +74,11 @@ def _hub_snapshot(repo_id: str, revision: str | None) -> str:
     what = f"{repo_id}@{revision}" if revision else repo_id
     try:
         return snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS)
+    except HFValidationError as e:  # e.g. `a--b/c` or a 200-character name: no Hub repo can have it
+        raise CheckpointNotFound(
+            f"{what!r}: no such file or directory, and not a valid Hub repo id ({str(e).rstrip('.')}); "
+            "check the path or the repo name"
+        ) from None
     except GatedRepoError:
         raise CheckpointNotFound(
             f"{what}: the repo is gated; accept its terms on the Hub, then log in "
