@@ -154,6 +154,8 @@ def submit(
     top_k: int = typer.Option(32, "--top-k", help="Leading singular values stored per matrix."),
     sketch_rank: int = typer.Option(128, "--sketch-rank", help="Sketch size for --rank sketch."),
     chunk_elems: int = typer.Option(1 << 24, "--chunk-elems", help="Elements per work unit (masks of runs line up only for equal values)."),
+    rename: list[str] = typer.Option([], "--rename", metavar="OLD=NEW", help="Rewrite tensor-name prefix OLD to NEW on both sides before pairing (repeatable; first match wins)."),
+    strict: bool = typer.Option(False, "--strict", help="Refuse to run unless every tensor matches exactly (no renames, ties, resized rows, dtype widening or unmatched tensors)."),
     address: str | None = typer.Option(None, "--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster)."),
     workers: int | None = typer.Option(None, "--workers", help="Number of diff actors (default: one per CPU, or per GPU share)."),
     gpus_per_actor: float = typer.Option(1.0, "--gpus-per-actor", help="GPU fraction per actor on GPU clusters."),
@@ -163,10 +165,16 @@ def submit(
     Resubmitting the same pair with the same options resumes an interrupted run instead of
     starting over, and returns a complete run unchanged.
     """
+    rules = []
+    for r in rename:
+        old, sep, new = r.partition("=")
+        if not sep or not old:
+            _fail(f"--rename takes OLD=NEW with a non-empty OLD prefix, got {r!r}")
+        rules.append((old, new))
     options = _call(lambda: SubmitOptions(
-        store=_store(store), name=name,
+        store=_store(store), name=name, strict=strict,
         diff=DiffOptions(atol=atol, rel_eta=rel_eta, rank=rank, top_k=top_k,  # type: ignore[arg-type]
-                         sketch_rank=sketch_rank, chunk_elems=chunk_elems),
+                         sketch_rank=sketch_rank, chunk_elems=chunk_elems, rename=tuple(rules)),
         cluster=ClusterOptions(address=address, workers=workers, gpus_per_actor=gpus_per_actor),
     ))
     result = _call(lambda: _submit(base, tuned, options))
@@ -174,8 +182,8 @@ def submit(
     state = "already complete" if result.already_complete else ("resumed, complete" if result.resumed else "complete")
     sparsity = 1 - c.changed / c.numel if c.numel else float("nan")
     typer.echo(f"run {result.run_id} ({result.run.name}): {state}; {c.changed:,} of {c.numel:,} entries changed "
-               f"(|Δ| > {result.run.atol:g}), sparsity {sparsity:.2%}; {c.n_mismatched} tensors not compared",
-               err=True)
+               f"(|Δ| > {result.run.atol:g}), sparsity {sparsity:.2%}", err=True)
+    typer.echo(f"matching: {result.matching}", err=True)
     typer.echo(result.run_id)
 
 

@@ -28,6 +28,10 @@ class InvalidCheckpoint(RaydiffError):
     """A safetensors file or index is malformed, truncated or inconsistent."""
 
 
+class PlanProblem(RaydiffError):
+    """The two checkpoints cannot be paired as asked (rename collision, ``--strict``)."""
+
+
 class StoreError(RaydiffError):
     """The store is unreadable, inconsistent, or a run in it cannot be resumed."""
 

@@ -88,7 +88,8 @@ class Executor:
         self.store.write_unit(UnitRecord(
             run_id=self.ctx.run_id, unit_id=u.unit_id, tensor_index=u.tensor_index, tensor=u.tensor,
             start=u.start, stop=u.stop, numel=r.numel, changed=r.changed, changed_bits=r.changed_bits,
-            **ladder, changed_rel=r.changed_rel, nonfinite=r.nonfinite, max_abs_delta=r.max_abs_delta,
+            **ladder, changed_rel=r.changed_rel, changed_subprecision=r.changed_subprecision,
+            nonfinite=r.nonfinite, max_abs_delta=r.max_abs_delta,
             sum_abs_delta=r.sum_abs_delta, sum_sq_delta=r.sum_sq_delta, sum_sq_base=r.sum_sq_base,
             rows_touched=r.rows_touched, cols_bitmap=r.cols_bitmap, mask_codec=r.mask_codec, mask=r.mask,
             node_id=self.node_id, worker_pid=os.getpid(), seconds=seconds, rss_anon_bytes=rss_anon,

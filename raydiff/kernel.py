@@ -52,6 +52,9 @@ class UnitDiff:
         changed: entries with ``|Δ| > atol`` — the run's criterion and its mask.
         changed_ladder: counts of ``|Δ| > t`` for each ``t`` in ``Criteria.ladder``.
         changed_rel: entries with ``|Δ| > η·max(|w|, |ŵ|)``.
+        changed_subprecision: mixed dtypes only (else NULL): entries whose values differ but
+            whose wider side, rounded to the narrower dtype, equals the narrower side — the
+            storage noise a re-save in the narrower dtype would erase (e.g. FSDP fp32 saves).
         nonfinite: entries whose bits differ and whose base or tuned value is NaN or ±Inf.
         max_abs_delta, sum_abs_delta, sum_sq_delta: over entries with finite values on both
             sides (NULL for int/bool).
@@ -67,6 +70,7 @@ class UnitDiff:
     changed: int
     changed_ladder: tuple[int, ...]
     changed_rel: int
+    changed_subprecision: int | None
     nonfinite: int
     max_abs_delta: float | None
     sum_abs_delta: float | None
@@ -209,7 +213,7 @@ def diff_unit(
         codec, payload = encode_mask(neq, changed_bits)
         rows, cols = _touched(neq, changed_bits, row_len)
         k = changed_bits
-        return UnitDiff(n, k, k, (k,) * len(criteria.ladder), k, 0, None, None, None, None,
+        return UnitDiff(n, k, k, (k,) * len(criteria.ladder), k, None, 0, None, None, None, None,
                         rows, cols, codec, payload)
 
     wa = decode(base[idx], value_dtype)
@@ -242,8 +246,26 @@ def diff_unit(
         mask[idx[is_changed]] = True
     codec, payload = encode_mask(mask, changed)
     rows, cols = _touched(mask, changed, row_len)
-    return UnitDiff(n, changed_bits, changed, ladder, rel, nonfinite, max_abs, sum_abs, sum_sq,
+    sub = _subprecision(wa, wb, base_dtype, tuned_dtype) if mixed else None
+    return UnitDiff(n, changed_bits, changed, ladder, rel, sub, nonfinite, max_abs, sum_abs, sum_sq,
                     _sum_sq(base, value_dtype), rows, cols, codec, payload)
+
+
+def _subprecision(wa: np.ndarray, wb: np.ndarray, base_dtype: str, tuned_dtype: str) -> int | None:
+    """Of entries whose (widened) values differ, how many vanish when the wider side is
+    rounded to the narrower dtype. ``None`` when neither dtype is narrower (BF16 vs F16)."""
+    wa_size, wb_size = DTYPES[base_dtype].itemsize, DTYPES[tuned_dtype].itemsize
+    if wa_size == wb_size:
+        return None
+    narrow_dtype, narrow, wide = (base_dtype, wa, wb) if wa_size < wb_size else (tuned_dtype, wb, wa)
+    with np.errstate(over="ignore", invalid="ignore"):
+        if narrow_dtype in ("BF16", "F16"):
+            rounded = round_to(wide.astype(np.float32), narrow_dtype)
+        elif narrow_dtype == "F32":
+            rounded = wide.astype(np.float32)
+        else:  # fp8: no rounding mode worth claiming
+            return None
+        return int(np.count_nonzero(rounded == narrow.astype(rounded.dtype)))
 
 
 _FUSED = ("BF16", "F16", "F32")
@@ -276,7 +298,7 @@ def _diff_fused(base: np.ndarray, tuned: np.ndarray, dtype: str, criteria: Crite
         numel=n, changed_bits=int(counts[f.C_BITS]), changed=changed,
         changed_ladder=tuple(int(c) for c in counts[f.C_CUTS + 1:]), changed_rel=int(counts[f.C_REL]),
         nonfinite=int(counts[f.C_NONFINITE]), max_abs_delta=float(stats[f.S_MAX]),
-        sum_abs_delta=float(stats[f.S_SUM]), sum_sq_delta=float(stats[f.S_SQ]),
+        changed_subprecision=None, sum_abs_delta=float(stats[f.S_SUM]), sum_sq_delta=float(stats[f.S_SQ]),
         sum_sq_base=float(stats[f.S_BASE]), rows_touched=rows_touched, cols_bitmap=cols_bitmap,
         mask_codec=codec, mask=payload,
     )

@@ -48,6 +48,8 @@ class DiffOptions:
         sketch_rank: size of the randomised sketch (``rank=sketch`` only).
         chunk_elems: target elements per work unit; units of tensors with ≥ 2 dims cover
             whole rows. Masks of runs line up only when their chunk sizes are equal.
+        rename: prefix rules ``(old, new)`` applied to tensor names of both sides before
+            pairing (first match wins), e.g. ``(("model.language_model.", "model."),)``.
 
     Example:
         >>> DiffOptions(atol=1e-6, rank="sketch").rank
@@ -60,6 +62,7 @@ class DiffOptions:
     top_k: int = 32
     sketch_rank: int = 128
     chunk_elems: int = DEFAULT_CHUNK_ELEMS
+    rename: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.atol) and self.atol >= 0):
@@ -76,6 +79,10 @@ class DiffOptions:
             raise InvalidOption(
                 f"--chunk-elems must be between 1024 and 2^31, got {self.chunk_elems}"
             )
+
+        for rule in self.rename:
+            if len(rule) != 2 or not rule[0]:
+                raise InvalidOption(f"--rename rules are OLD=NEW with a non-empty OLD prefix, got {rule!r}")
 
     def identity(self) -> dict[str, object]:
         """The fields that define a run's results, for hashing into its run id."""
@@ -105,9 +112,14 @@ class ClusterOptions:
 
 @dataclass(frozen=True)
 class SubmitOptions:
-    """Everything ``submit`` needs besides the two checkpoint references."""
+    """Everything ``submit`` needs besides the two checkpoint references.
+
+    ``strict`` refuses to run when any tensor is not matched exactly (renamed, tied,
+    resized, widened, or not compared at all) instead of recording the decision.
+    """
 
     store: str = field(default_factory=default_store)
     name: str | None = None
+    strict: bool = False
     diff: DiffOptions = field(default_factory=DiffOptions)
     cluster: ClusterOptions = field(default_factory=ClusterOptions)

@@ -8,9 +8,11 @@ lets rows-touched counts be summed over units.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from raydiff.checkpoint import DTYPES, Checkpoint, TensorInfo
+from raydiff.errors import PlanProblem
 from raydiff.options import DiffOptions
 
 #: Tensor statuses, as stored in the ``status`` column of the ``tensors`` view.
@@ -19,6 +21,21 @@ STATUS_ONLY_BASE = "only_in_base"
 STATUS_ONLY_TUNED = "only_in_tuned"
 STATUS_SHAPE = "shape_mismatch"
 STATUS_DTYPE = "dtype_mismatch"
+STATUS_ROWS_BASE = "rows_only_in_base"
+STATUS_ROWS_TUNED = "rows_only_in_tuned"
+
+#: How a compared pair was matched, as stored in the ``match`` column; several join with ``+``.
+MATCH_EXACT = "exact"  # same name, shape and dtype
+MATCH_WIDENED = "dtype_widened"  # dtypes differ; compared in the wider one
+MATCH_RENAMED = "renamed"  # paired after --rename rules changed a name
+MATCH_TIED_BASE = "tied_in_base"  # base has no lm_head; its tied embedding stands in
+MATCH_TIED_TUNED = "tied_in_tuned"
+MATCH_RESIZED = "resized_rows"  # first dimension differs; common rows compared
+MATCH_NONE = "none"  # not compared
+
+LM_HEAD = "lm_head.weight"
+EMBEDDINGS = ("model.embed_tokens.weight", "transformer.wte.weight", "model.embed_in.weight",
+              "gpt_neox.embed_in.weight", "embed_tokens.weight", "tok_embeddings.weight")
 
 _FLOAT_WIDTH = {"F8_E4M3": 1, "F8_E5M2": 1, "F16": 2, "BF16": 2, "F32": 4, "F64": 8}
 
@@ -54,6 +71,7 @@ class TensorPlan:
         first_unit, n_units: the tensor's units are ``first_unit … first_unit+n_units-1``.
         spectrum: whether the rank/spectrum of ΔW is computed.
         note: human-readable detail of the status.
+        match: how the pair was matched (``exact``, ``renamed``, ``tied_in_base``…).
     """
 
     index: int
@@ -68,6 +86,7 @@ class TensorPlan:
     n_units: int
     spectrum: bool
     note: str
+    match: str = MATCH_EXACT
 
     @property
     def numel(self) -> int:
@@ -134,56 +153,170 @@ def unit_elems_for(shape: tuple[int, ...], chunk_elems: int) -> tuple[int, int]:
     return chunk_elems, 0
 
 
-def make_plan(base: Checkpoint, tuned: Checkpoint, options: DiffOptions) -> Plan:
-    """Pair the tensors of two checkpoints by name and cut them into work units.
+@dataclass(frozen=True)
+class Pairing:
+    """One row of the plan before it is cut into units: a name and what each side offers."""
 
-    Every tensor of either side appears exactly once in ``Plan.tensors``; those that
-    cannot be compared carry a status saying why (never silently dropped).
+    name: str
+    status: str
+    match: str
+    base: TensorInfo | None
+    tuned: TensorInfo | None
+    compare_dtype: str | None
+    note: str
+
+
+def _renamed(tensors: Mapping[str, TensorInfo], rules: tuple[tuple[str, str], ...],
+             side: str) -> dict[str, tuple[TensorInfo, bool]]:
+    """Normalised name → (tensor, whether a rule renamed it). First matching prefix rule wins."""
+    out: dict[str, tuple[TensorInfo, bool]] = {}
+    for name, info in tensors.items():
+        new = name
+        for old, repl in rules:
+            if name.startswith(old):
+                new = repl + name[len(old):]
+                break
+        if new in out:
+            other = out[new][0].name
+            raise PlanProblem(f"--rename maps both {other!r} and {name!r} of {side} to {new!r}; "
+                              "make the rules more specific")
+        out[new] = (info, new != name)
+    return out
+
+
+def _rows(info: TensorInfo, start: int, stop: int) -> TensorInfo:
+    """The rows ``[start, stop)`` (first dimension) of a tensor, as a tensor of their own."""
+    row = info.numel // info.shape[0] if info.shape[0] else 0
+    size = DTYPES[info.dtype].itemsize
+    return TensorInfo(info.name, info.dtype, (stop - start,) + info.shape[1:], info.file,
+                      info.offset + start * row * size, (stop - start) * row * size)
+
+
+def _ties(ck: Checkpoint) -> bool:
+    return bool(ck.config and ck.config.get("tie_word_embeddings") is True)
+
+
+def match_tensors(base: Checkpoint, tuned: Checkpoint, options: DiffOptions) -> list[Pairing]:
+    """Pair the tensors of two checkpoints, deciding every quirk explicitly.
+
+    Names are normalised by ``options.rename`` (prefix rules) on both sides, then paired.
+    A side without ``lm_head.weight`` whose ``config.json`` declares ``tie_word_embeddings``
+    offers its embedding instead. Tensors whose shapes differ only in the first dimension
+    (resized vocabularies) are compared on their common rows, and the extra rows get a row
+    of their own. Mixed float dtypes are compared in the wider one. Everything else that
+    cannot be compared keeps a mismatch status — nothing is dropped.
+    """
+    rules = options.rename
+    bmap, tmap = _renamed(base.tensors, rules, "base"), _renamed(tuned.tensors, rules, "tuned")
+    ties: dict[str, str] = {}  # lm_head supplied by a tied embedding, per side
+    for side, own, other, ck in (("base", bmap, tmap, base), ("tuned", tmap, bmap, tuned)):
+        if LM_HEAD not in own and LM_HEAD in other and _ties(ck):
+            emb = next((e for e in EMBEDDINGS if e in own), None)
+            if emb is not None:
+                own[LM_HEAD] = (own[emb][0], own[emb][1])
+                ties[side] = emb
+    out: list[Pairing] = []
+    for name in sorted(set(bmap) | set(tmap)):
+        b, t = (bmap.get(name) or (None, False)), (tmap.get(name) or (None, False))
+        bi, ti = b[0], t[0]
+        matches = []
+        notes = []
+        if b[1] or t[1]:
+            matches.append(MATCH_RENAMED)
+            notes.append("renamed from " + " / ".join(
+                f"{x.name!r} in {side}" for x, r, side in ((bi, b[1], "base"), (ti, t[1], "tuned")) if x and r))
+        for side in ("base", "tuned"):
+            if name == LM_HEAD and side in ties:
+                matches.append(MATCH_TIED_BASE if side == "base" else MATCH_TIED_TUNED)
+                notes.append(f"{side} has no {LM_HEAD}; its config ties it to {ties[side]}, compared against that")
+        if bi is None or ti is None:
+            status = STATUS_ONLY_TUNED if bi is None else STATUS_ONLY_BASE
+            note = "; ".join(notes + [f"absent from {'base' if bi is None else 'tuned'}"])
+            out.append(Pairing(name, status, MATCH_NONE, bi, ti, None, note))
+            continue
+        extra: Pairing | None = None
+        if bi.shape != ti.shape:
+            if bi.shape[1:] == ti.shape[1:] and bi.shape and bi.shape[0] != ti.shape[0]:
+                common = min(bi.shape[0], ti.shape[0])
+                longer, side, status = (bi, "base", STATUS_ROWS_BASE) if bi.shape[0] > common else (ti, "tuned", STATUS_ROWS_TUNED)
+                rows = _rows(longer, common, longer.shape[0])
+                extra_note = (f"rows {common}…{longer.shape[0] - 1} ({longer.shape[0] - common} rows) exist only "
+                              f"in {side}: shape {list(bi.shape)} in base, {list(ti.shape)} in tuned")
+                extra = Pairing(name, status, MATCH_RESIZED, rows if side == "base" else None,
+                                rows if side == "tuned" else None, None, extra_note)
+                bi, ti = _rows(bi, 0, common), _rows(ti, 0, common)
+                matches.append(MATCH_RESIZED)
+                notes.append(f"first {common} rows compared; {extra_note}")
+            else:
+                note = "; ".join(notes + [f"shape {list(bi.shape)} in base, {list(ti.shape)} in tuned"])
+                out.append(Pairing(name, STATUS_SHAPE, MATCH_NONE, bi, ti, None, note))
+                continue
+        cdt = compare_dtype(bi.dtype, ti.dtype)
+        if cdt is None:
+            note = "; ".join(notes + [f"dtype {bi.dtype} in base, {ti.dtype} in tuned cannot be compared"])
+            out.append(Pairing(name, STATUS_DTYPE, MATCH_NONE, bi, ti, None, note))
+            continue
+        if bi.dtype != ti.dtype:
+            matches.append(MATCH_WIDENED)
+            notes.append(f"{bi.dtype} vs {ti.dtype}, compared in {cdt}")
+        out.append(Pairing(name, STATUS_OK, "+".join(matches) or MATCH_EXACT, bi, ti, cdt, "; ".join(notes)))
+        if extra is not None:
+            out.append(extra)
+    return out
+
+
+def make_plan(base: Checkpoint, tuned: Checkpoint, options: DiffOptions) -> Plan:
+    """Pair the tensors of two checkpoints (:func:`match_tensors`) and cut them into units.
+
+    Every tensor of either side appears in ``Plan.tensors``; those that cannot be compared
+    carry a status saying why (never silently dropped).
 
     Example:
         >>> plan = make_plan(resolve(a), resolve(b), DiffOptions())  # doctest: +SKIP
     """
-    names = sorted(set(base.tensors) | set(tuned.tensors))
     tensors: list[TensorPlan] = []
     units: list[WorkUnit] = []
     spectra: list[SpectrumTask] = []
-    for index, name in enumerate(names):
-        b, t = base.tensors.get(name), tuned.tensors.get(name)
-        cdt = None
-        note = ""
-        if b is None:
-            status, note = STATUS_ONLY_TUNED, "absent from base"
-        elif t is None:
-            status, note = STATUS_ONLY_BASE, "absent from tuned"
-        elif b.shape != t.shape:
-            status = STATUS_SHAPE
-            note = f"shape {list(b.shape)} in base, {list(t.shape)} in tuned"
-        else:
-            cdt = compare_dtype(b.dtype, t.dtype)
-            if cdt is None:
-                status, note = STATUS_DTYPE, f"dtype {b.dtype} in base, {t.dtype} in tuned cannot be compared"
-            else:
-                status = STATUS_OK
-                if b.dtype != t.dtype:
-                    note = f"{b.dtype} vs {t.dtype}, compared in {cdt}"
+    for index, p in enumerate(match_tensors(base, tuned, options)):
+        b, t, cdt = p.base, p.tuned, p.compare_dtype
         shape = (b or t).shape  # type: ignore[union-attr]
         unit_elems, row_len = unit_elems_for(shape, options.chunk_elems)
         first = len(units)
-        if status == STATUS_OK:
+        if p.status == STATUS_OK:
             assert b is not None and t is not None and cdt is not None
-            numel = b.numel
-            for start in range(0, numel, unit_elems):
-                units.append(WorkUnit(len(units), index, name, start, min(numel, start + unit_elems),
+            for start in range(0, b.numel, unit_elems):
+                units.append(WorkUnit(len(units), index, p.name, start, min(b.numel, start + unit_elems),
                                       row_len, b, t, cdt))
-        spectrum = (
-            status == STATUS_OK
-            and options.rank != "off"
-            and len(shape) == 2
-            and min(shape) >= 1
-            and DTYPES[cdt].is_float  # type: ignore[index]
-        )
+        spectrum = (p.status == STATUS_OK and options.rank != "off" and len(shape) == 2 and min(shape) >= 1
+                    and DTYPES[cdt].is_float)  # type: ignore[index]
         if spectrum:
-            spectra.append(SpectrumTask(index, name, b, t, cdt))  # type: ignore[arg-type]
-        tensors.append(TensorPlan(index, name, status, b, t, cdt, unit_elems, row_len, first,
-                                  len(units) - first, spectrum, note))
+            spectra.append(SpectrumTask(index, p.name, b, t, cdt))  # type: ignore[arg-type]
+        tensors.append(TensorPlan(index, p.name, p.status, b, t, cdt, unit_elems, row_len, first,
+                                  len(units) - first, spectrum, p.note, p.match))
     return Plan(tuple(tensors), tuple(units), tuple(spectra))
+
+
+def summarize(plan: Plan, limit: int = 5) -> str:
+    """One line saying how tensors were matched and listing the ones not compared.
+
+    Example:
+        >>> summarize(plan)  # doctest: +SKIP
+        '290 tensors: 288 exact, 1 tied_in_base, 1 resized_rows; not compared: only_in_tuned 1 (a.b)'
+    """
+    counts: dict[str, int] = {}
+    unmatched: dict[str, list[str]] = {}
+    for t in plan.tensors:
+        if t.status == STATUS_OK:
+            for m in t.match.split("+"):
+                counts[m] = counts.get(m, 0) + 1
+        else:
+            unmatched.setdefault(t.status, []).append(t.name)
+    ok = sum(1 for t in plan.tensors if t.status == STATUS_OK)
+    line = f"{ok} tensors compared: " + ", ".join(f"{n} {m}" for m, n in sorted(counts.items(), key=lambda x: -x[1]))
+    if unmatched:
+        parts = []
+        for status, names in unmatched.items():
+            shown = ", ".join(names[:limit]) + (f", … {len(names) - limit} more" if len(names) > limit else "")
+            parts.append(f"{status} {len(names)} ({shown})")
+        line += "; not compared: " + "; ".join(parts)
+    return line

@@ -226,6 +226,7 @@ class Store:
 
 _SUMMED = ("changed", "changed_bits", "changed_1e8", "changed_1e7", "changed_1e6", "changed_1e5",
            "changed_1e4", "changed_rel", "nonfinite")
+_SUMMED_OPTIONAL = ("changed_subprecision",)  # NULL unless some unit has a value
 
 
 def _aggregate(run_id: str, plan: Plan, units: pa.Table | None,
@@ -244,13 +245,16 @@ def _aggregate(run_id: str, plan: Plan, units: pa.Table | None,
         if len(shape) >= 2:
             cols = shape[-1]
             rows = info.numel // cols if cols else 0
-        agg: dict[str, object] = {k: None for k in _SUMMED}
+        agg: dict[str, object] = {k: None for k in _SUMMED + _SUMMED_OPTIONAL}
         stats: dict[str, object] = dict(max_abs_delta=None, mean_abs_delta=None, delta_fro=None,
                                         base_fro=None, rows_touched=None, cols_touched=None)
         if tp.status == STATUS_OK:
             rs = sorted(by_tensor.get(tp.index, []), key=lambda r: r["unit_id"])
             for k in _SUMMED:
                 agg[k] = sum(r[k] for r in rs)
+            for k in _SUMMED_OPTIONAL:
+                vals = [r[k] for r in rs if r[k] is not None]
+                agg[k] = sum(vals) if vals else None
             if tp.compare_dtype and DTYPES[tp.compare_dtype].is_float:
                 stats["max_abs_delta"] = max((r["max_abs_delta"] for r in rs), default=0.0)
                 sum_abs = sum(r["sum_abs_delta"] for r in rs)
@@ -266,7 +270,7 @@ def _aggregate(run_id: str, plan: Plan, units: pa.Table | None,
                 stats["cols_touched"] = int(np.bitwise_count(acc).sum())
         s = spec.get(tp.index)
         out.append(TensorRecord(
-            run_id=run_id, tensor_index=tp.index, tensor=tp.name, status=tp.status, note=tp.note,
+            run_id=run_id, tensor_index=tp.index, tensor=tp.name, status=tp.status, match=tp.match, note=tp.note,
             dtype=info.dtype, compare_dtype=tp.compare_dtype, shape=shape,
             base_shape=tp.base.shape if tp.base else None, tuned_shape=tp.tuned.shape if tp.tuned else None,
             numel=info.numel, **agg, **stats, rows=rows, cols=cols,  # type: ignore[arg-type]

@@ -20,7 +20,8 @@ from raydiff.checkpoint import Checkpoint
 from raydiff.execute import Done, RunContext
 from raydiff.kernel import Criteria
 from raydiff.options import SubmitOptions
-from raydiff.plan import Plan, make_plan
+from raydiff.errors import PlanProblem
+from raydiff.plan import MATCH_EXACT, STATUS_OK, Plan, make_plan, summarize
 from raydiff.records import CommitRecord, PlanRecord, RunRecord, from_table
 from raydiff.refs import resolve
 from raydiff.store import Store
@@ -58,12 +59,14 @@ class SubmitResult:
         commit: the commit record (totals of the complete run).
         resumed: units were already in the store from an earlier, interrupted submission.
         already_complete: the run was complete before this call; nothing was recomputed.
+        matching: one line on how tensors were matched and which were not compared.
     """
 
     run: RunRecord
     commit: CommitRecord
     resumed: bool
     already_complete: bool
+    matching: str = ""
 
     @property
     def run_id(self) -> str:
@@ -103,7 +106,7 @@ def default_name(tuned: Checkpoint) -> str:
 def plan_records(run_id: str, plan: Plan) -> list[PlanRecord]:
     return [
         PlanRecord(
-            run_id=run_id, tensor_index=t.index, tensor=t.name, status=t.status, note=t.note,
+            run_id=run_id, tensor_index=t.index, tensor=t.name, status=t.status, match=t.match, note=t.note,
             base_dtype=t.base.dtype if t.base else None, tuned_dtype=t.tuned.dtype if t.tuned else None,
             compare_dtype=t.compare_dtype, base_shape=t.base.shape if t.base else None,
             tuned_shape=t.tuned.shape if t.tuned else None, numel=t.numel, unit_elems=t.unit_elems,
@@ -111,6 +114,15 @@ def plan_records(run_id: str, plan: Plan) -> list[PlanRecord]:
         )
         for t in plan.tensors
     ]
+
+
+def _check_strict(plan: Plan) -> None:
+    odd = [t for t in plan.tensors if t.status != STATUS_OK or t.match != MATCH_EXACT]
+    if odd:
+        shown = "; ".join(f"{t.name} ({t.status if t.status != STATUS_OK else t.match}: {t.note})" for t in odd[:3])
+        more = f"; … {len(odd) - 3} more" if len(odd) > 3 else ""
+        raise PlanProblem(f"--strict: {len(odd)} tensors are not matched exactly: {shown}{more}. "
+                          "Drop --strict to analyse them with these decisions recorded")
 
 
 def submit(base: str, tuned: str, options: SubmitOptions | None = None,
@@ -135,6 +147,8 @@ def submit(base: str, tuned: str, options: SubmitOptions | None = None,
     progress = progress or Progress()
     base_ck, tuned_ck = resolve(base), resolve(tuned)
     plan = make_plan(base_ck, tuned_ck, options.diff)
+    if options.strict:
+        _check_strict(plan)
     run_id = run_id_for(base_ck, tuned_ck, options)
     d = options.diff
     record = RunRecord(
@@ -150,7 +164,7 @@ def submit(base: str, tuned: str, options: SubmitOptions | None = None,
     record = store.begin_run(record, plan_records(run_id, plan))
     if store.is_complete(run_id):
         (commit,) = from_table(store.read(f"{store.run_dir(run_id)}/commit.parquet", CommitRecord), CommitRecord)
-        return SubmitResult(record, commit, resumed=False, already_complete=True)
+        return SubmitResult(record, commit, resumed=False, already_complete=True, matching=summarize(plan))
 
     done_units = store.done_units(run_id)
     done_spectra = store.done_spectra(run_id)
@@ -167,4 +181,4 @@ def submit(base: str, tuned: str, options: SubmitOptions | None = None,
     actors.run_work(ctx, units, spectra, options.cluster, progress.advanced)
     commit = store.commit(record, plan)
     resumed = bool(done_units or done_spectra)
-    return SubmitResult(record, commit, resumed=resumed, already_complete=False)
+    return SubmitResult(record, commit, resumed=resumed, already_complete=False, matching=summarize(plan))

@@ -1,0 +1,181 @@
+"""Real checkpoints as they are: tied embeddings, resized vocabularies, renames, mixed precision."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from builders import ref_diff, write_checkpoint
+from raydiff.cli.main import app
+from raydiff.errors import PlanProblem
+from raydiff.options import DiffOptions, SubmitOptions
+from raydiff.submit import submit
+from raydiff.views import query
+
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+EMB, HEAD, Q = "model.embed_tokens.weight", "lm_head.weight", "model.layers.0.self_attn.q_proj.weight"
+
+
+def _g(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def _changed(t: torch.Tensor, frac: float, seed: int) -> torch.Tensor:
+    g = _g(seed)
+    out = t.clone()
+    m = torch.rand(t.shape, generator=g) < frac
+    out[m] = (out[m].float() * 1.5 + 0.01).to(t.dtype)
+    return out
+
+
+def _rows(store, run_id):
+    cols, rows = query(store, f"SELECT * FROM tensors WHERE run_id = '{run_id}' ORDER BY tensor_index")
+    return [dict(zip(cols, r)) for r in rows]
+
+
+def _check_counts(row, base, tuned):
+    ref = ref_diff(base, tuned)
+    for k in ("numel", "changed", "changed_bits", "changed_rel", "changed_1e6", "changed_1e4"):
+        assert row[k] == ref[k], (row["tensor"], k)
+
+
+def _opts(tmp_path, **kw):
+    return SubmitOptions(store=str(tmp_path / "store"), diff=DiffOptions(chunk_elems=1024, **kw))
+
+
+@pytest.mark.parametrize("side", ["base", "tuned"])
+def test_tied_lm_head_is_compared_against_the_embedding(tmp_path, side):
+    emb = torch.randn(50, 16, generator=_g()).bfloat16()
+    q = torch.randn(16, 16, generator=_g(1)).bfloat16()
+    tied = {EMB: emb, Q: q}
+    untied = {EMB: _changed(emb, 0.2, 2), Q: _changed(q, 0.3, 3), HEAD: _changed(emb, 0.4, 4)}
+    b, t = (tied, untied) if side == "base" else (untied, tied)
+    write_checkpoint(tmp_path / "b", b, config={"tie_word_embeddings": side == "base"})
+    write_checkpoint(tmp_path / "t", t, config={"tie_word_embeddings": side == "tuned"})
+    res = submit(str(tmp_path / "b"), str(tmp_path / "t"), _opts(tmp_path))
+    rows = {r["tensor"]: r for r in _rows(str(tmp_path / "store"), res.run_id)}
+    head = rows[HEAD]
+    assert (head["status"], head["match"]) == ("ok", f"tied_in_{side}")
+    assert f"{side} has no lm_head.weight; its config ties it to {EMB}" in head["note"]
+    _check_counts(head, b.get(HEAD, b[EMB]), t.get(HEAD, t[EMB]))
+    _check_counts(rows[EMB], b[EMB], t[EMB])
+    assert rows[EMB]["match"] == "exact"
+    assert f"1 tied_in_{side}" in res.matching
+
+
+def test_missing_lm_head_without_tie_stays_unmatched(tmp_path):
+    emb = torch.randn(50, 16, generator=_g()).bfloat16()
+    write_checkpoint(tmp_path / "b", {EMB: emb}, config={"tie_word_embeddings": False})
+    write_checkpoint(tmp_path / "t", {EMB: emb, HEAD: emb.clone()}, config={})
+    res = submit(str(tmp_path / "b"), str(tmp_path / "t"), _opts(tmp_path))
+    rows = {r["tensor"]: r for r in _rows(str(tmp_path / "store"), res.run_id)}
+    assert (rows[HEAD]["status"], rows[HEAD]["match"]) == ("only_in_tuned", "none")
+    assert "not compared: only_in_tuned 1 (lm_head.weight)" in res.matching
+
+
+def test_resized_vocabulary_compares_common_rows_and_reports_added_ones(tmp_path):
+    emb = torch.randn(100, 16, generator=_g()).bfloat16()
+    new_rows = torch.randn(8, 16, generator=_g(5)).bfloat16()
+    tuned_emb = torch.cat([_changed(emb, 0.25, 6), new_rows])
+    write_checkpoint(tmp_path / "b", {EMB: emb, HEAD: emb.clone()})
+    write_checkpoint(tmp_path / "t", {EMB: tuned_emb, HEAD: torch.cat([emb, new_rows])[:104]})
+    res = submit(str(tmp_path / "b"), str(tmp_path / "t"), _opts(tmp_path))
+    rows = _rows(str(tmp_path / "store"), res.run_id)
+    emb_rows = [r for r in rows if r["tensor"] == EMB]
+    assert [(r["status"], r["match"]) for r in emb_rows] == [("ok", "resized_rows"), ("rows_only_in_tuned", "resized_rows")]
+    _check_counts(emb_rows[0], emb, tuned_emb[:100])
+    assert emb_rows[0]["shape"] == [100, 16] and emb_rows[0]["rank"] is not None
+    extra = emb_rows[1]
+    assert extra["numel"] == 8 * 16 and extra["shape"] == [8, 16] and extra["changed"] is None
+    assert "rows 100…107 (8 rows) exist only in tuned: shape [100, 16] in base, [108, 16] in tuned" in extra["note"]
+    head_rows = [r for r in rows if r["tensor"] == HEAD]
+    assert head_rows[0]["changed"] == 0 and head_rows[1]["numel"] == 4 * 16
+    cols, runs = query(str(tmp_path / "store"), f"SELECT numel FROM runs WHERE run_id = '{res.run_id}'")
+    assert runs[0][0] == 2 * 100 * 16  # only compared elements count towards the run's sparsity
+
+
+def test_renamed_prefixes_pair_with_rename_rules(tmp_path):
+    base = {EMB: torch.randn(20, 8, generator=_g()).bfloat16(), Q: torch.randn(8, 8, generator=_g(1)).bfloat16()}
+    tuned = {k.replace("model.", "model.language_model.", 1): _changed(v, 0.3, 7) for k, v in base.items()}
+    write_checkpoint(tmp_path / "b", base)
+    write_checkpoint(tmp_path / "t", tuned)
+    plain = submit(str(tmp_path / "b"), str(tmp_path / "t"), _opts(tmp_path))
+    assert plain.commit.numel == 0 and plain.commit.n_mismatched == 4
+    assert plain.matching == ("0 tensors compared: ; not compared: only_in_base 2 (model.embed_tokens.weight, "
+                              "model.layers.0.self_attn.q_proj.weight); only_in_tuned 2 (model.language_model."
+                              "embed_tokens.weight, model.language_model.layers.0.self_attn.q_proj.weight)")
+    res = submit(str(tmp_path / "b"), str(tmp_path / "t"), _opts(tmp_path, rename=(("model.language_model.", "model."),)))
+    assert res.run_id != plain.run_id
+    rows = {r["tensor"]: r for r in _rows(str(tmp_path / "store"), res.run_id)}
+    assert set(rows) == set(base)
+    for name, t in base.items():
+        assert rows[name]["match"] == "renamed"
+        assert rows[name]["note"] == f"renamed from {name.replace('model.', 'model.language_model.', 1)!r} in tuned"
+        _check_counts(rows[name], t, tuned[name.replace("model.", "model.language_model.", 1)])
+    assert res.matching == "2 tensors compared: 2 renamed"
+
+
+def test_rename_collisions_are_refused(tmp_path):
+    write_checkpoint(tmp_path / "b", {"a.x": torch.zeros(4), "b.x": torch.zeros(4)})
+    with pytest.raises(PlanProblem, match="--rename maps both 'a.x' and 'b.x' of base to 'c.x'"):
+        submit(str(tmp_path / "b"), str(tmp_path / "b"), _opts(tmp_path, rename=(("a.", "c."), ("b.", "c."))))
+
+
+def test_fp32_finetune_of_bf16_base_separates_storage_noise(tmp_path):
+    g = _g(11)
+    base = torch.randn(64, 32, generator=g).bfloat16()
+    tuned = base.float()
+    noise = torch.rand(base.shape, generator=g) < 0.3  # below bf16 precision: vanishes on a bf16 re-save
+    tuned[noise] += tuned[noise].abs() * 2.0 ** -12
+    real = torch.rand(base.shape, generator=g) < 0.1  # real updates
+    tuned[real] = tuned[real] * 1.1 + 0.01
+    write_checkpoint(tmp_path / "b", {Q: base})
+    write_checkpoint(tmp_path / "t", {Q: tuned})
+    res = submit(str(tmp_path / "b"), str(tmp_path / "t"), _opts(tmp_path))
+    (row,) = _rows(str(tmp_path / "store"), res.run_id)
+    assert (row["match"], row["compare_dtype"]) == ("dtype_widened", "F32")
+    assert row["note"] == "BF16 vs F32, compared in F32"
+    _check_counts(row, base, tuned)
+    differs = tuned.numpy() != base.float().numpy()
+    erased = tuned.bfloat16().view(torch.int16).numpy() == base.view(torch.int16).numpy()
+    assert row["changed_subprecision"] == int((differs & erased).sum()) > 0
+    cols, rows = query(str(tmp_path / "store"), "SELECT changed_subprecision FROM tensors WHERE match = 'exact'")
+    assert rows == []
+
+
+def test_strict_refuses_any_decision(tmp_path):
+    emb = torch.randn(10, 4, generator=_g()).bfloat16()
+    write_checkpoint(tmp_path / "b", {EMB: emb})
+    write_checkpoint(tmp_path / "t", {EMB: emb.float()})
+    with pytest.raises(PlanProblem, match=r"--strict: 1 tensors are not matched exactly: model.embed_tokens.weight "
+                                          r"\(dtype_widened: BF16 vs F32, compared in F32\)"):
+        submit(str(tmp_path / "b"), str(tmp_path / "t"), SubmitOptions(store=str(tmp_path / "s"), strict=True))
+    r = CliRunner().invoke(app, ["submit", str(tmp_path / "b"), str(tmp_path / "t"), "--strict", "--store", str(tmp_path / "s")])
+    assert r.exit_code == 1 and r.stderr.startswith("Error: --strict: 1 tensors are not matched exactly")
+    assert not (tmp_path / "s").exists() or not list((tmp_path / "s").rglob("commit.parquet"))
+    write_checkpoint(tmp_path / "t2", {EMB: emb.clone()})
+    ok = submit(str(tmp_path / "b"), str(tmp_path / "t2"), SubmitOptions(store=str(tmp_path / "s"), strict=True))
+    assert ok.matching == "1 tensors compared: 1 exact"
+
+
+def test_single_file_against_oddly_named_shards_with_metadata(tmp_path):
+    g = _g(3)
+    base = {EMB: torch.randn(30, 8, generator=g).bfloat16(), Q: torch.randn(8, 8, generator=g).bfloat16(),
+            "model.norm.weight": torch.ones(8).bfloat16()}
+    tuned = {k: _changed(v, 0.2, i) for i, (k, v) in enumerate(base.items())}
+    write_checkpoint(tmp_path / "b", base)
+    (tmp_path / "t").mkdir()
+    save_file({EMB: tuned[EMB]}, str(tmp_path / "t" / "weights-a.safetensors"), metadata={"format": "pt", "x": "1"})
+    save_file({k: tuned[k] for k in (Q, "model.norm.weight")}, str(tmp_path / "t" / "weights-b.safetensors"))
+    (tmp_path / "t" / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    res = submit(str(tmp_path / "b" / "model.safetensors"), str(tmp_path / "t"), _opts(tmp_path))
+    rows = {r["tensor"]: r for r in _rows(str(tmp_path / "store"), res.run_id)}
+    for k in base:
+        _check_counts(rows[k], base[k], tuned[k])
+    assert res.matching == "3 tensors compared: 3 exact"
+    assert np.isclose(rows[EMB]["sparsity"], 1 - ref_diff(base[EMB], tuned[EMB])["changed"] / base[EMB].numel())
