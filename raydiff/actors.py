@@ -58,7 +58,9 @@ class DiffActor:
 
     def _executor(self, ctx: RunContext) -> Executor:
         if self._ex is None or self._ex.ctx != ctx:  # a new run: drop the old run's file maps
-            self._ex = Executor(ctx, node_id=self._node_id, device=self._device)
+            ex = Executor(ctx, node_id=self._node_id, device=self._device)
+            ex.store.check_visible(ctx.run_id, f"Ray node {self._node_id}")
+            self._ex = ex
         return self._ex
 
     def unit(self, ctx: RunContext, u: WorkUnit) -> Done:

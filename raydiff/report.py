@@ -16,6 +16,7 @@ from pathlib import Path
 
 from raydiff.errors import QueryError, RunNotFound
 from raydiff.overlap import pairwise
+from raydiff.store import redact
 from raydiff.views import connect
 
 MODULE_ORDER = ("embed", "q", "k", "v", "o", "gate", "up", "down", "norm", "lm_head", "other")
@@ -55,8 +56,9 @@ def demo_report(store: str, run_ids: Mapping[str, str], accuracy: Mapping[str, f
             lines += ["", "subnetwork overlap of the two RL seeds (rl-seed1 vs rl-seed2), all parameters:",
                       f"  o1 {o[0]:.1%}  o2 {o[1]:.1%}  (random baseline {o[2]:.1%} / {o[3]:.1%});"
                       f"  Jaccard {o[4]:.1%} (random {o[5]:.1%})"]
-        lines += ["", f"store: {store}   try: raydiff sql \"SELECT * FROM runs\" --store {store}",
-                  f"       raydiff report {' '.join(run_ids)} --store {store} --out report"]
+        shown = redact(store)
+        lines += ["", f"store: {shown}   try: raydiff sql \"SELECT * FROM runs\" --store {shown}",
+                  f"       raydiff report {' '.join(run_ids)} --store {shown} --out report"]
         return "\n".join(lines)
     finally:
         con.close()
@@ -128,7 +130,7 @@ def write_report(store: str, runs: Sequence[str], out: str | Path) -> Path:
 table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}</style>
 </head><body>
 <h1>raydiff report</h1>
-<p>Store <code>{html.escape(str(store))}</code>. Sparsity = 1 − changed/numel;
+<p>Store <code>{html.escape(redact(str(store)))}</code>. Sparsity = 1 − changed/numel;
 <b>weighted</b> = over all elements, <b>mean</b> = unweighted mean of per-tensor sparsity.</p>
 <table><tr><th>run</th><th>run id</th><th>status</th><th>atol</th><th>sparsity (weighted)</th>
 <th>sparsity (mean of tensors)</th><th>mean rank ratio</th></tr>

@@ -53,6 +53,16 @@ def _is_uri(root: str) -> bool:
     return "://" in root
 
 
+def redact(root: str) -> str:
+    """A store root safe to print: credentials in ``scheme://key:secret@…`` are masked.
+
+    Example:
+        >>> redact("s3://AKIA:s3cr3t@bucket/prefix?region=eu-west-1")
+        's3://***@bucket/prefix?region=eu-west-1'
+    """
+    return re.sub(r"^([a-z0-9+.-]+://)[^/@]*@", r"\1***@", root)
+
+
 class Store:
     """A store root and the operations on it. Cheap to create; safe to send to Ray actors.
 
@@ -62,6 +72,7 @@ class Store:
 
     def __init__(self, root: str) -> None:
         self.root = root if _is_uri(root) else os.path.abspath(root)
+        self.display = redact(self.root)  # for messages: never print credentials
         self._fs: pafs.FileSystem | None = None
         self._base = ""
 
@@ -77,7 +88,7 @@ class Store:
                 else:
                     self._fs, self._base = pafs.LocalFileSystem(), self.root
             except (pa.ArrowException, OSError, ValueError) as e:
-                raise StoreError(f"store {self.root}: cannot open ({e})") from None
+                raise StoreError(f"store {self.display}: cannot open ({e})") from None
         return self._fs
 
     @property
@@ -123,7 +134,7 @@ class Store:
         try:
             return pq.read_table(self.path(rel), filesystem=self.fs, columns=columns)
         except (pa.ArrowException, OSError) as e:
-            raise StoreError(f"store {self.root}: cannot read {rel} ({e})") from None
+            raise StoreError(f"store {self.display}: cannot read {rel} ({e})") from None
 
     def list_dir(self, rel: str) -> list[str]:
         """Names of the finished files directly in a store directory (temporaries excluded)."""
@@ -138,7 +149,7 @@ class Store:
         try:
             return pq.ParquetDataset(paths, filesystem=self.fs).read(columns=columns)
         except (pa.ArrowException, OSError) as e:
-            raise StoreError(f"store {self.root}: cannot read results ({e})") from None
+            raise StoreError(f"store {self.display}: cannot read results ({e})") from None
 
     # -- runs ----------------------------------------------------------------------------------
 
@@ -151,6 +162,19 @@ class Store:
         self.write(f"{d}/plan.parquet", plan, PlanRecord)
         self.write(f"{d}/run.parquet", [run], RunRecord)
         return run
+
+    def check_visible(self, run_id: str, where: str) -> None:
+        """Raise unless this process sees the run the driver started (a shared store root).
+
+        Raises:
+            StoreError: the store root is a path that only the driver's node has.
+        """
+        if not self.exists(f"{self.run_dir(run_id)}/run.parquet"):
+            raise StoreError(
+                f"store {self.display} is not shared with {where}: the run record the driver wrote is "
+                "not visible there. On a multi-node cluster give --store a path every node mounts "
+                "(NFS, a shared volume) or an object-store URI such as s3://bucket/prefix"
+            )
 
     def is_complete(self, run_id: str) -> bool:
         return self.exists(f"{self.run_dir(run_id)}/commit.parquet")

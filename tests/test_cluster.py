@@ -1,0 +1,150 @@
+"""Scale-out for real: a 2-node Ray cluster, a killed worker, an s3:// store, GPU spectra."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from builders import perturb, write_checkpoint
+from raydiff.errors import StoreError
+from raydiff.masks import decode_mask
+from raydiff.options import ClusterOptions, DiffOptions, SubmitOptions
+from raydiff.store import Store, redact
+from raydiff.submit import submit
+from raydiff.views import query
+
+
+def _pair(root, n_tensors=6, rows=256, cols=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    base = {f"model.layers.{i}.mlp.up_proj.weight": torch.randn(rows, cols, generator=g).bfloat16()
+            for i in range(n_tensors)}
+    tuned = {k: perturb(v, 0.2, 1e-2, i) for i, (k, v) in enumerate(base.items())}
+    return write_checkpoint(root / "base", base, shards=2), write_checkpoint(root / "tuned", tuned, shards=3)
+
+
+def _results(store, run_id):
+    cols, rows = query(store, f"SELECT * EXCLUDE (run_id) FROM tensors WHERE run_id = '{run_id}' ORDER BY tensor")
+    _, masks = query(store, f"SELECT tensor, \"start\", \"stop\", mask_codec, mask FROM masks "
+                            f"WHERE run_id = '{run_id}' ORDER BY tensor, \"start\"")
+    return rows, [(t, s, e, decode_mask(c, m, e - s).tobytes()) for t, s, e, c, m in masks]
+
+
+def _env():
+    return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_two_node_cluster_submit_from_a_separate_process(tmp_path):
+    from ray.cluster_utils import Cluster
+
+    b, t = _pair(tmp_path)
+    opts = DiffOptions(chunk_elems=2048)
+    reference = submit(str(b), str(t), SubmitOptions(store=str(tmp_path / "single"), diff=opts))
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    try:
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        store = str(tmp_path / "multi")
+        p = subprocess.run([sys.executable, "-m", "raydiff.cli.main", "submit", str(b), str(t), "--store", store,
+                            "--chunk-elems", "2048", "--address", cluster.address],
+                           env=_env(), capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr
+        run_id = p.stdout.strip()
+        assert run_id == reference.run_id
+        _, rows = query(store, f"SELECT count(DISTINCT node_id), count(*), count(DISTINCT unit_id) FROM units "
+                               f"WHERE run_id = '{run_id}'")
+        assert rows == [(2, reference.run.n_units, reference.run.n_units)]
+        assert _results(store, run_id) == _results(str(tmp_path / "single"), run_id)
+    finally:
+        cluster.shutdown()  # exactly the processes this test started
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_killed_worker_mid_run_changes_nothing(tmp_path):
+    b, t = _pair(tmp_path, n_tensors=12, rows=512)
+    opts = DiffOptions(chunk_elems=1024, rank="off")
+    reference = submit(str(b), str(t), SubmitOptions(store=str(tmp_path / "ref"), diff=opts))
+    store = tmp_path / "store"
+    out: dict[str, object] = {}
+
+    def run():
+        try:
+            out["result"] = submit(str(b), str(t), SubmitOptions(store=str(store), diff=opts,
+                                                                  cluster=ClusterOptions(workers=2)))
+        except Exception as e:  # surfaced by the assertions below
+            out["error"] = e
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    units_dir = store / "runs" / reference.run_id / "units"
+    killed = None
+    deadline = time.time() + 60
+    while killed is None and time.time() < deadline and thread.is_alive():
+        done = sorted(units_dir.glob("u*.parquet")) if units_dir.exists() else []
+        if len(done) >= 5:
+            import pyarrow.parquet as pq
+
+            killed = pq.read_table(done[0], columns=["worker_pid"]).column(0)[0].as_py()
+            os.kill(killed, signal.SIGKILL)
+        time.sleep(0.005)
+    thread.join(timeout=240)
+    assert killed is not None, "the run finished before a worker could be killed"
+    assert "error" not in out, out.get("error")
+    result = out["result"]
+    assert not result.already_complete and result.commit.n_units == reference.run.n_units
+    _, rows = query(str(store), f"SELECT count(*), count(DISTINCT unit_id), count(DISTINCT worker_pid) FROM units "
+                                f"WHERE run_id = '{reference.run_id}'")
+    assert rows[0][0] == rows[0][1] == reference.run.n_units
+    assert _results(str(store), reference.run_id) == _results(str(tmp_path / "ref"), reference.run_id)
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_s3_store_matches_local_store(tmp_path):
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        root = (f"s3://testkey:testsecret@raydiff-test/store?endpoint_override={host}:{port}"
+                "&scheme=http&region=us-east-1&allow_bucket_creation=true")
+        Store(root).fs.create_dir("raydiff-test")
+        b, t = _pair(tmp_path, n_tensors=3)
+        opts = DiffOptions(chunk_elems=4096)
+        remote = submit(str(b), str(t), SubmitOptions(store=root, diff=opts))
+        local = submit(str(b), str(t), SubmitOptions(store=str(tmp_path / "local"), diff=opts))
+        assert remote.run_id == local.run_id
+        assert _results(root, remote.run_id) == _results(str(tmp_path / "local"), local.run_id)
+        _, rows = query(root, "SELECT status, n_units FROM runs")
+        assert rows == [("complete", local.run.n_units)]
+        again = submit(str(b), str(t), SubmitOptions(store=root, diff=opts))
+        assert again.already_complete
+        assert redact(root).startswith("s3://***@raydiff-test/store?") and "testsecret" not in redact(root)
+    finally:
+        server.stop()
+
+
+def test_unshared_store_is_named_clearly(tmp_path):
+    with pytest.raises(StoreError, match=r"is not shared with Ray node abc: the run record the driver wrote is not "
+                                         r"visible there\. On a multi-node cluster give --store a path every node "
+                                         r"mounts"):
+        Store(str(tmp_path)).check_visible("0123456789abcdef0123", "Ray node abc")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_gpu_spectrum_matches_cpu():
+    from raydiff.spectrum import spectrum
+
+    g = torch.Generator().manual_seed(0)
+    d = torch.randn(512, 256, generator=g) @ torch.diag(torch.logspace(0, -6, 256))
+    cpu, gpu = spectrum(d, "exact"), spectrum(d.cuda(), "exact")
+    assert gpu.device.startswith("cuda") and gpu.rank == cpu.rank
+    assert np.allclose(gpu.top_sv, cpu.top_sv, rtol=1e-4)
