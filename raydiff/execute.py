@@ -80,7 +80,13 @@ class Executor:
         t0 = time.perf_counter()
         base = self.reader.read(u.base, u.start, u.stop)
         tuned = self.reader.read(u.tuned, u.start, u.stop)
-        r = diff_unit(base, tuned, u.base.dtype, u.tuned.dtype, u.compare_dtype, self.ctx.criteria, u.row_len)
+        if self.device.startswith("cuda"):
+            from raydiff.kernel_torch import diff_unit_torch
+
+            r = diff_unit_torch(base, tuned, u.base.dtype, u.tuned.dtype, u.compare_dtype, self.ctx.criteria,
+                                u.row_len, device=self.device)
+        else:
+            r = diff_unit(base, tuned, u.base.dtype, u.tuned.dtype, u.compare_dtype, self.ctx.criteria, u.row_len)
         rss_anon = _rss_anon()
         ladder = dict(zip(("changed_1e8", "changed_1e7", "changed_1e6", "changed_1e5", "changed_1e4"),
                           r.changed_ladder))

@@ -1,0 +1,58 @@
+"""The torch kernel (GPU actors) agrees with the CPU kernel on the same bits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from raydiff.kernel import Criteria, diff_unit
+from raydiff.kernel_torch import diff_unit_torch
+from raydiff.masks import decode_mask
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+_UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+_WIDTH = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def _same(x, y):
+    assert (x.numel, x.changed_bits, x.changed, x.changed_ladder, x.changed_rel, x.nonfinite, x.rows_touched) == \
+           (y.numel, y.changed_bits, y.changed, y.changed_ladder, y.changed_rel, y.nonfinite, y.rows_touched)
+    np.testing.assert_array_equal(decode_mask(x.mask_codec, x.mask, x.numel), decode_mask(y.mask_codec, y.mask, y.numel))
+    assert x.cols_bitmap == y.cols_bitmap
+    for k in ("max_abs_delta", "sum_abs_delta", "sum_sq_delta", "sum_sq_base"):
+        a, b = getattr(x, k), getattr(y, k)
+        assert a == pytest.approx(b, rel=1e-6, nan_ok=True), k
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@settings(max_examples=80, deadline=None)
+@given(dtype=st.sampled_from(sorted(_WIDTH)), seed=st.integers(0, 2**31), rows=st.integers(0, 40),
+       cols=st.integers(1, 33), density=st.sampled_from([0.0, 0.05, 0.5, 1.0]), raw_bits=st.booleans())
+def test_torch_kernel_matches_cpu_kernel(device, dtype, seed, rows, cols, density, raw_bits):
+    rng = np.random.default_rng(seed)
+    u = _UINT[_WIDTH[dtype]]
+    n = rows * cols
+    if raw_bits:  # any bit pattern: NaN, Inf, subnormals, signed zeros
+        a = rng.integers(0, np.iinfo(u).max, n, dtype=u, endpoint=True)
+    else:
+        a = torch.randn(n, generator=torch.Generator().manual_seed(seed)).to(
+            {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+             "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}[dtype]).view(torch.uint8).numpy().view(u)
+    b = a.copy()
+    sel = rng.random(n) < density
+    b[sel] ^= rng.integers(1, 2 ** min(8 * _WIDTH[dtype] - 1, 20), sel.sum(), dtype=u)
+    ref = diff_unit(a, b, dtype, dtype, dtype, Criteria(), cols)
+    got = diff_unit_torch(a, b, dtype, dtype, dtype, Criteria(), cols, device=device)
+    _same(got, ref)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_kernel_takes_the_tolerance_in_bf16(device):
+    base = torch.zeros(4, dtype=torch.bfloat16)
+    tuned = torch.tensor([1e-5, 1.0014e-5, 1.1e-5, 0.0]).bfloat16()
+    bits = lambda t: t.view(torch.int16).numpy().view(np.uint16)  # noqa: E731
+    r = diff_unit_torch(bits(base), bits(tuned), "BF16", "BF16", "BF16", Criteria(), device=device)
+    assert (r.changed_bits, r.changed) == (3, 1)  # as torch's own (tuned - base).abs() <= 1e-5
