@@ -25,6 +25,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help texts hold literal brackets: org/name[@revision]
 )
 
 _state = {"debug": False}
@@ -303,6 +304,71 @@ def demo(
     report = _call(lambda: run_demo(_store(store), family_dir, ClusterOptions(workers=workers),
                                     log=lambda msg: typer.echo(msg, err=True)))
     typer.echo(report)
+
+
+def _when(t: dt.datetime) -> str:
+    return t.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _watch_line(e: Any) -> str:
+    """One line per watch event: what, which commit, outcome, the run or the error."""
+    if e.action == "analyse":
+        what = f"{e.repo}@{','.join(e.refs or ())} {e.revision[:12]}"
+    else:
+        what = f"{'base' if e.action == 'resolve_base' else 'list'} {e.repo}"
+    if e.outcome == "failed":
+        return f"{what}: failed (attempt {e.attempt}, retry after {_when(e.retry_at)}): {e.error}"
+    return f"{what}: {e.outcome}" + (f" run {e.run_id}" if e.run_id else "")
+
+
+def _tick_line(report: Any, due: dt.datetime | None) -> str:
+    parts = [f"{report.count('complete')} analysed", f"{report.count('failed')} failed",
+             f"{report.up_to_date} up to date"]
+    if report.waiting:
+        parts.append(f"{len(report.waiting)} backing off until {_when(min(w.retry_at for w in report.waiting))}")
+    return f"tick {_when(report.started_at)}: " + ", ".join(parts) + (f"; next tick {_when(due)}" if due else "")
+
+
+@app.command()
+def watch(
+    file: str = typer.Argument(..., metavar="WATCH_TOML", help="Watch list: base, tuned repos or patterns, branches/tags, options, schedule."),
+    once: bool = typer.Option(False, "--once", help="Run one tick and exit 0 (for cron or a Kubernetes CronJob)."),
+    store: str | None = typer.Option(None, "--store", help="Store root; overrides the file's `store` (default: $RAYDIFF_STORE or ./raydiff-store)."),
+) -> None:
+    """Analyse newly published Hub revisions against a base, on a schedule (interval or cron).
+
+    Each tick lists the watched branches and tags, submits the commits that have no complete
+    run yet, and records what it did in the store (the `watch_events` view). Failures are
+    recorded and retried with back-off. Without --once it ticks until SIGTERM or Ctrl-C; a
+    restart repeats nothing and misses nothing.
+    """
+    import signal
+
+    from raydiff import watch as w
+
+    wl = _call(lambda: w.load(file, store))
+    on_event = lambda e: typer.echo(_watch_line(e))  # noqa: E731
+    if once:
+        report = _call(lambda: w.tick(wl, on_event=on_event))
+        typer.echo(_tick_line(report, None))
+        return
+
+    def _stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _stop)
+    typer.echo(f"watching {len(wl.tuned)} entr{'y' if len(wl.tuned) == 1 else 'ies'} of {wl.path} ({wl.schedule}); "
+               "SIGTERM or Ctrl-C stops", err=True)
+    try:
+        _call(lambda: w.run_forever(
+            wl, on_event=on_event, on_tick=lambda r, due: typer.echo(_tick_line(r, due)),
+            on_error=lambda e, due: typer.echo(f"tick failed: {e}; retry {_when(due)}", err=True)))
+    except KeyboardInterrupt:
+        pass
+    except SystemExit as e:  # Ray's own SIGTERM handler (installed by ray.init) exits with the signal number
+        if e.code != signal.SIGTERM:
+            raise
+    typer.echo("watch: stopped", err=True)
 
 
 def main() -> None:

@@ -114,7 +114,10 @@ class Checkpoint:
         shards: parsed headers of every shard, in file-name order.
         tensors: tensor name → location.
         config: contents of ``config.json`` if present.
-        fingerprint: stable digest of the files' identity (names, sizes, mtimes or sha).
+        fingerprint: stable digest of the files' identity: names, sizes and mtimes for
+            local references; for Hub references the commit sha alone
+            (:func:`revision_fingerprint`), so the same commit has the same identity on every
+            machine and whichever branch or tag named it.
     """
 
     ref: str
@@ -354,6 +357,19 @@ def _is_file(path: Path) -> bool:
         return False
 
 
+def revision_fingerprint(revision: str) -> str:
+    """The fingerprint of a Hub checkpoint at a commit: a digest of the commit sha alone.
+
+    A commit fixes every file's content, so nothing about the local copy (cache path, file
+    mtimes after a re-download) may change it; it is computable before any download.
+
+    Example:
+        >>> revision_fingerprint("a" * 40) == revision_fingerprint("a" * 40)
+        True
+    """
+    return hashlib.sha256(f"hub-commit\0{revision}".encode()).hexdigest()[:32]
+
+
 def load_checkpoint(path: str | os.PathLike[str], *, ref: str | None = None,
                     revision: str | None = None) -> Checkpoint:
     """Read a local checkpoint's index and shard headers into a :class:`Checkpoint`.
@@ -364,7 +380,8 @@ def load_checkpoint(path: str | os.PathLike[str], *, ref: str | None = None,
     Args:
         path: local directory or file.
         ref: the reference to record (defaults to the absolute path).
-        revision: the revision to record (Hub commit sha), if any.
+        revision: the revision to record (Hub commit sha), if any; when given, the
+            fingerprint is :func:`revision_fingerprint` of it instead of the files' mtimes.
 
     Raises:
         CheckpointNotFound: nothing at ``path`` or no safetensors files in it.
@@ -404,12 +421,14 @@ def load_checkpoint(path: str | os.PathLike[str], *, ref: str | None = None,
             tensors[t.name] = t
     if root.is_dir() and _is_file(root / INDEX_NAME):
         _check_index(root, tensors)
-    digest = hashlib.sha256()
-    for f in files:
-        st = f.stat()
-        digest.update(f"{f.name}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
     if revision:
-        digest.update(revision.encode())
+        fingerprint = revision_fingerprint(revision)
+    else:
+        digest = hashlib.sha256()
+        for f in files:
+            st = f.stat()
+            digest.update(f"{f.name}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+        fingerprint = digest.hexdigest()[:32]
     return Checkpoint(
         ref=ref or str(root),
         revision=revision,
@@ -417,7 +436,7 @@ def load_checkpoint(path: str | os.PathLike[str], *, ref: str | None = None,
         shards=shards,
         tensors=dict(sorted(tensors.items())),
         config=config,
-        fingerprint=digest.hexdigest()[:32],
+        fingerprint=fingerprint,
     )
 
 

@@ -42,3 +42,11 @@ class RunNotFound(RaydiffError):
 
 class QueryError(RaydiffError):
     """A SQL query given to ``raydiff sql`` failed."""
+
+
+class HubError(RaydiffError):
+    """The Hugging Face Hub failed or refused a request (down, rate-limited, bad token)."""
+
+
+class InvalidWatchList(RaydiffError):
+    """A watch list (``watch.toml``) is malformed; the message names the file and the key."""

@@ -10,6 +10,9 @@ themselves. Layout of a store (``<root>/runs/<run_id>/``):
 - ``spectra/s<tensor_index>.parquet`` (:class:`SpectrumRecord`) — rank of one matrix;
 - ``tensors.parquet`` (:class:`TensorRecord`) — per-tensor totals, written at commit;
 - ``commit.parquet`` (:class:`CommitRecord`) — written last: its presence means *complete*.
+
+``raydiff watch`` adds ``<root>/watch/events/<time>-<event_id>.parquet``
+(:class:`WatchEventRecord`), one file per event.
 """
 
 from __future__ import annotations
@@ -182,6 +185,26 @@ class CommitRecord:
     n_mismatched: int = _c("Tensors with a status other than ok")
 
 
+@dataclass(frozen=True)
+class WatchEventRecord:
+    event_id: str = _c("Event id (random hex)")
+    tick_id: str = _c("Id of the watch tick that recorded it")
+    watch: str = _c("Watch list name (`name` in the watch file, default: the file's stem)")
+    recorded_at: dt.datetime = _c("When the event was recorded (UTC)")
+    action: str = _c("resolve_base (base reference → commit), list (a repo's branches and tags, or a pattern's repos) or analyse (submit one revision)")
+    repo: str = _c("Tuned repo id or pattern; the base reference for resolve_base")
+    refs: tuple[str, ...] | None = _c("Watched branch and tag names pointing at the revision")
+    revision: str | None = _c("Commit sha of the tuned revision (analyse)")
+    base: str | None = _c("Base as resolved: Hub repo id or absolute path (analyse)")
+    base_revision: str | None = _c("Commit sha of the base (NULL for a local base)")
+    run_id: str | None = _c("Run started or resumed for the revision (analyse)")
+    outcome: str = _c("started, complete or failed; recovered: a resolve_base or list that works again after failures")
+    attempt: int = _c("1 + the consecutive failures of the same subject before this event")
+    error: str | None = _c("Why it failed, one line (tokens redacted)")
+    retry_at: dt.datetime | None = _c("After a failure: earliest next attempt (back-off)")
+    seconds: float = _c("Wall time of the attempt")
+
+
 RECORD_KINDS: dict[str, type] = {
     "run": RunRecord,
     "plan": PlanRecord,
@@ -189,6 +212,7 @@ RECORD_KINDS: dict[str, type] = {
     "spectrum": SpectrumRecord,
     "tensor": TensorRecord,
     "commit": CommitRecord,
+    "watch_event": WatchEventRecord,
 }
 
 

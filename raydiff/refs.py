@@ -8,14 +8,26 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
-from raydiff.checkpoint import Checkpoint, load_checkpoint
+from raydiff.checkpoint import Checkpoint, load_checkpoint, revision_fingerprint
 from raydiff.errors import CheckpointNotFound
+from raydiff.hub import hub_errors, resolve_sha
 
 _HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[\w./-]+))?$")
 #: Files fetched for a Hub checkpoint: weights, index and config — never pickles.
 HUB_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "config.json"]
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What a run records of a checkpoint: ``ref``, ``revision`` and ``fingerprint``, as in
+    :class:`~raydiff.checkpoint.Checkpoint` (which has the same three attributes)."""
+
+    ref: str
+    revision: str | None
+    fingerprint: str
 
 
 def parse_hub_id(ref: str) -> tuple[str, str | None] | None:
@@ -39,10 +51,14 @@ def resolve(ref: str) -> Checkpoint:
 
     Returns:
         The checkpoint; ``ref`` holds an absolute path or the repo id, ``revision`` the
-        Hub commit sha (``None`` for local references).
+        Hub commit sha (``None`` for local references). A Hub checkpoint's fingerprint
+        depends on its commit sha only, so ``org/name@main``, ``org/name@v1`` and
+        ``org/name@<sha>`` naming one commit resolve to the same identity (and run id).
 
     Raises:
-        CheckpointNotFound: neither an existing path nor a Hub repo that can be resolved.
+        CheckpointNotFound: neither an existing path nor a Hub repo that can be resolved
+            (private and gated repos say how to get access).
+        HubError: the Hub cannot be reached or failed.
     """
     if os.path.exists(ref):
         return load_checkpoint(ref)
@@ -56,42 +72,42 @@ def resolve(ref: str) -> Checkpoint:
     return load_checkpoint(path, ref=repo_id, revision=Path(path).name)
 
 
+def identify(ref: str) -> Identity:
+    """The identity a run records for a reference, without downloading anything.
+
+    A Hub reference costs one request to turn its branch or tag into a commit sha (none for
+    a sha); a local one reads only its index and headers. ``identify(r)`` equals the
+    ``(ref, revision, fingerprint)`` of ``resolve(r)``, so run ids can be computed before a
+    checkpoint is fetched (``raydiff watch`` does, to skip what is already analysed).
+
+    Example:
+        >>> identify("org/name@main").revision  # doctest: +SKIP
+        '3f0c9e…'
+
+    Raises:
+        CheckpointNotFound: as :func:`resolve`.
+        HubError: the Hub cannot be reached or failed.
+    """
+    if os.path.exists(ref):
+        ck = load_checkpoint(ref)
+        return Identity(ck.ref, ck.revision, ck.fingerprint)
+    hub = parse_hub_id(ref)
+    if hub is None:
+        raise CheckpointNotFound(
+            f"{ref!r}: no such file or directory, and not a Hub id of the form org/name[@revision]"
+        )
+    repo_id, revision = hub
+    sha = resolve_sha(repo_id, revision)
+    return Identity(repo_id, sha, revision_fingerprint(sha))
+
+
 def _hub_snapshot(repo_id: str, revision: str | None) -> str:
     """Local snapshot directory of a Hub revision: from the HF cache, else downloaded.
 
     Honours ``HF_HUB_OFFLINE``, ``HF_HOME``/``HF_HUB_CACHE``, ``HF_ENDPOINT`` and
-    ``HF_TOKEN`` exactly as ``huggingface_hub`` does.
+    ``HF_TOKEN`` exactly as ``huggingface_hub`` does. Fetches only :data:`HUB_PATTERNS`.
     """
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HFValidationError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
 
-    what = f"{repo_id}@{revision}" if revision else repo_id
-    try:
+    with hub_errors(repo_id, revision):
         return snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS)
-    except HFValidationError as e:  # e.g. `a--b/c` or a 200-character name: no Hub repo can have it
-        raise CheckpointNotFound(
-            f"{what!r}: no such file or directory, and not a valid Hub repo id ({str(e).rstrip('.')}); "
-            "check the path or the repo name"
-        ) from None
-    except GatedRepoError:
-        raise CheckpointNotFound(
-            f"{what}: the repo is gated; accept its terms on the Hub, then log in "
-            "(`huggingface-cli login`) or set HF_TOKEN"
-        ) from None
-    except RepositoryNotFoundError:
-        raise CheckpointNotFound(
-            f"{what}: no such Hub repo, or it is private; check the name, or log in / set HF_TOKEN"
-        ) from None
-    except RevisionNotFoundError:
-        raise CheckpointNotFound(f"{what}: the repo has no revision {revision!r}") from None
-    except LocalEntryNotFoundError:
-        raise CheckpointNotFound(
-            f"{what}: not in the local Hugging Face cache and the Hub cannot be reached "
-            "(HF_HUB_OFFLINE is set or there is no network); download it first or unset HF_HUB_OFFLINE"
-        ) from None

@@ -9,6 +9,7 @@ Layout under the root (a local directory or any URI pyarrow's filesystems take, 
     runs/<run_id>/spectra/s00000007.parquet   SpectrumRecord
     runs/<run_id>/tensors.parquet        TensorRecord per tensor, written at commit
     runs/<run_id>/commit.parquet         CommitRecord, written last
+    watch/events/<time>-<id>.parquet     WatchEventRecord, one per `raydiff watch` event
 
 Every file is written whole or not at all: locally to a temporary name then renamed (atomic
 on POSIX), on object stores by a single PUT. A run is *complete* exactly when its
@@ -40,6 +41,7 @@ from raydiff.records import (
     SpectrumRecord,
     TensorRecord,
     UnitRecord,
+    WatchEventRecord,
     from_table,
     to_table,
 )
@@ -47,6 +49,8 @@ from raydiff.records import (
 _RUN_ID = re.compile(r"^[0-9a-f]{8,64}$")
 _UNIT_FILE = re.compile(r"^u(\d{8,})\.parquet$")
 _SPECTRUM_FILE = re.compile(r"^s(\d{8,})\.parquet$")
+#: ``watch/events/<UTC time>-<event id>.parquet``: names sort by time.
+EVENT_FILE = re.compile(r"^\d{8}T\d{12}Z-[0-9a-f]{32}\.parquet$")
 
 
 def _is_uri(root: str) -> bool:
@@ -211,6 +215,20 @@ class Store:
                 (commit,) = from_table(self.read(f"{d}/commit.parquet", CommitRecord), CommitRecord)
             out.append((run, commit))
         return sorted(out, key=lambda rc: rc[0].created_at)
+
+    # -- watch events --------------------------------------------------------------------------
+
+    def write_watch_event(self, event: WatchEventRecord) -> None:
+        """Record one ``raydiff watch`` event in a file of its own (never rewritten)."""
+        at = event.recorded_at.astimezone(dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+        self.write(f"watch/events/{at}-{event.event_id}.parquet", [event], WatchEventRecord)
+
+    def watch_events(self) -> list[WatchEventRecord]:
+        """Every watch event in the store, oldest first."""
+        names = [n for n in self.list_dir("watch/events") if EVENT_FILE.match(n)]
+        table = self.read_many(f"watch/events/{n}" for n in names)
+        events = from_table(table, WatchEventRecord) if table is not None else []
+        return sorted(events, key=lambda e: (e.recorded_at, e.event_id))
 
     def commit(self, run: RunRecord, plan: Plan) -> CommitRecord:
         """Aggregate a run's units and spectra per tensor and mark the run complete.

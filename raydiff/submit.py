@@ -12,6 +12,7 @@ import datetime as dt
 import hashlib
 import json
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
@@ -23,11 +24,16 @@ from raydiff.options import SubmitOptions
 from raydiff.errors import PlanProblem
 from raydiff.plan import MATCH_EXACT, STATUS_OK, Plan, make_plan, summarize
 from raydiff.records import CommitRecord, PlanRecord, RunRecord, from_table
-from raydiff.refs import resolve
+from raydiff.refs import Identity, resolve
 from raydiff.store import Store
 
 #: Bumped when a change to raydiff changes the results of an identical submission.
 RESULTS_VERSION = 1
+
+# One submission at a time drives Ray from this process. raydiff.actors keeps one actor pool
+# per process; two threads building or resizing it at once either leak a pool (whose actors
+# then hold the CPUs the other submission waits for: a hang) or kill the other's actors.
+_RAY_WORK = threading.Lock()
 
 
 def raydiff_version() -> str:
@@ -83,8 +89,12 @@ class Progress:
         """One unit or spectrum finished and is in the store."""
 
 
-def run_id_for(base: Checkpoint, tuned: Checkpoint, options: SubmitOptions) -> str:
-    """Deterministic id of a (base, tuned, result-changing options) triple."""
+def run_id_for(base: Checkpoint | Identity, tuned: Checkpoint | Identity, options: SubmitOptions) -> str:
+    """Deterministic id of a (base, tuned, result-changing options) triple.
+
+    Only ``ref``, ``revision`` and ``fingerprint`` of each side count, so an
+    :class:`~raydiff.refs.Identity` (no download) gives the id a submission would get.
+    """
     ident = {
         "v": RESULTS_VERSION,
         "base": [base.ref, base.revision, base.fingerprint],
@@ -178,7 +188,8 @@ def submit(base: str, tuned: str, options: SubmitOptions | None = None,
                      rank_mode=d.rank, top_k=d.top_k, sketch_rank=d.sketch_rank)
     from raydiff import actors  # Ray is imported only when there is work for it
 
-    actors.run_work(ctx, units, spectra, options.cluster, progress.advanced)
+    with _RAY_WORK:
+        actors.run_work(ctx, units, spectra, options.cluster, progress.advanced)
     commit = store.commit(record, plan)
     resumed = bool(done_units or done_spectra)
     return SubmitResult(record, commit, resumed=resumed, already_complete=False, matching=summarize(plan))

@@ -20,7 +20,7 @@ import pyarrow.fs as pafs
 from raydiff.errors import QueryError
 from raydiff.overlap import and_count_arrow, histogram_arrow
 from raydiff.records import RECORD_KINDS, schema
-from raydiff.store import Store
+from raydiff.store import EVENT_FILE, Store
 
 #: raw table name → (record kind, pattern of its files relative to ``runs/``)
 _RAW = {
@@ -30,6 +30,11 @@ _RAW = {
     "raw_spectrum": ("spectrum", re.compile(r"^[0-9a-f]+/spectra/s\d+\.parquet$")),
     "raw_tensor": ("tensor", re.compile(r"^[0-9a-f]+/tensors\.parquet$")),
     "raw_commit": ("commit", re.compile(r"^[0-9a-f]+/commit\.parquet$")),
+}
+#: raw tables whose files live outside ``runs/`` (``raw_watch_event``: ``raydiff watch``'s log):
+#: name → (record kind, folder under the root, file-name pattern)
+_RAW_ELSEWHERE = {
+    "raw_watch_event": ("watch_event", "watch/events", EVENT_FILE),
 }
 
 
@@ -64,6 +69,12 @@ def connect(store: Store | str) -> duckdb.DuckDBPyConnection:
         paths = sorted(found[name])
         source = pads.dataset(paths, schema=s, format="parquet", filesystem=fs) if paths else s.empty_table()
         con.register(name, source)
+    for name, (kind, folder, pattern) in _RAW_ELSEWHERE.items():
+        s = schema(RECORD_KINDS[kind])
+        sel = pafs.FileSelector(store.path(folder), allow_not_found=True)
+        paths = sorted(i.path for i in fs.get_file_info(sel)
+                       if i.type == pafs.FileType.File and pattern.match(i.base_name))
+        con.register(name, pads.dataset(paths, schema=s, format="parquet", filesystem=fs) if paths else s.empty_table())
     con.create_function("mask_and_count", and_count_arrow,
                         ["VARCHAR", "BLOB", "VARCHAR", "BLOB", "BIGINT"], "BIGINT", type="arrow")
     con.create_function("mask_histogram", histogram_arrow, ["VARCHAR[]", "BLOB[]", "BIGINT"], "BIGINT[]", type="arrow")

@@ -1,0 +1,443 @@
+"""`raydiff watch`: the watch file, the schedule, ticks against a local Hub, and the CLI end to end.
+
+Listing goes through the real ``huggingface_hub`` client to ``tests/fake_hub.py`` on
+127.0.0.1. The tick tests run in-process with a stand-in for ``submit`` (so time and
+failures can be driven exactly); the end-to-end test runs the real command, Ray included.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import raydiff.hub
+from builders import write_checkpoint
+from fake_hub import FakeHub, files_of
+from raydiff.errors import InvalidCheckpoint, InvalidWatchList
+from raydiff.records import CommitRecord
+from raydiff.refs import identify
+from raydiff.schedule import Cron, Every, format_duration, parse_duration
+from raydiff.store import Store
+from raydiff.submit import run_id_for
+from raydiff.views import query
+from raydiff.watch import Retry, load, next_tick, run_forever, tick
+
+TOKEN = "hf_WatchSecretTokenNeverLogged0123456"
+UTC = dt.timezone.utc
+T0 = dt.datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
+
+
+# ------------------------------------------------------------------ the watch file
+
+
+def _write(tmp_path, text, name="watch.toml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+FULL = """
+name = "tulu"
+store = "{store}"
+base = "org/base@main"
+cron = "*/15 * * * *"
+[options]
+atol = 0
+rank = "sketch"
+rename = ["model.language_model.=model."]
+workers = 2
+strict = true
+[retry]
+first = "30s"
+max = "2h"
+[[tuned]]
+repo = "org/tuned-*"
+branches = ["main", "release/*"]
+tags = ["v*"]
+[[tuned]]
+repo = "org/other"
+"""
+
+
+def test_watch_file_is_read_into_one_validated_model(tmp_path):
+    w = load(_write(tmp_path, FULL.format(store=tmp_path / "s")))
+    assert (w.name, w.base, str(w.schedule)) == ("tulu", "org/base@main", "cron '*/15 * * * *' (UTC)")
+    assert [(t.repo, t.branches, t.tags) for t in w.tuned] == [
+        ("org/tuned-*", ("main", "release/*"), ("v*",)), ("org/other", ("main",), ())]
+    assert w.options.store == str(tmp_path / "s") and w.options.strict
+    assert (w.options.diff.atol, w.options.diff.rank, w.options.diff.rename) == (0.0, "sketch", (("model.language_model.", "model."),))
+    assert w.options.cluster.workers == 2
+    assert w.retry == Retry(dt.timedelta(seconds=30), dt.timedelta(hours=2))
+    assert load(_write(tmp_path, FULL.format(store="x")), store="/elsewhere").options.store == "/elsewhere"
+    minimal = load(_write(tmp_path, 'base = "org/b"\nevery = "10m"\n[[tuned]]\nrepo = "org/t"\n', "mini.toml"))
+    assert (minimal.name, minimal.schedule, minimal.retry) == ("mini", Every(dt.timedelta(minutes=10)), Retry())
+
+
+@pytest.mark.parametrize("change, key, words", [
+    (("", "colour = 1\n"), "colour", "unknown key; expected one of name, store, base"),
+    (('base = "org/base@main"', ""), "base", "missing"),
+    (('base = "org/base@main"', 'base = "org/*"'), "base", "neither an existing path nor a Hub id"),
+    (('cron = "*/15 * * * *"', 'cron = "*/15 * * *"'), "cron", "needs 5 fields"),
+    (('cron = "*/15 * * * *"', 'cron = "61 * * * *"'), "cron", "outside 0-59"),
+    (('cron = "*/15 * * * *"', 'cron = "0 0 31 2 *"'), "cron", "never matches"),
+    (('cron = "*/15 * * * *"', 'cron = "*/15 * * * *"\nevery = "1h"'), "every", "exactly one of"),
+    (('cron = "*/15 * * * *"', 'every = "ten minutes"'), "every", "not a duration"),
+    (('rank = "sketch"', 'rank = "svd"'), "options", "rank must be one of exact, sketch, off"),
+    (('workers = 2', 'workers = "2"'), "options.workers", "must be an integer"),
+    (('atol = 0', 'atol = -1'), "options", "atol must be a finite number >= 0, got -1.0"),
+    (('atol = 0', 'top_k = 0'), "options", "top_k must be between 1 and 4096, got 0"),
+    (('workers = 2', 'gpus = 1'), "options.gpus", "unknown key"),
+    (('rename = ["model.language_model.=model."]', 'rename = ["nothing"]'), "options.rename", "OLD=NEW"),
+    (('first = "30s"', 'first = "3h"'), "retry.first", "longer than retry.max"),
+    (('repo = "org/other"', 'repo = "org/other@main"'), "tuned[1].repo", "not a Hub repo id"),
+    (('repo = "org/other"', 'repo = "*/other"'), "tuned[1].repo", "the org part is literal"),
+    (('repo = "org/other"', 'repo = "org/other"\nbranch = "dev"'), "tuned[1].branch", "unknown key"),
+    (('tags = ["v*"]', 'tags = "v*"'), "tuned[0].tags", "list of non-empty strings"),
+    (("[[tuned]]\nrepo = \"org/other\"\n", ""), None, None),  # still valid: one tuned entry left
+])
+def test_every_problem_in_the_watch_file_names_the_file_and_the_key(tmp_path, change, key, words):
+    old, new = change
+    text = FULL.format(store="s")
+    assert old in text
+    p = _write(tmp_path, text.replace(old, new, 1) if old else new + text)
+    if key is None:
+        load(p)
+        return
+    with pytest.raises(InvalidWatchList) as e:
+        load(p)
+    assert str(e.value).startswith(f"{p}: {key}: "), str(e.value)
+    assert words in str(e.value)
+
+
+def test_unreadable_or_broken_toml_is_one_error(tmp_path):
+    with pytest.raises(InvalidWatchList, match="cannot be read"):
+        load(tmp_path / "absent.toml")
+    with pytest.raises(InvalidWatchList, match=r"watch.toml: not valid TOML"):
+        load(_write(tmp_path, "base = \n"))
+
+
+# ------------------------------------------------------------------ the schedule
+
+
+@pytest.mark.parametrize("expr, after, expected", [
+    ("*/15 * * * *", "2025-03-01 12:07", "2025-03-01 12:15"),
+    ("*/15 * * * *", "2025-03-01 12:15", "2025-03-01 12:30"),  # strictly after
+    ("5/20 3-4 * * *", "2025-03-01 04:50", "2025-03-02 03:05"),
+    ("0 9 * * mon-fri", "2025-03-01 12:00", "2025-03-03 09:00"),  # Saturday → Monday
+    ("0 0 1,15 * 7", "2025-03-03 00:00", "2025-03-09 00:00"),  # both day fields set: either (Sunday 9th)
+    ("30 2 29 feb *", "2025-03-01 00:00", "2028-02-29 02:30"),
+    ("@daily", "2025-12-31 23:59", "2026-01-01 00:00"),
+])
+def test_cron_next_after(expr, after, expected):
+    t = dt.datetime.fromisoformat(after).replace(tzinfo=UTC)
+    assert Cron.parse(expr).next_after(t) == dt.datetime.fromisoformat(expected).replace(tzinfo=UTC)
+
+
+_FIELD = st.one_of(st.just("*"), st.integers(1, 20).map(lambda n: f"*/{n}"))
+
+
+@settings(max_examples=60, deadline=None)
+@given(minute=st.one_of(_FIELD, st.integers(0, 59).map(str)), hour=st.one_of(_FIELD, st.integers(0, 23).map(str)),
+       dow=st.one_of(st.just("*"), st.integers(0, 7).map(str)), start=st.integers(0, 10 ** 8))
+def test_cron_next_after_is_the_first_matching_minute(minute, hour, dow, start):
+    cron = Cron.parse(f"{minute} {hour} * * {dow}")
+    t = T0 + dt.timedelta(seconds=start)
+    got = cron.next_after(t)
+    assert got > t and cron.matches(got)
+    probe = t.replace(second=0, microsecond=0) + dt.timedelta(minutes=1)
+    while probe < got:  # nothing scheduled in between (at most a week of minutes)
+        assert not cron.matches(probe), probe
+        probe += dt.timedelta(minutes=1)
+
+
+def test_durations():
+    assert parse_duration("1h30m") == dt.timedelta(minutes=90)
+    for text in ("90s", "1h30m", "2d", "1d1h1m1s"):
+        assert format_duration(parse_duration(text)) == ("1m30s" if text == "90s" else text)
+    assert parse_duration("2d") == dt.timedelta(days=2)
+    for bad in ("", "10", "1x", "0s", "m10"):
+        with pytest.raises(ValueError):
+            parse_duration(bad)
+
+
+def test_back_off_doubles_up_to_its_cap():
+    r = Retry(dt.timedelta(minutes=1), dt.timedelta(minutes=10))
+    assert [r.delay(n).total_seconds() / 60 for n in range(7)] == [0, 1, 2, 4, 8, 10, 10]
+
+
+# ------------------------------------------------------------------ ticks against a local Hub
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> dt.datetime:
+        return self.now
+
+
+class _FakeSubmit:
+    """Stands in for `submit`: commits an empty run under the run id a real one would get."""
+
+    def __init__(self, failing: set[str]) -> None:
+        self.calls: list[tuple[str, str, str]] = []
+        self.failing = failing
+
+    def __call__(self, base, tuned, options):
+        self.calls.append((base, tuned, options.name))
+        if tuned.split("@")[0] in self.failing:
+            raise InvalidCheckpoint(f"{tuned}: model.safetensors is truncated")
+        run_id = run_id_for(identify(base), identify(tuned), options)
+        commit = CommitRecord(run_id, T0, 1, 0, 0, 1, 0, 0)
+        Store(options.store).write(f"runs/{run_id}/commit.parquet", [commit], CommitRecord)
+        return SimpleNamespace(run_id=run_id)
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    """A fake Hub the in-process client talks to (the real HfApi, pointed at it)."""
+    from huggingface_hub import HfApi, constants
+
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    with FakeHub(TOKEN) as h:
+        monkeypatch.setattr(raydiff.hub, "_api", lambda: HfApi(endpoint=h.url))
+        yield h
+
+
+def _blob(i: int) -> dict[str, bytes]:
+    return {"model.safetensors": b"weights %d" % i}
+
+
+def _watch_file(tmp_path, body: str) -> Path:
+    return _write(tmp_path, f'base = "org/base"\nstore = "{tmp_path / "store"}"\nevery = "10m"\n'
+                            f'[retry]\nfirst = "1m"\nmax = "3m"\n{body}')
+
+
+def _summary(report):
+    return [(e.action, e.repo, e.refs, e.outcome, e.attempt) for e in report.events]
+
+
+def test_a_tick_analyses_each_new_commit_once_and_backs_off_what_fails(tmp_path, hub):
+    hub.publish("org/base", _blob(0))
+    old = hub.publish("org/tuned-a", _blob(1), tags=("v1",))
+    hub.publish("org/tuned-a", _blob(2), tags=("v2",))  # main and v2 point at one commit
+    hub.publish("org/tuned-a", _blob(3), branch="dev")  # not watched
+    hub.publish("org/tuned-b", _blob(4), private=True)  # listed only with the token
+    hub.publish("org/bad", _blob(5))
+    hub.publish("org/flaky", _blob(6))
+    hub.fail("/api/models/org/flaky/refs")
+    watch = load(_watch_file(tmp_path, '[[tuned]]\nrepo = "org/tuned-*"\ntags = ["v*"]\n'
+                                       '[[tuned]]\nrepo = "org/bad"\n[[tuned]]\nrepo = "org/flaky"\n'))
+    clock, submit = _Clock(), _FakeSubmit({"org/bad"})
+
+    r1 = tick(watch, submit=submit, clock=clock)
+    assert _summary(r1) == [
+        ("analyse", "org/tuned-a", ("main", "v2"), "started", 1), ("analyse", "org/tuned-a", ("main", "v2"), "complete", 1),
+        ("analyse", "org/tuned-a", ("v1",), "started", 1), ("analyse", "org/tuned-a", ("v1",), "complete", 1),
+        ("analyse", "org/tuned-b", ("main",), "started", 1), ("analyse", "org/tuned-b", ("main",), "complete", 1),
+        ("analyse", "org/bad", ("main",), "started", 1), ("analyse", "org/bad", ("main",), "failed", 1),
+        ("list", "org/flaky", None, "failed", 1)]
+    base_sha = hub.repos["org/base"].branches["main"]
+    assert [c[1:] for c in submit.calls] == [
+        (f"org/tuned-a@{hub.repos['org/tuned-a'].branches['main']}", "tuned-a@main"),
+        (f"org/tuned-a@{old}", "tuned-a@v1"), (f"org/tuned-b@{hub.repos['org/tuned-b'].branches['main']}", "tuned-b@main"),
+        (f"org/bad@{hub.repos['org/bad'].branches['main']}", "bad@main")]
+    assert {c[0] for c in submit.calls} == {f"org/base@{base_sha}"}  # the base pinned to its commit
+    failed = [e for e in r1.events if e.outcome == "failed"]
+    assert [e.retry_at for e in failed] == [T0 + dt.timedelta(minutes=1)] * 2
+    assert "503" in failed[1].error and TOKEN not in failed[1].error
+
+    # same time again: nothing to do, the two failures wait for their back-off
+    r2 = tick(watch, submit=submit, clock=clock)
+    assert (r2.events, r2.up_to_date, len(submit.calls)) == ((), 3, 4)
+    assert sorted((w.action, w.repo, w.failures) for w in r2.waiting) == [("analyse", "org/bad", 1), ("list", "org/flaky", 1)]
+    assert next_tick(watch, r2, clock()) == T0 + dt.timedelta(minutes=1)  # before the 10 min schedule
+
+    # one minute later the Hub answers again; org/bad fails a second time and waits twice as long
+    hub.heal()
+    clock.now = T0 + dt.timedelta(minutes=1)
+    r3 = tick(watch, submit=submit, clock=clock)
+    assert _summary(r3) == [("analyse", "org/bad", ("main",), "started", 2), ("analyse", "org/bad", ("main",), "failed", 2),
+                            ("list", "org/flaky", None, "recovered", 2),
+                            ("analyse", "org/flaky", ("main",), "started", 1), ("analyse", "org/flaky", ("main",), "complete", 1)]
+    assert r3.events[1].retry_at == clock.now + dt.timedelta(minutes=2)
+    clock.now += dt.timedelta(minutes=1)
+    assert tick(watch, submit=submit, clock=clock).events == ()
+    for _ in range(3):  # capped at retry.max = 3m
+        clock.now += dt.timedelta(minutes=3)
+        r = tick(watch, submit=submit, clock=clock)
+        assert r.events[-1].retry_at - r.events[-1].recorded_at == dt.timedelta(minutes=3)
+
+    # the events are in the store, one file each, and in the watch_events view
+    cols, rows = query(str(tmp_path / "store"), "SELECT action, repo, outcome, attempt FROM watch_events "
+                                                "WHERE repo = 'org/bad' ORDER BY recorded_at, attempt, outcome DESC")
+    assert [r[2:] for r in rows] == [("started", 1), ("failed", 1), ("started", 2), ("failed", 2)] + [
+        ("started", n) if i % 2 == 0 else ("failed", n) for n in (3, 4, 5) for i in (0, 1)]
+
+
+def test_a_restart_or_lost_events_never_repeat_an_analysis(tmp_path, hub):
+    hub.publish("org/base", _blob(0))
+    hub.publish("org/tuned", _blob(1))
+    watch = load(_watch_file(tmp_path, '[[tuned]]\nrepo = "org/tuned"\n'))
+    clock, submit = _Clock(), _FakeSubmit(set())
+    assert tick(watch, submit=submit, clock=clock).count("complete") == 1
+    for f in (tmp_path / "store" / "watch").rglob("*.parquet"):
+        f.unlink()  # "already analysed" comes from the runs, not from the log
+    assert tick(watch, submit=submit, clock=clock).up_to_date == 1
+    # published while nobody was watching: found by the next tick
+    hub.publish("org/tuned", _blob(2))
+    r = tick(watch, submit=submit, clock=clock)
+    assert (r.count("complete"), r.up_to_date, len(submit.calls)) == (1, 0, 2)
+    # a new base commit makes every watched revision new again (runs are per base commit)
+    hub.publish("org/base", _blob(3))
+    assert tick(watch, submit=submit, clock=clock).count("complete") == 1
+
+
+def test_the_hub_down_is_recorded_once_per_tick_and_recovers(tmp_path, hub):
+    hub.publish("org/base", _blob(0))
+    hub.publish("org/tuned", _blob(1))
+    watch = load(_watch_file(tmp_path, '[[tuned]]\nrepo = "org/tuned"\n'))
+    clock, submit = _Clock(), _FakeSubmit(set())
+    hub.fail("")
+    r = tick(watch, submit=submit, clock=clock)
+    assert _summary(r) == [("resolve_base", "org/base", None, "failed", 1)]
+    assert "answered HTTP 503" in r.events[0].error
+    hub.heal()
+    clock.now += dt.timedelta(minutes=1)
+    assert _summary(tick(watch, submit=submit, clock=clock))[:2] == [
+        ("resolve_base", "org/base", None, "recovered", 2), ("analyse", "org/tuned", ("main",), "started", 1)]
+
+
+def test_run_forever_ticks_on_schedule_until_stopped(tmp_path, hub):
+    hub.publish("org/base", _blob(0))
+    hub.publish("org/tuned", _blob(1))
+    watch = load(_watch_file(tmp_path, '[[tuned]]\nrepo = "org/tuned"\n'))
+    watch = dataclasses.replace(watch, schedule=Every(dt.timedelta(seconds=1)))
+    stop, ticks = threading.Event(), []
+
+    def on_tick(report, due):
+        ticks.append((report.count("complete"), report.up_to_date, (due - report.started_at).total_seconds()))
+        if len(ticks) == 2:
+            stop.set()
+
+    t0 = time.monotonic()
+    run_forever(watch, on_tick=on_tick, stop=stop, submit=_FakeSubmit(set()))
+    assert ticks == [(1, 0, 1.0), (0, 1, 1.0)]
+    assert 0.9 < time.monotonic() - t0 < 10
+
+
+# ------------------------------------------------------------------ the command, end to end
+
+
+def _pair(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    base = {"model.layers.0.mlp.up_proj.weight": torch.randn(24, 16, generator=g).bfloat16(),
+            "model.norm.weight": torch.randn(16, generator=g).bfloat16()}
+    write_checkpoint(tmp_path / "hub" / "base", base, shards=2)
+    for k in (1, 2, 3, 4):
+        t = {n: v.clone() for n, v in base.items()}
+        t["model.layers.0.mlp.up_proj.weight"][:k] += 1
+        write_checkpoint(tmp_path / "hub" / f"t{k}", t)
+    (tmp_path / "hub" / "broken").mkdir()
+    (tmp_path / "hub" / "broken" / "model.safetensors").write_bytes(b"\x40" + b"\0" * 7 + b"{}")
+
+
+def _read_until(proc: subprocess.Popen, prefix: str, timeout: float) -> list[str]:
+    """stdout lines of ``proc`` up to the first starting with ``prefix`` (read by a thread, so
+    no line waits in a buffer while we wait on the pipe)."""
+    lines: list[str] = []
+    seen = threading.Event()
+
+    def reader() -> None:
+        for line in proc.stdout:
+            lines.append(line.rstrip("\n"))
+            if line.startswith(prefix):
+                seen.set()
+                return
+
+    threading.Thread(target=reader, daemon=True).start()
+    if not seen.wait(timeout):
+        proc.kill()
+        raise AssertionError(f"no {prefix!r} line in {timeout}s: {lines} {proc.stderr.read()}")
+    return lines
+
+
+def test_watch_command_end_to_end(tmp_path):
+    """Long-running watch, stopped by SIGTERM; `--once` after the restart changes nothing; a
+    revision published between two ticks gives exactly one new complete run."""
+    _pair(tmp_path)
+    store = tmp_path / "store"
+    wf = _write(tmp_path, f'base = "org/base@main"\nstore = "{store}"\nevery = "1h"\n'
+                          '[options]\nrank = "off"\nworkers = 1\n[retry]\nfirst = "1h"\n'
+                          '[[tuned]]\nrepo = "org/tuned-*"\ntags = ["v*"]\n[[tuned]]\nrepo = "org/broken"\n')
+    with FakeHub(TOKEN) as hub:
+        hub.publish("org/base", files_of(tmp_path / "hub" / "base"))
+        v1 = hub.publish("org/tuned-a", files_of(tmp_path / "hub" / "t1"), tags=("v1",))
+        hub.publish("org/tuned-a", files_of(tmp_path / "hub" / "t2"))
+        hub.publish("org/tuned-b", files_of(tmp_path / "hub" / "t3"), private=True)
+        hub.publish("org/broken", files_of(tmp_path / "hub" / "broken"))
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "RAY_ADDRESS"))}
+        env.update(HF_ENDPOINT=hub.url, HF_HUB_CACHE=str(tmp_path / "cache"), HF_TOKEN=TOKEN,
+                   HF_HUB_DISABLE_PROGRESS_BARS="1")
+        cmd = [sys.executable, "-m", "raydiff.cli.main", "watch", str(wf)]
+        outputs = []
+
+        # 1. the long-running form: first tick at once, then sleep for an hour; SIGTERM stops it
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        lines = _read_until(proc, "tick ", timeout=120)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0 and err.rstrip().endswith("watch: stopped"), err
+        outputs += lines + [err]
+        assert lines[-1].startswith("tick ") and "3 analysed, 1 failed, 0 up to date" in lines[-1]
+        assert f"org/tuned-a@v1 {v1[:12]}: complete run " in "\n".join(lines)
+        failed = [ln for ln in lines if ln.startswith("org/broken@main") and "failed" in ln]
+        assert len(failed) == 1 and "truncated" in failed[0]
+
+        def once():
+            p = subprocess.run(cmd + ["--once"], env=env, capture_output=True, text=True, timeout=180)
+            assert p.returncode == 0, p.stderr
+            outputs.extend([p.stdout, p.stderr])
+            return p.stdout.strip().splitlines()
+
+        def complete_runs():
+            return query(str(store), "SELECT run_id, name, tuned, tuned_revision FROM runs WHERE status = 'complete' ORDER BY run_id")[1]
+
+        # 2. a restart with nothing new: nothing analysed, the broken revision keeps backing off
+        runs_before = complete_runs()
+        assert len(runs_before) == 3
+        lines = once()
+        assert len(lines) == 1 and "0 analysed, 0 failed, 3 up to date, 1 backing off until" in lines[0], lines
+        assert complete_runs() == runs_before
+
+        # 3. a revision published between two ticks: exactly one new complete run, for it
+        new = hub.publish("org/tuned-b", files_of(tmp_path / "hub" / "t4"))
+        lines = once()
+        assert "1 analysed, 0 failed, 2 up to date, 1 backing off until" in lines[-1], lines  # old main: not watched
+        added = set(complete_runs()) - set(runs_before)
+        assert [(n, t, r) for _, n, t, r in added] == [("tuned-b@main", "org/tuned-b", new)]
+
+        # the store says what happened, and no token went anywhere but the Hub
+        cols, rows = query(str(store), "SELECT action, repo, outcome, run_status FROM watch_events "
+                                       "WHERE outcome <> 'started' ORDER BY recorded_at")
+        assert rows == [("analyse", "org/tuned-a", "complete", "complete")] * 2 + [
+            ("analyse", "org/tuned-b", "complete", "complete"), ("analyse", "org/broken", "failed", None),
+            ("analyse", "org/tuned-b", "complete", "complete")]
+        stored = b"".join(p.read_bytes() for p in store.rglob("*") if p.is_file())
+        assert TOKEN.encode() not in stored and all(TOKEN not in o for o in outputs)
+        assert not any(had_token for _, _, had_token, _ in hub.requests("cdn"))
+        assert any(had_token for _, _, had_token, _ in hub.requests("hub"))
