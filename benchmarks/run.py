@@ -112,7 +112,7 @@ def kernel() -> dict[str, float]:
 def end_to_end(work: Path, small_gb: float, large_gb: float) -> dict[str, float]:
     import ray
 
-    from raydiff.options import DiffOptions, SubmitOptions
+    from raydiff.options import ClusterOptions, DiffOptions, SubmitOptions
     from raydiff.submit import submit
 
     pairs = {}
@@ -137,7 +137,8 @@ def end_to_end(work: Path, small_gb: float, large_gb: float) -> dict[str, float]
         else:
             _read_all(_files(root / "base", root / "tuned"))
         t0 = time.perf_counter()
-        res = submit(str(root / "base"), str(root / "tuned"), SubmitOptions(store=str(store), diff=DiffOptions(rank="off")))
+        res = submit(str(root / "base"), str(root / "tuned"), SubmitOptions(
+            store=str(store), diff=DiffOptions(rank="off"), cluster=ClusterOptions(keep_actors=True)))
         return time.perf_counter() - t0, res
 
     once(pairs["small"], work / "store-warmup", False)  # starts the actor pool, as any second submit finds it

@@ -281,13 +281,13 @@ def _with_connection(store: str, fn: Callable[[Any], T]) -> T:
     import duckdb
 
     from raydiff.errors import QueryError
-    from raydiff.views import connect
+    from raydiff.views import connect, one_line
 
     con = connect(store)
     try:
         return fn(con)
     except duckdb.Error as e:
-        raise QueryError(str(e).strip()) from None
+        raise QueryError(one_line(e)) from None
     finally:
         con.close()
 

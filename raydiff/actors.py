@@ -1,7 +1,8 @@
 """Ray: the only module that imports it. Actors are thin shells around an Executor.
 
 A pool of :class:`DiffActor` is sized to the cluster (one per CPU, or per GPU share when the
-cluster has GPUs) and kept by the driver between submissions. The driver hands out work largest-first, keeps two items in flight per
+cluster has GPUs); it is released when the run ends, or kept for the next submission of this
+process with ``ClusterOptions.keep_actors``. The driver hands out work largest-first, keeps two items in flight per
 actor so none idles between items, and receives only small :class:`~raydiff.execute.Done`
 records: results go from the actors to the store directly.
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Callable, Sequence
 
 import ray
@@ -74,10 +76,13 @@ class DiffActor:
         self._ex = None
 
 
-# The driver keeps its actor pool between submissions (e.g. the demo's seven), since an
-# actor's start — a Ray worker importing torch and loading the compiled kernel — costs
-# 1–3 s, more than diffing a small pair.
+# A driver may keep its actor pool between submissions (the demo's seven), since an actor's
+# start — a Ray worker importing torch and loading the compiled kernel — costs 1–3 s, more
+# than diffing a small pair. Kept actors hold their CPUs, which would starve another driver
+# on the same cluster, so keeping is opt-in. One run at a time drives the pool: two threads
+# building it at once would leak a pool whose actors hold the CPUs the other waits for.
 _pool: dict[str, object] = {}
+_pool_lock = threading.Lock()
 
 
 def _actors(n: int, gpu_share: float) -> list:
@@ -120,9 +125,22 @@ def run_work(ctx: RunContext, units: Sequence[WorkUnit], spectra: Sequence[Spect
     """
     if not units and not spectra:
         return
-    resources = connect(options.address)
-    n, gpu_share = pool_size(resources, options)
-    actors = _actors(n, gpu_share)
+    with _pool_lock:
+        resources = connect(options.address)
+        n, gpu_share = pool_size(resources, options)
+        actors = _actors(n, gpu_share)
+        try:
+            _dispatch(ctx, actors, units, spectra, on_done)
+        finally:
+            if options.keep_actors:
+                ray.get([a.release.remote() for a in actors])
+            else:
+                _drop_pool()
+
+
+def _dispatch(ctx: RunContext, actors: list, units: Sequence[WorkUnit], spectra: Sequence[SpectrumTask],
+              on_done: Callable[[Done], None] | None) -> None:
+    n = len(actors)
     # Longest first: spectra (SVDs) by cost, then units by size.
     work: list[tuple[str, object]] = [("spectrum", s) for s in sorted(spectra, key=lambda s: -s.flops)]
     work += [("unit", u) for u in sorted(units, key=lambda u: -(u.stop - u.start))]
@@ -142,7 +160,6 @@ def run_work(ctx: RunContext, units: Sequence[WorkUnit], spectra: Sequence[Spect
             done = _get(ref)
             if on_done is not None:
                 on_done(done)
-    ray.get([a.release.remote() for a in actors])
 
 
 def _get(ref: ray.ObjectRef) -> Done:

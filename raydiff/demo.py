@@ -16,6 +16,7 @@ base and saves bf16. Everything is seeded; the family is cached in a directory a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -418,6 +419,7 @@ def run_demo(store: str, family_dir: str | None, cluster, log: Callable[[str], N
         from raydiff.errors import InvalidOption
         raise InvalidOption("with an object-store --store, give a local --family-dir for the demo checkpoints")
     fam = build_family(fam_root, config, log)
+    cluster = dataclasses.replace(cluster, keep_actors=True)  # seven submissions in a row
     run_ids = {}
     for name, path in fam.members.items():
         res = submit(str(fam.base), str(path), SubmitOptions(store=store, name=name, diff=DiffOptions(),

@@ -97,11 +97,15 @@ class ClusterOptions:
         address: Ray cluster address; ``None`` uses ``$RAY_ADDRESS`` or starts a local cluster.
         workers: number of diff actors; ``None`` sizes the pool to the cluster's CPUs.
         gpus_per_actor: GPU fraction requested per actor when the cluster has GPUs.
+        keep_actors: keep the actor pool alive after the run for the next submission from
+            this process (saves 1–3 s of actor start per run; the kept actors hold their
+            CPUs/GPUs, so leave it off on a cluster shared with other drivers).
     """
 
     address: str | None = None
     workers: int | None = None
     gpus_per_actor: float = 1.0
+    keep_actors: bool = False
 
     def __post_init__(self) -> None:
         if self.workers is not None and not 1 <= self.workers <= 4096:

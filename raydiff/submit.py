@@ -12,7 +12,6 @@ import datetime as dt
 import hashlib
 import json
 import os
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
@@ -29,11 +28,6 @@ from raydiff.store import Store
 
 #: Bumped when a change to raydiff changes the results of an identical submission.
 RESULTS_VERSION = 1
-
-# One submission at a time drives Ray from this process. raydiff.actors keeps one actor pool
-# per process; two threads building or resizing it at once either leak a pool (whose actors
-# then hold the CPUs the other submission waits for: a hang) or kill the other's actors.
-_RAY_WORK = threading.Lock()
 
 
 def raydiff_version() -> str:
@@ -188,8 +182,7 @@ def submit(base: str, tuned: str, options: SubmitOptions | None = None,
                      rank_mode=d.rank, top_k=d.top_k, sketch_rank=d.sketch_rank)
     from raydiff import actors  # Ray is imported only when there is work for it
 
-    with _RAY_WORK:
-        actors.run_work(ctx, units, spectra, options.cluster, progress.advanced)
+    actors.run_work(ctx, units, spectra, options.cluster, progress.advanced)
     commit = store.commit(record, plan)
     resumed = bool(done_units or done_spectra)
     return SubmitResult(record, commit, resumed=resumed, already_complete=False, matching=summarize(plan))

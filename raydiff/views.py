@@ -88,6 +88,12 @@ def connect(store: Store | str) -> duckdb.DuckDBPyConnection:
     return con
 
 
+def one_line(e: BaseException) -> str:
+    """DuckDB's message without its ``LINE 1:`` excerpt and caret: errors stay one line."""
+    text = str(e).strip()
+    return " ".join(part.strip() for part in text.split("\n\n", 1)[0].splitlines() if part.strip())
+
+
 def query(store: Store | str, sql: str) -> tuple[list[str], list[tuple]]:
     """Run one SQL statement over a store; returns ``(column names, rows)``.
 
@@ -100,7 +106,7 @@ def query(store: Store | str, sql: str) -> tuple[list[str], list[tuple]]:
         cols = [d[0] for d in rel.description] if rel.description else []
         rows = rel.fetchall() if rel.description else []
     except duckdb.Error as e:
-        raise QueryError(str(e).strip()) from None
+        raise QueryError(one_line(e)) from None
     finally:
         con.close()
     return cols, rows
