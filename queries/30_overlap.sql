@@ -28,10 +28,11 @@ CREATE OR REPLACE MACRO _pair_check(a, b) AS (
     SELECT CASE WHEN p IS NULL THEN true ELSE error(p) END FROM (SELECT _pair_problem(a, b) AS p)
 );
 
--- overlap(run_a, run_b): per tensor, the paper's subnetwork overlap between two runs over
--- one base. o1 = |I_a ∩ I_b| / |I_a|, o2 = |I_a ∩ I_b| / |I_b|; the random baselines are
--- those of independent masks with the same densities: o1_random = density of b, etc.
-CREATE OR REPLACE MACRO overlap(run_a, run_b) AS TABLE
+-- _overlap_rows(run_a, run_b): the rows of `overlap` plus the total over all parameters
+-- compared in both runs (is_total; tensor '*'); the ratios are written once, here.
+-- o1 = |I_a ∩ I_b| / |I_a|, o2 = |I_a ∩ I_b| / |I_b|; the random baselines are those of
+-- independent masks with the same densities: o1_random = density of b, o2_random = density of a.
+CREATE OR REPLACE MACRO _overlap_rows(run_a, run_b) AS TABLE
 WITH ids AS (SELECT run_ref(run_a) AS a, run_ref(run_b) AS b),
 ok AS (SELECT _pair_check(a, b) AS ok FROM ids),
 u AS (
@@ -42,28 +43,11 @@ u AS (
     WHERE ok.ok AND ua.run_id = ids.a AND ub.run_id = ids.b
 ),
 t AS (
-    SELECT tensor, sum(numel) AS numel, sum(ca) AS changed_a, sum(cb) AS changed_b, sum(both_) AS "both"
-    FROM u GROUP BY tensor
+    SELECT grouping(tensor) = 1 AS is_total, CASE WHEN grouping(tensor) = 1 THEN '*' ELSE tensor END AS tensor,
+           sum(numel) AS numel, sum(ca) AS changed_a, sum(cb) AS changed_b, sum(both_) AS "both"
+    FROM u GROUP BY GROUPING SETS ((tensor), ())
 )
-SELECT tensor, numel, changed_a, changed_b, "both",
-       "both" / NULLIF(changed_a, 0) AS o1,
-       "both" / NULLIF(changed_b, 0) AS o2,
-       "both" / NULLIF(changed_a + changed_b - "both", 0) AS jaccard,
-       changed_b / NULLIF(numel, 0) AS o1_random,
-       changed_a / NULLIF(numel, 0) AS o2_random,
-       (changed_a / numel) * (changed_b / numel)
-           / NULLIF(changed_a / numel + changed_b / numel - (changed_a / numel) * (changed_b / numel), 0)
-           AS jaccard_random
-FROM t ORDER BY tensor;
-
--- overlap_total(run_a, run_b): the same over all parameters compared in both runs (one row).
-CREATE OR REPLACE MACRO overlap_total(run_a, run_b) AS TABLE
-WITH t AS (
-    SELECT sum(numel) AS numel, sum(changed_a) AS changed_a, sum(changed_b) AS changed_b,
-           sum("both") AS "both"
-    FROM overlap(run_a, run_b)
-)
-SELECT '*' AS tensor, numel, changed_a, changed_b, "both",
+SELECT is_total, tensor, numel, changed_a, changed_b, "both",
        "both" / NULLIF(changed_a, 0) AS o1,
        "both" / NULLIF(changed_b, 0) AS o2,
        "both" / NULLIF(changed_a + changed_b - "both", 0) AS jaccard,
@@ -73,3 +57,13 @@ SELECT '*' AS tensor, numel, changed_a, changed_b, "both",
            / NULLIF(changed_a / numel + changed_b / numel - (changed_a / numel) * (changed_b / numel), 0)
            AS jaccard_random
 FROM t;
+
+-- overlap(run_a, run_b): per tensor compared in both runs, the paper's subnetwork overlap
+-- between two runs over one base, with Jaccard and the random baselines.
+CREATE OR REPLACE MACRO overlap(run_a, run_b) AS TABLE
+SELECT * EXCLUDE (is_total) FROM _overlap_rows(run_a, run_b) WHERE NOT is_total ORDER BY tensor;
+
+-- overlap_total(run_a, run_b): the same over all parameters compared in both runs (one row,
+-- tensor = '*').
+CREATE OR REPLACE MACRO overlap_total(run_a, run_b) AS TABLE
+SELECT * EXCLUDE (is_total) FROM _overlap_rows(run_a, run_b) WHERE is_total;

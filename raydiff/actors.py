@@ -41,9 +41,11 @@ def connect(address: str | None) -> dict[str, float]:
         # is on is dropped, since it would follow every `raydiff submit`.
         logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
             lambda r: not r.getMessage().startswith("Token authentication is enabled for this Ray cluster"))
-        address = address or os.environ.get("RAY_ADDRESS") or None
+        # No address means a new local cluster ("local"): ray.init(None) would instead join any
+        # cluster another process happens to run on this machine (its /tmp/ray session).
+        address = address or os.environ.get("RAY_ADDRESS") or "local"
         kwargs: dict[str, object] = dict(logging_level=logging.WARNING, log_to_driver=False)
-        if address is None:
+        if address == "local":
             kwargs["include_dashboard"] = False
         ray.init(address=address, **kwargs)
     return ray.cluster_resources()

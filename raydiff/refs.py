@@ -62,12 +62,7 @@ def resolve(ref: str) -> Checkpoint:
     """
     if os.path.exists(ref):
         return load_checkpoint(ref)
-    hub = parse_hub_id(ref)
-    if hub is None:
-        raise CheckpointNotFound(
-            f"{ref!r}: no such file or directory, and not a Hub id of the form org/name[@revision]"
-        )
-    repo_id, revision = hub
+    repo_id, revision = _hub_ref(ref)
     path = _hub_snapshot(repo_id, revision)
     return load_checkpoint(path, ref=repo_id, revision=Path(path).name)
 
@@ -91,14 +86,19 @@ def identify(ref: str) -> Identity:
     if os.path.exists(ref):
         ck = load_checkpoint(ref)
         return Identity(ck.ref, ck.revision, ck.fingerprint)
+    repo_id, revision = _hub_ref(ref)
+    sha = resolve_sha(repo_id, revision)
+    return Identity(repo_id, sha, revision_fingerprint(sha))
+
+
+def _hub_ref(ref: str) -> tuple[str, str | None]:
+    """``(repo_id, revision)`` of a reference that is not a local path, or a clear error."""
     hub = parse_hub_id(ref)
     if hub is None:
         raise CheckpointNotFound(
             f"{ref!r}: no such file or directory, and not a Hub id of the form org/name[@revision]"
         )
-    repo_id, revision = hub
-    sha = resolve_sha(repo_id, revision)
-    return Identity(repo_id, sha, revision_fingerprint(sha))
+    return hub
 
 
 def _hub_snapshot(repo_id: str, revision: str | None) -> str:
