@@ -148,3 +148,45 @@ def test_gpu_spectrum_matches_cpu():
     cpu, gpu = spectrum(d, "exact"), spectrum(d.cuda(), "exact")
     assert gpu.device.startswith("cuda") and gpu.rank == cpu.rank
     assert np.allclose(gpu.top_sv, cpu.top_sv, rtol=1e-4)
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_killed_node_mid_run_changes_nothing(tmp_path):
+    import pyarrow.parquet as pq
+    from ray.cluster_utils import Cluster
+
+    b, t = _pair(tmp_path, n_tensors=16, rows=512)
+    opts = DiffOptions(chunk_elems=1024, rank="off")
+    reference = submit(str(b), str(t), SubmitOptions(store=str(tmp_path / "ref"), diff=opts))
+    # spare CPUs, as a real cluster has: the actor of the lost node restarts on another one
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    try:
+        workers = [cluster.add_node(num_cpus=2) for _ in range(2)]
+        cluster.wait_for_nodes()
+        store = tmp_path / "store"
+        proc = subprocess.Popen([sys.executable, "-m", "raydiff.cli.main", "submit", str(b), str(t), "--store",
+                                 str(store), "--chunk-elems", "1024", "--rank", "off", "--workers", "2",
+                                 "--address", cluster.address],
+                                env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        units_dir = store / "runs" / reference.run_id / "units"
+        victim = None
+        deadline = time.time() + 120
+        while victim is None and time.time() < deadline and proc.poll() is None:
+            for f in sorted(units_dir.glob("u*.parquet")) if units_dir.exists() else []:
+                node_id = pq.read_table(f, columns=["node_id"]).column(0)[0].as_py()
+                victim = next((w for w in workers if w.node_id == node_id), None)
+                if victim is not None:
+                    break
+            time.sleep(0.01)
+        assert victim is not None, "no unit ran on a worker node before the run ended"
+        cluster.remove_node(victim)  # the node and every process on it are gone
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+        # Ray itself reports the retried tasks on the driver's stdout, around the run id
+        assert reference.run_id in out.splitlines()
+        _, rows = query(str(store), f"SELECT count(*), count(DISTINCT unit_id), count(DISTINCT node_id) FROM units "
+                                    f"WHERE run_id = '{reference.run_id}'")
+        assert rows[0][0] == rows[0][1] == reference.run.n_units and rows[0][2] >= 2
+        assert _results(str(store), reference.run_id) == _results(str(tmp_path / "ref"), reference.run_id)
+    finally:
+        cluster.shutdown()
