@@ -6,6 +6,7 @@ and exit code 1; ``--debug`` shows the traceback instead.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as dt
 import io
@@ -138,7 +139,10 @@ def _submit(base: str, tuned: str, options: SubmitOptions):
             bar.advanced(done)
 
     try:
-        return submit(base, tuned, options, _P())
+        # stdout carries the run id alone; Ray prints its own notices (task retries after a
+        # lost worker…) on the driver's stdout, so they go to stderr while the run lasts.
+        with contextlib.redirect_stdout(sys.stderr):
+            return submit(base, tuned, options, _P())
     finally:
         bar.stop()
 

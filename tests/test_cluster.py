@@ -182,7 +182,7 @@ def test_killed_node_mid_run_changes_nothing(tmp_path):
         cluster.remove_node(victim)  # the node and every process on it are gone
         out, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err
-        # Ray itself reports the retried tasks on the driver's stdout, around the run id
+        # the run id is on stdout (Ray's retry notices go to stderr while the run lasts)
         assert reference.run_id in out.splitlines()
         _, rows = query(str(store), f"SELECT count(*), count(DISTINCT unit_id), count(DISTINCT node_id) FROM units "
                                     f"WHERE run_id = '{reference.run_id}'")
