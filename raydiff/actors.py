@@ -93,7 +93,9 @@ def _actors(n: int, gpu_share: float) -> list:
         for a in _pool.get("actors", []):
             ray.kill(a, no_restart=True)
         device = "cuda" if gpu_share else "cpu"
-        _pool["actors"] = [DiffActor.options(num_cpus=1, num_gpus=gpu_share).remote(device) for _ in range(n)]
+        # SPREAD: one actor per node before two on one, so every node reads its share of bytes
+        _pool["actors"] = [DiffActor.options(num_cpus=1, num_gpus=gpu_share, scheduling_strategy="SPREAD").remote(device)
+                           for _ in range(n)]
         _pool["key"] = key
     return _pool["actors"]  # type: ignore[return-value]
 

@@ -61,7 +61,9 @@ def test_two_node_cluster_submit_from_a_separate_process(tmp_path):
         assert run_id == reference.run_id
         _, rows = query(store, f"SELECT count(DISTINCT node_id), count(*), count(DISTINCT unit_id) FROM units "
                                f"WHERE run_id = '{run_id}'")
-        assert rows == [(2, reference.run.n_units, reference.run.n_units)]
+        _, placement = query(store, f"SELECT node_id, worker_pid, count(*) FROM units WHERE run_id = '{run_id}' "
+                                    "GROUP BY ALL")
+        assert rows == [(2, reference.run.n_units, reference.run.n_units)], (placement, p.stderr[-2000:])
         assert _results(store, run_id) == _results(str(tmp_path / "single"), run_id)
     finally:
         cluster.shutdown()  # exactly the processes this test started
