@@ -183,6 +183,14 @@ class Store:
     def is_complete(self, run_id: str) -> bool:
         return self.exists(f"{self.run_dir(run_id)}/commit.parquet")
 
+    def commit_record(self, run_id: str) -> CommitRecord | None:
+        """A run's commit record, or ``None`` while the run is incomplete."""
+        rel = f"{self.run_dir(run_id)}/commit.parquet"
+        if not self.exists(rel):
+            return None
+        (commit,) = from_table(self.read(rel, CommitRecord), CommitRecord)
+        return commit
+
     def write_unit(self, rec: UnitRecord) -> None:
         self.write(f"{self.run_dir(rec.run_id)}/units/u{rec.unit_id:08d}.parquet", [rec], UnitRecord)
 
@@ -210,10 +218,7 @@ class Store:
             if not self.exists(f"{d}/run.parquet"):
                 continue
             (run,) = from_table(self.read(f"{d}/run.parquet", RunRecord), RunRecord)
-            commit = None
-            if self.exists(f"{d}/commit.parquet"):
-                (commit,) = from_table(self.read(f"{d}/commit.parquet", CommitRecord), CommitRecord)
-            out.append((run, commit))
+            out.append((run, self.commit_record(info.base_name)))
         return sorted(out, key=lambda rc: rc[0].created_at)
 
     # -- watch events --------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from raydiff.kernel import Criteria
 from raydiff.options import SubmitOptions
 from raydiff.errors import PlanProblem
 from raydiff.plan import MATCH_EXACT, STATUS_OK, Plan, make_plan, summarize
-from raydiff.records import CommitRecord, PlanRecord, RunRecord, from_table
+from raydiff.records import CommitRecord, PlanRecord, RunRecord
 from raydiff.refs import Identity, resolve
 from raydiff.store import Store
 
@@ -166,8 +166,8 @@ def submit(base: str, tuned: str, options: SubmitOptions | None = None,
     )
     store = Store(options.store)
     record = store.begin_run(record, plan_records(run_id, plan))
-    if store.is_complete(run_id):
-        (commit,) = from_table(store.read(f"{store.run_dir(run_id)}/commit.parquet", CommitRecord), CommitRecord)
+    commit = store.commit_record(run_id)
+    if commit is not None:
         return SubmitResult(record, commit, resumed=False, already_complete=True, matching=summarize(plan))
 
     done_units = store.done_units(run_id)
