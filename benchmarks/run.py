@@ -8,8 +8,8 @@ statistics and the compressed mask, at several densities); end-to-end ``submit``
 on two pair sizes, warm and cold, as marginal throughput Δbytes/Δtime (cancels Ray
 start-up); the paper-style baseline on the same pair (safetensors + torch, Δ in bf16,
 ``abs() <= 1e-5``); rank, exact vs sketch, on a planted low-rank + noise matrix; mask
-overlap in bits/s and its extrapolation to 7·10⁹ entries; and peak memory of the driver
-and actors. Throughput counts input bytes: base + tuned.
+overlap in bits/s and its extrapolation to 7·10⁹ entries; peak memory of the driver and
+actors; and, where CUDA is present, the GPU actor's kernel and rank times. Throughput counts input bytes: base + tuned.
 """
 
 from __future__ import annotations
@@ -213,6 +213,55 @@ def rank() -> None:
           f"speed-up {exact.seconds / sketch.seconds:.0f}×")
 
 
+def gpu() -> None:
+    """The GPU actor's paths: torch kernel per unit (host→device copy included, and not) and
+    exact vs sketch rank of a 4096×14336 update — the matrix that takes ~38 s on 2 CPU cores."""
+    import torch
+
+    from raydiff.kernel import Criteria, diff_unit
+    from raydiff.kernel_torch import diff_unit_torch
+    from raydiff.spectrum import spectrum
+
+    if not torch.cuda.is_available():
+        print("gpu: no CUDA device, skipped")
+        return
+    dev = "cuda"
+    print(f"gpu: {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
+    rng = np.random.default_rng(0)
+    n = 1 << 24
+    base = ((rng.standard_normal(n, dtype=np.float32) * 0.02).view(np.uint32) >> 16).astype(np.uint16)
+    for density in (0.0, 0.2):
+        tuned = base.copy()
+        tuned[rng.random(n, dtype=np.float32) < density] += 1
+        got = diff_unit_torch(base, tuned, "BF16", "BF16", "BF16", Criteria(), 4096, device=dev)
+        want = diff_unit(base, tuned, "BF16", "BF16", "BF16", Criteria(), 4096)
+        assert (got.changed, got.changed_bits, got.changed_ladder, got.rows_touched) == \
+               (want.changed, want.changed_bits, want.changed_ladder, want.rows_touched)
+        nbytes = 2 * base.nbytes
+
+        def run():
+            diff_unit_torch(base, tuned, "BF16", "BF16", "BF16", Criteria(), 4096, device=dev)
+            torch.cuda.synchronize()
+
+        host = nbytes / _best(run, 5)
+        print(f"gpu kernel, density {density:4.0%}: one unit from host memory {host / GB:6.2f} GB/s "
+              f"(counts equal the CPU kernel's)")
+    g = torch.Generator().manual_seed(0)
+    m, k, r = 4096, 14336, 64
+    d = (torch.randn(m, r, generator=g) @ torch.randn(r, k, generator=g)) * 1e-3 + torch.randn(m, k, generator=g) * 1e-6
+    dc = d.to(dev)
+    spectrum(dc[:256, :256], "exact")  # cusolver warm-up
+    exact = spectrum(dc, "exact")
+    sketch = spectrum(dc, "sketch", sketch_rank=128)
+    cpu_ref = spectrum(d[:1024], "exact")
+    gpu_ref = spectrum(dc[:1024], "exact")
+    assert cpu_ref.rank == gpu_ref.rank, (cpu_ref.rank, gpu_ref.rank)
+    err = max(abs(a - b) / a for a, b in zip(exact.top_sv[:r], sketch.top_sv[:r]))
+    print(f"gpu rank {m}×{k} fp32, planted rank {r} + noise: exact {exact.seconds:.2f} s (matrix_rank "
+          f"{exact.rank}); sketch-128 {sketch.seconds:.3f} s (top-{r} σ max rel. error {err:.1e}); "
+          f"1024×{k} exact rank CPU {cpu_ref.rank} = GPU {gpu_ref.rank}")
+
+
 def overlap() -> None:
     from raydiff.masks import encode_mask
     from raydiff.overlap import and_count
@@ -234,11 +283,11 @@ def main() -> None:
     ap.add_argument("--large-gb", type=float, default=2.0)
     ap.add_argument("--workdir", default="/tmp/raydiff-bench")
     ap.add_argument("--only", nargs="*", default=None,
-                    help="sections: machine kernel e2e paper rank overlap (default: all)")
+                    help="sections: machine kernel e2e paper rank overlap gpu (default: all)")
     args = ap.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    only = set(args.only or ["machine", "kernel", "e2e", "paper", "rank", "overlap"])
+    only = set(args.only or ["machine", "kernel", "e2e", "paper", "rank", "overlap", "gpu"])
     print(f"raydiff benchmarks on {os.cpu_count()} cores; input bytes = base + tuned")
     if "machine" in only:
         machine(work)
@@ -253,6 +302,8 @@ def main() -> None:
         rank()
     if "overlap" in only:
         overlap()
+    if "gpu" in only:
+        gpu()
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The torch kernel (GPU actors) agrees with the CPU kernel on the same bits."""
+"""The torch paths of GPU actors (diff kernel, spectrum) agree with the CPU ones on the same bits."""
 
 from __future__ import annotations
 
@@ -56,3 +56,14 @@ def test_torch_kernel_takes_the_tolerance_in_bf16(device):
     bits = lambda t: t.view(torch.int16).numpy().view(np.uint16)  # noqa: E731
     r = diff_unit_torch(bits(base), bits(tuned), "BF16", "BF16", "BF16", Criteria(), device=device)
     assert (r.changed_bits, r.changed) == (3, 1)  # as torch's own (tuned - base).abs() <= 1e-5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_gpu_spectrum_matches_cpu():
+    from raydiff.spectrum import spectrum
+
+    g = torch.Generator().manual_seed(0)
+    d = torch.randn(512, 256, generator=g) @ torch.diag(torch.logspace(0, -6, 256))
+    cpu, gpu = spectrum(d, "exact"), spectrum(d.cuda(), "exact")
+    assert gpu.device.startswith("cuda") and gpu.rank == cpu.rank
+    assert np.allclose(gpu.top_sv, cpu.top_sv, rtol=1e-4)
