@@ -164,6 +164,7 @@ def submit(
     address: str | None = typer.Option(None, "--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster)."),
     workers: int | None = typer.Option(None, "--workers", help="Number of diff actors (default: one per CPU, or per GPU share)."),
     gpus_per_actor: float = typer.Option(1.0, "--gpus-per-actor", help="GPU fraction per actor on GPU clusters."),
+    hub_fetch: str = typer.Option("ranges", "--hub-fetch", help="How actors read Hub checkpoints missing from their node's HF cache: ranges (each unit's bytes by HTTP range, no disk) or cache (download each needed shard once into the node's cache)."),
 ) -> None:
     """Diff TUNED against BASE on Ray into the store; prints the run id.
 
@@ -180,7 +181,7 @@ def submit(
         store=_store(store), name=name, strict=strict,
         diff=DiffOptions(atol=atol, rel_eta=rel_eta, rank=rank, top_k=top_k,  # type: ignore[arg-type]
                          sketch_rank=sketch_rank, chunk_elems=chunk_elems, rename=tuple(rules)),
-        cluster=ClusterOptions(address=address, workers=workers, gpus_per_actor=gpus_per_actor),
+        cluster=ClusterOptions(address=address, workers=workers, gpus_per_actor=gpus_per_actor, hub_fetch=hub_fetch),
     ))
     result = _call(lambda: _submit(base, tuned, options))
     c = result.commit

@@ -164,27 +164,7 @@ def parse_header(path: str | os.PathLike[str]) -> ShardHeader:
         with open(p, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             prefix = f.read(8)
-            if len(prefix) < 8:
-                raise InvalidCheckpoint(
-                    f"{where}: file is {size} bytes, too short for a safetensors header; "
-                    "the file is truncated — download or save it again"
-                )
-            (n,) = struct.unpack("<Q", prefix)
-            if (n > MAX_HEADER_BYTES or 8 + n > size) and _looks_pickled(prefix):
-                raise InvalidCheckpoint(
-                    f"{where}: is a pickle (or torch.save zip) under a .safetensors name, not "
-                    f"safetensors; {_PICKLE_ADVICE}"
-                )
-            if n > MAX_HEADER_BYTES:
-                raise InvalidCheckpoint(
-                    f"{where}: header claims {n} bytes, over the {MAX_HEADER_BYTES}-byte limit; "
-                    "this is not a valid safetensors file"
-                )
-            if 8 + n > size:
-                raise InvalidCheckpoint(
-                    f"{where}: header claims {n} bytes but the file has only {size - 8} after the "
-                    "length prefix; the file is truncated — download or save it again"
-                )
+            n = header_length(p, size, prefix)
             raw = f.read(n)
     except FileNotFoundError as e:
         raise CheckpointNotFound(f"{where}: no such file") from e
@@ -192,7 +172,40 @@ def parse_header(path: str | os.PathLike[str]) -> ShardHeader:
         raise InvalidCheckpoint(f"{where}: is a directory, expected a .safetensors file") from e
     except OSError as e:  # a name too long, a symlink loop, no permission, an I/O error
         raise InvalidCheckpoint(f"{where}: cannot be read ({e.strerror or e}); check the file") from None
-    return _parse_header_bytes(p, size, raw)
+    return parse_header_bytes(p, size, raw)
+
+
+def header_length(where: str, size: int, prefix: bytes) -> int:
+    """The header length a safetensors file's 8-byte ``prefix`` declares, checked against the
+    file's ``size`` before any more of it is read (local files and Hub ranges alike).
+
+    Raises:
+        InvalidCheckpoint: too short, a pickle under a .safetensors name, an oversized header,
+            or a header longer than the file.
+    """
+    where = _path(where)
+    if len(prefix) < 8:
+        raise InvalidCheckpoint(
+            f"{where}: file is {size} bytes, too short for a safetensors header; "
+            "the file is truncated — download or save it again"
+        )
+    (n,) = struct.unpack("<Q", prefix[:8])
+    if (n > MAX_HEADER_BYTES or 8 + n > size) and _looks_pickled(prefix):
+        raise InvalidCheckpoint(
+            f"{where}: is a pickle (or torch.save zip) under a .safetensors name, not "
+            f"safetensors; {_PICKLE_ADVICE}"
+        )
+    if n > MAX_HEADER_BYTES:
+        raise InvalidCheckpoint(
+            f"{where}: header claims {n} bytes, over the {MAX_HEADER_BYTES}-byte limit; "
+            "this is not a valid safetensors file"
+        )
+    if 8 + n > size:
+        raise InvalidCheckpoint(
+            f"{where}: header claims {n} bytes but the file has only {size - 8} after the "
+            "length prefix; the file is truncated — download or save it again"
+        )
+    return n
 
 
 def _looks_pickled(prefix: bytes) -> bool:
@@ -220,7 +233,9 @@ def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
     return out
 
 
-def _parse_header_bytes(p: str, size: int, raw: bytes) -> ShardHeader:
+def parse_header_bytes(p: str, size: int, raw: bytes) -> ShardHeader:
+    """Validate a header's JSON bytes (``raw``, after the length prefix) of the file at
+    ``p`` (a path or a Hub location) of ``size`` bytes; :func:`parse_header` without the I/O."""
     where = _path(p)
     try:
         obj = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
@@ -397,30 +412,22 @@ def load_checkpoint(path: str | os.PathLike[str], *, ref: str | None = None,
             "checkpoint directory or a .safetensors file"
         )
     config = None
+    weight_map = None
     if root.is_file():
         if root.suffix in PICKLE_SUFFIXES:
-            raise _pickle_refusal(root)
+            raise _pickle_refusal(str(root))
         files = [root]
         cfg = root.parent / "config.json"
     else:
-        files = _shard_files(root)
+        if _is_file(root / INDEX_NAME):
+            weight_map = index_weight_map(_read_json(root / INDEX_NAME, INDEX_NAME), f"{root}/{INDEX_NAME}")
+        present = [p.name for p in root.iterdir() if p.suffix in PICKLE_SUFFIXES or _is_file(p)]
+        files = [root / n for n in shard_names(str(root), present, weight_map)]
         cfg = root / "config.json"
     if _is_file(cfg):
         c = _read_json(cfg, "config.json")
         config = c if isinstance(c, dict) else None
     shards = tuple(parse_header(f) for f in files)
-    tensors: dict[str, TensorInfo] = {}
-    for shard in shards:
-        for t in shard.tensors:
-            if t.name in tensors:
-                raise InvalidCheckpoint(
-                    f"{_path(root)}: tensor {_show(t.name)} is stored twice, in "
-                    f"{_path(Path(tensors[t.name].file).name)} and {_path(Path(t.file).name)}; "
-                    "the checkpoint is ambiguous — remove one copy"
-                )
-            tensors[t.name] = t
-    if root.is_dir() and _is_file(root / INDEX_NAME):
-        _check_index(root, tensors)
     if revision:
         fingerprint = revision_fingerprint(revision)
     else:
@@ -429,15 +436,42 @@ def load_checkpoint(path: str | os.PathLike[str], *, ref: str | None = None,
             st = f.stat()
             digest.update(f"{f.name}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
         fingerprint = digest.hexdigest()[:32]
-    return Checkpoint(
-        ref=ref or str(root),
-        revision=revision,
-        root=str(root),
-        shards=shards,
-        tensors=dict(sorted(tensors.items())),
-        config=config,
-        fingerprint=fingerprint,
-    )
+    return assemble(ref or str(root), revision, str(root), shards, weight_map, config, fingerprint)
+
+
+def assemble(ref: str, revision: str | None, root: str, shards: tuple[ShardHeader, ...],
+             weight_map: Mapping[str, str] | None, config: Mapping[str, object] | None,
+             fingerprint: str) -> Checkpoint:
+    """A :class:`Checkpoint` from parsed shard headers, local or on the Hub.
+
+    Raises:
+        InvalidCheckpoint: a tensor stored in two shards, or an index that does not match
+            the shards' headers.
+    """
+    tensors: dict[str, TensorInfo] = {}
+    for shard in shards:
+        for t in shard.tensors:
+            if t.name in tensors:
+                raise InvalidCheckpoint(
+                    f"{_path(root)}: tensor {_show(t.name)} is stored twice, in "
+                    f"{_path(_basename(tensors[t.name].file))} and {_path(_basename(t.file))}; "
+                    "the checkpoint is ambiguous — remove one copy"
+                )
+            tensors[t.name] = t
+    if weight_map is not None:
+        for name, shard in weight_map.items():
+            t = tensors.get(name)
+            if t is None or _basename(t.file) != shard:
+                raise InvalidCheckpoint(
+                    f"{_path(root + '/' + INDEX_NAME)}: lists tensor {_show(name)} in {_path(shard)}, but that "
+                    "shard's header does not hold it; the index and shards are from different saves"
+                )
+    return Checkpoint(ref=ref, revision=revision, root=root, shards=shards, tensors=dict(sorted(tensors.items())),
+                      config=config, fingerprint=fingerprint)
+
+
+def _basename(file: str) -> str:
+    return file.rsplit("/", 1)[-1]
 
 
 _PICKLE_ADVICE = (
@@ -447,74 +481,89 @@ _PICKLE_ADVICE = (
 )
 
 
-def _pickle_refusal(path: Path) -> UnsupportedFormat:
+def _pickle_refusal(path: str) -> UnsupportedFormat:
     return UnsupportedFormat(f"{_path(path)}: is a pickle checkpoint; {_PICKLE_ADVICE}")
 
 
-def _index_weight_map(root: Path) -> dict[str, str]:
-    where = _path(root / INDEX_NAME)
-    index = _read_json(root / INDEX_NAME, INDEX_NAME)
+def index_weight_map(index: object, where: str) -> dict[str, str]:
+    """The validated ``weight_map`` (tensor name → shard file name) of a parsed index JSON.
+
+    Args:
+        index: the parsed ``model.safetensors.index.json``.
+        where: its path or Hub location, for messages.
+
+    Raises:
+        InvalidCheckpoint: no weight_map, a shard name that is not a plain file name (a
+            path outside the checkpoint), or a shard that is not ``.safetensors``.
+        UnsupportedFormat: a shard is a pickle.
+    """
     wm = index.get("weight_map") if isinstance(index, dict) else None
+    shown = _path(where)
     if not isinstance(wm, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in wm.items()):
         raise InvalidCheckpoint(
-            f"{where}: has no weight_map of tensor name → shard file; the index is corrupt — download it again"
+            f"{shown}: has no weight_map of tensor name → shard file; the index is corrupt — download it again"
         )
+    folder = where.rsplit("/", 1)[0]
     for shard in sorted(set(wm.values())):
         if shard != os.path.basename(shard) or shard in ("", ".", "..") or "\\" in shard or "\0" in shard:
             raise InvalidCheckpoint(
-                f"{where}: shard name {_show(shard)} is not a plain file name in the "
+                f"{shown}: shard name {_show(shard)} is not a plain file name in the "
                 "checkpoint directory; refusing to read outside it"
             )
         if not shard.endswith(".safetensors"):
             if shard.endswith(PICKLE_SUFFIXES):
-                raise _pickle_refusal(root / shard)
-            raise InvalidCheckpoint(f"{where}: shard {_show(shard)} is not a .safetensors file")
+                raise _pickle_refusal(f"{folder}/{shard}")
+            raise InvalidCheckpoint(f"{shown}: shard {_show(shard)} is not a .safetensors file")
     return wm
 
 
-def _shard_files(root: Path) -> list[Path]:
-    if _is_file(root / INDEX_NAME):
-        wm = _index_weight_map(root)
-        files = [root / s for s in sorted(set(wm.values()))]
+def shard_names(root: str, present: list[str], weight_map: Mapping[str, str] | None) -> list[str]:
+    """Which of the files ``present`` in a checkpoint (local directory or Hub commit ``root``)
+    hold its tensors: the index's shards, else ``model.safetensors``, else every
+    ``*.safetensors`` file (any names), sorted.
+
+    Raises:
+        InvalidCheckpoint: the index names a shard that is not present.
+        UnsupportedFormat: only pickle checkpoints are present.
+        CheckpointNotFound: no safetensors files at all.
+    """
+    have = set(present)
+    if weight_map is not None:
+        files = sorted(set(weight_map.values()))
         for f in files:
-            if not _is_file(f):
+            if f not in have:
                 raise InvalidCheckpoint(
-                    f"{_path(root / INDEX_NAME)}: names shard {_path(f.name)}, which is missing from "
+                    f"{_path(root + '/' + INDEX_NAME)}: names shard {_path(f)}, which is missing from "
                     f"{_path(root)}; the download is incomplete — fetch the missing shard"
                 )
         return files
-    if _is_file(root / SINGLE_NAME):
-        return [root / SINGLE_NAME]
-    files = sorted(p for p in root.iterdir() if p.suffix == ".safetensors" and p.is_file())
+    if SINGLE_NAME in have:
+        return [SINGLE_NAME]
+    files = sorted(n for n in have if n.endswith(".safetensors") and "/" not in n)
     if files:
         return files
-    pickles = sorted(p for p in root.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    pickles = sorted(n for n in have if n.endswith(PICKLE_SUFFIXES) and "/" not in n)
     if pickles:
-        raise _pickle_refusal(pickles[0])
+        raise _pickle_refusal(f"{root}/{pickles[0]}")
     raise CheckpointNotFound(
         f"{_path(root)}: holds no .safetensors files (expected {SINGLE_NAME} or {INDEX_NAME} and shards)"
     )
 
 
-def _check_index(root: Path, tensors: Mapping[str, TensorInfo]) -> None:
-    for name, shard in _index_weight_map(root).items():
-        t = tensors.get(name)
-        if t is None or Path(t.file).name != shard:
-            raise InvalidCheckpoint(
-                f"{_path(root / INDEX_NAME)}: lists tensor {_show(name)} in {_path(shard)}, but that shard's "
-                "header does not hold it; the index and shards are from different saves"
-            )
-
-
 class TensorReader:
-    """Zero-copy reads of tensor bytes through read-only memory maps, one per file.
+    """Reads of tensor bytes: zero-copy through read-only memory maps, one per file.
+
+    Hub files (``hf://`` locations) are read through ``hub``, a
+    :class:`raydiff.remote.HubFiles`: memory-mapped from the node's Hugging Face cache
+    when the file is there, else fetched by byte range into memory.
 
     Example:
         >>> r = TensorReader(); raw = r.read(info, 0, info.numel)  # doctest: +SKIP
     """
 
-    def __init__(self) -> None:
+    def __init__(self, hub: object | None = None) -> None:
         self._maps: dict[str, mmap.mmap] = {}
+        self._hub = hub
 
     def _map(self, path: str) -> mmap.mmap:
         m = self._maps.get(path)
@@ -527,13 +576,24 @@ class TensorReader:
     def read(self, info: TensorInfo, start: int, stop: int) -> np.ndarray:
         """The raw stored bits of elements ``[start, stop)`` (flat) of a tensor.
 
-        Returns a read-only array of unsigned integers of the dtype's width, backed by
-        the page cache (no copy).
+        Returns a read-only array of unsigned integers of the dtype's width: backed by the
+        page cache (no copy) for local files, by one buffer per call for Hub ranges.
         """
         d = DTYPES[info.dtype]
-        m = self._map(info.file)
         off = info.offset + start * d.itemsize
         count = stop - start
+        path = info.file
+        if path.startswith("hf://"):
+            if self._hub is None:
+                from raydiff.remote import HubAccess, HubFiles
+
+                self._hub = HubFiles(HubAccess())
+            local = self._hub.local_path(path)
+            if local is None:
+                data = self._hub.read(path, off, off + count * d.itemsize, f"tensor {_show(info.name)}")
+                return np.frombuffer(data, dtype=np.dtype(d.bits), count=count)
+            path = local
+        m = self._map(path)
         if off + count * d.itemsize > len(m):
             raise InvalidCheckpoint(
                 f"{_path(info.file)}: tensor {_show(info.name)} extends past the end of the file; "

@@ -19,6 +19,7 @@ from raydiff.checkpoint import TensorReader
 from raydiff.kernel import Criteria, decode, diff_unit, round_to
 from raydiff.plan import SpectrumTask, WorkUnit
 from raydiff.records import SpectrumRecord, UnitRecord
+from raydiff.remote import HubAccess, HubFiles
 from raydiff.spectrum import spectrum
 from raydiff.store import Store
 
@@ -49,6 +50,7 @@ class RunContext:
     rank_mode: str
     top_k: int
     sketch_rank: int
+    hub: HubAccess | None = None  # set when a checkpoint is read from the Hub
 
 
 @dataclass(frozen=True)
@@ -73,7 +75,7 @@ class Executor:
         self.node_id = node_id
         self.device = device
         self.store = Store(ctx.store_root)
-        self.reader = TensorReader()
+        self.reader = TensorReader(HubFiles(ctx.hub) if ctx.hub else None)
 
     def unit(self, u: WorkUnit) -> Done:
         """Diff one unit and write its :class:`UnitRecord`."""

@@ -89,6 +89,10 @@ class DiffOptions:
         return asdict(self)
 
 
+#: How actors read Hub files (see :attr:`ClusterOptions.hub_fetch`).
+HUB_FETCH = ("ranges", "cache")
+
+
 @dataclass(frozen=True)
 class ClusterOptions:
     """Options that change how a run executes but never its results.
@@ -100,18 +104,25 @@ class ClusterOptions:
         keep_actors: keep the actor pool alive after the run for the next submission from
             this process (saves 1–3 s of actor start per run; the kept actors hold their
             CPUs/GPUs, so leave it off on a cluster shared with other drivers).
+        hub_fetch: how actors read Hub checkpoints not already in their node's Hugging Face
+            cache: ``ranges`` (each unit's bytes by HTTP range, nothing written to disk) or
+            ``cache`` (each needed shard downloaded once into the node's cache, for
+            checkpoints analysed again and again, such as a watched base).
     """
 
     address: str | None = None
     workers: int | None = None
     gpus_per_actor: float = 1.0
     keep_actors: bool = False
+    hub_fetch: str = "ranges"
 
     def __post_init__(self) -> None:
         if self.workers is not None and not 1 <= self.workers <= 4096:
             raise InvalidOption(f"--workers must be between 1 and 4096, got {self.workers}")
         if not 0 < self.gpus_per_actor <= 8:
             raise InvalidOption(f"--gpus-per-actor must be in (0, 8], got {self.gpus_per_actor}")
+        if self.hub_fetch not in HUB_FETCH:
+            raise InvalidOption(f"--hub-fetch must be one of {', '.join(HUB_FETCH)}, got {self.hub_fetch!r}")
 
 
 @dataclass(frozen=True)

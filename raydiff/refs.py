@@ -2,6 +2,13 @@
 
 A reference is a local path (directory in Hugging Face layout, or one ``.safetensors``
 file) or a Hub id ``org/name[@revision]``. Local paths win when both readings are possible.
+
+A Hub checkpoint is planned from what the Hub says about one commit, reading no tensor
+byte: the file list (one API call, which also turns a branch or tag into the commit sha),
+the index and ``config.json`` (small files, through the standard cache), and each shard's
+header by HTTP range (:func:`raydiff.remote.read_header_bytes`). Its tensors are located
+at ``hf://org/name@<sha>/<shard>``; the actors fetch their own bytes from there. Under
+``HF_HUB_OFFLINE`` the checkpoint is read from the local Hugging Face cache instead.
 """
 
 from __future__ import annotations
@@ -11,13 +18,28 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from raydiff.checkpoint import Checkpoint, load_checkpoint, revision_fingerprint
-from raydiff.errors import CheckpointNotFound
-from raydiff.hub import hub_errors, resolve_sha
+from concurrent.futures import ThreadPoolExecutor
+
+from raydiff.checkpoint import (
+    INDEX_NAME,
+    Checkpoint,
+    _read_json,
+    assemble,
+    index_weight_map,
+    load_checkpoint,
+    parse_header_bytes,
+    revision_fingerprint,
+    shard_names,
+)
+from raydiff.errors import CheckpointNotFound, HubError
+from raydiff.hub import _api, hub_errors, is_sha, resolve_sha
+from raydiff.remote import location, read_header_bytes
 
 _HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[\w./-]+))?$")
-#: Files fetched for a Hub checkpoint: weights, index and config — never pickles.
+#: Files taken from the cache for a Hub checkpoint offline: weights, index and config — never pickles.
 HUB_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "config.json"]
+#: Shard headers read at once when planning a Hub checkpoint.
+HEADER_READERS = 8
 
 
 @dataclass(frozen=True)
@@ -63,8 +85,12 @@ def resolve(ref: str) -> Checkpoint:
     if os.path.exists(ref):
         return load_checkpoint(ref)
     repo_id, revision = _hub_ref(ref)
-    path = _hub_snapshot(repo_id, revision)
-    return load_checkpoint(path, ref=repo_id, revision=Path(path).name)
+    from huggingface_hub import constants
+
+    if constants.is_offline_mode():
+        path = _hub_snapshot(repo_id, revision)
+        return load_checkpoint(path, ref=repo_id, revision=Path(path).name)
+    return _hub_checkpoint(repo_id, revision)
 
 
 def identify(ref: str) -> Identity:
@@ -101,8 +127,43 @@ def _hub_ref(ref: str) -> tuple[str, str | None]:
     return hub
 
 
+def _hub_checkpoint(repo_id: str, revision: str | None) -> Checkpoint:
+    """A Hub commit planned from its file list, index, config and shard headers (by range)."""
+    from huggingface_hub import hf_hub_download
+
+    api = _api()
+    with hub_errors(repo_id, revision):
+        info = api.model_info(repo_id, revision=revision)
+    sha = info.sha
+    if not is_sha(sha):
+        raise HubError(f"{repo_id}@{revision or 'main'}: the Hub gave no commit sha for it; check HF_ENDPOINT")
+    root = location(repo_id, sha, "").rstrip("/")
+    names = [s.rfilename for s in (info.siblings or [])]
+
+    def small_json(name: str) -> object:
+        with hub_errors(repo_id, revision):
+            path = hf_hub_download(repo_id, name, revision=sha, endpoint=api.endpoint)
+        return _read_json(Path(path), name)
+
+    weight_map = None
+    if INDEX_NAME in names:
+        weight_map = index_weight_map(small_json(INDEX_NAME), f"{root}/{INDEX_NAME}")
+    files = shard_names(root, names, weight_map)
+    config = small_json("config.json") if "config.json" in names else None
+
+    def header(name: str):
+        loc = location(repo_id, sha, name)
+        size, _, raw = read_header_bytes(loc, api.endpoint, revision=revision)
+        return parse_header_bytes(loc, size, raw)
+
+    with ThreadPoolExecutor(min(HEADER_READERS, max(len(files), 1))) as pool:
+        shards = tuple(pool.map(header, files))
+    return assemble(repo_id, sha, root, shards, weight_map, config if isinstance(config, dict) else None,
+                    revision_fingerprint(sha))
+
+
 def _hub_snapshot(repo_id: str, revision: str | None) -> str:
-    """Local snapshot directory of a Hub revision: from the HF cache, else downloaded.
+    """Local snapshot directory of a Hub revision in the HF cache (offline mode).
 
     Honours ``HF_HUB_OFFLINE``, ``HF_HOME``/``HF_HUB_CACHE``, ``HF_ENDPOINT`` and
     ``HF_TOKEN`` exactly as ``huggingface_hub`` does. Fetches only :data:`HUB_PATTERNS`.

@@ -24,6 +24,7 @@ from raydiff.errors import PlanProblem
 from raydiff.plan import MATCH_EXACT, STATUS_OK, Plan, make_plan, summarize
 from raydiff.records import CommitRecord, PlanRecord, RunRecord
 from raydiff.refs import Identity, resolve
+from raydiff.remote import HubAccess, is_remote
 from raydiff.store import Store
 
 #: Bumped when a change to raydiff changes the results of an identical submission.
@@ -178,8 +179,13 @@ def submit(base: str, tuned: str, options: SubmitOptions | None = None,
         run=record, units_total=len(plan.units), units_todo=len(units), bytes_total=plan.input_bytes,
         bytes_todo=sum(u.nbytes for u in units), spectra_total=len(plan.spectra), spectra_todo=len(spectra),
     ))
+    hub = None
+    if any(ck.revision and is_remote(ck.root) for ck in (base_ck, tuned_ck)):
+        from raydiff.hub import _api
+
+        hub = HubAccess(endpoint=_api().endpoint, fetch=options.cluster.hub_fetch)
     ctx = RunContext(run_id=run_id, store_root=store.root, criteria=Criteria(d.atol, d.rel_eta),
-                     rank_mode=d.rank, top_k=d.top_k, sketch_rank=d.sketch_rank)
+                     rank_mode=d.rank, top_k=d.top_k, sketch_rank=d.sketch_rank, hub=hub)
     from raydiff import actors  # Ray is imported only when there is work for it
 
     actors.run_work(ctx, units, spectra, options.cluster, progress.advanced)

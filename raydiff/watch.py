@@ -113,7 +113,7 @@ _TUNED_KEYS = ("repo", "branches", "tags")
 _RETRY_KEYS = ("first", "max")
 _DIFF_KEYS = {"atol": float, "rel_eta": float, "rank": str, "top_k": int, "sketch_rank": int,
               "chunk_elems": int, "rename": list}
-_CLUSTER_KEYS = {"address": str, "workers": int, "gpus_per_actor": float}
+_CLUSTER_KEYS = {"address": str, "workers": int, "gpus_per_actor": float, "hub_fetch": str}
 _OPTION_KEYS = {**_DIFF_KEYS, **_CLUSTER_KEYS, "strict": bool}
 _FLAG = re.compile(r"--([a-z][a-z-]*)")
 

@@ -17,8 +17,8 @@ Served (``{repo}`` is ``org/name``, ``{rev}`` a branch, tag or sha, URL-quoted):
   ``Content-Length``; LFS files answer ``302`` to the CDN with ``X-Linked-Etag`` (sha256)
   and ``X-Linked-Size``, like the real Hub;
 - ``HEAD``/``GET /cdn/{sha256}`` on the CDN port — the bytes, with ``Range`` support
-  (``drop_once`` breaks a download off 4 KiB before its end; past 10 MiB, the client
-  resumes it with ``Range``).
+  (``drop_once`` breaks the next body over 1 KiB of that blob off halfway, whole file or
+  range).
 
 Errors carry the ``X-Error-Code`` headers ``huggingface_hub`` maps to its exceptions:
 ``RepoNotFound`` (401 for a private repo without the right token, 404 for an unknown one),
@@ -284,22 +284,24 @@ class _Handler(BaseHTTPRequestHandler):
         if data is None:
             return self._send(404, b"not found", head=head)
         headers = {"ETag": f'"{m[1]}"', "Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"}
+        status, start, stop = 200, 0, len(data)
         rng = re.match(r"^bytes=(\d+)-(\d*)$", self.headers.get("Range", ""))
         if rng:
             start = int(rng[1])
             stop = min(int(rng[2]) + 1 if rng[2] else len(data), len(data))
             if start >= len(data):
                 return self._send(416, b"", {"Content-Range": f"bytes */{len(data)}"}, head)
+            status = 206
             headers["Content-Range"] = f"bytes {start}-{stop - 1}/{len(data)}"
-            return self._send(206, data[start:stop], headers, head)
-        if m[1] in self.fake.drop_once and not head:  # a connection lost mid-body: the client resumes with Range
+        body = data[start:stop]
+        if m[1] in self.fake.drop_once and not head and len(body) > 1024:  # a connection lost mid-body
             self.fake.drop_once.discard(m[1])
-            self.send_response(200)
-            for k, v in {**headers, "Content-Length": str(len(data))}.items():
+            self.send_response(status)
+            for k, v in {**headers, "Content-Length": str(len(body))}.items():
                 self.send_header(k, v)
             self.end_headers()
-            self.wfile.write(data[:-4096])  # the client keeps what it got in 10 MiB chunks
+            self.wfile.write(body[:len(body) // 2])
             self.wfile.flush()
             self.close_connection = True
             return
-        self._send(200, data, headers, head)
+        self._send(status, body, headers, head)

@@ -27,7 +27,7 @@ from typer.testing import CliRunner
 
 import raydiff.checkpoint as checkpoint
 from builders import ref_diff, write_checkpoint
-from raydiff.checkpoint import DTYPES, ShardHeader, _parse_header_bytes, parse_header
+from raydiff.checkpoint import DTYPES, ShardHeader, parse_header_bytes, parse_header
 from raydiff.cli.main import app
 from raydiff.errors import InvalidCheckpoint
 from raydiff.views import query
@@ -701,14 +701,14 @@ def _encode(obj: object, ascii_only: bool) -> bytes:
 @settings(max_examples=400, deadline=None)
 @given(raw=st.binary(max_size=300) | _soup, slack=st.integers(0, 200))
 def test_header_parser_bytes_never_crash(raw, slack):
-    _parses_or_refuses(lambda: _parse_header_bytes("f.safetensors", 8 + len(raw) + slack, raw))
+    _parses_or_refuses(lambda: parse_header_bytes("f.safetensors", 8 + len(raw) + slack, raw))
 
 
 @settings(max_examples=400, deadline=None)
 @given(obj=_header, ascii_only=st.booleans(), slack=st.integers(0, 200), pad=st.integers(0, 7))
 def test_header_parser_json_never_crash(obj, ascii_only, slack, pad):
     raw = _encode(obj, ascii_only) + b" " * pad
-    _parses_or_refuses(lambda: _parse_header_bytes("f.safetensors", 8 + len(raw) + slack, raw))
+    _parses_or_refuses(lambda: parse_header_bytes("f.safetensors", 8 + len(raw) + slack, raw))
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
