@@ -154,6 +154,9 @@ def cutoff(t: float, dtype: str) -> np.floating:
     return np.array([lo], np.uint32).view(np.float32)[0]
 
 
+_NO_LUT = np.zeros(0, np.float32)
+
+
 @cache
 def _lut(dtype: str) -> np.ndarray:
     return decode(np.arange(1 << 16, dtype=np.uint16), dtype).astype(np.float32)
@@ -284,10 +287,9 @@ def _diff_fused(base: np.ndarray, tuned: np.ndarray, dtype: str, criteria: Crite
     rows = np.zeros(n // row_len if row_len else 0, np.uint8)
     cols = np.zeros(row_len, np.uint8)
     eta = np.float32(criteria.rel_eta)
-    if dtype == "F32":
-        f.diff32(base, tuned, cuts, eta, row_len, counts, stats, mask, rows, cols)
-    else:
-        f.diff16(base, tuned, _lut(dtype), cuts, eta, row_len, counts, stats, mask, rows, cols)
+    loop = {"BF16": f.diff_bf16, "F16": f.diff_f16, "F32": f.diff_f32}[dtype]
+    lut = _lut(dtype) if dtype == "F16" else _NO_LUT  # BF16 and F32 decode by bit cast
+    loop(base, tuned, lut, cuts, eta, row_len, counts, stats, mask, rows, cols)
     changed = int(counts[f.C_CUTS])
     codec, payload = encode_packed(mask, changed)
     rows_touched = cols_bitmap = None

@@ -138,3 +138,47 @@ def test_spectrum_matches_torch_matrix_rank_and_sketch_finds_planted_rank():
     assert sk.rank is None and sk.rank_cutoffs == ex.rank_cutoffs == (16, 16, 16)
     assert sk.top_sv[:16] == pytest.approx(ex.top_sv[:16], rel=1e-3)
     assert spectrum(torch.zeros(3, 4), "exact").rank == 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(dtype=st.sampled_from(["BF16", "F16", "F32"]), seed=st.integers(0, 2**31), rows=st.integers(1, 90),
+       cols=st.sampled_from([1, 3, 8, 13, 64, 70, 4096, 5000]), density=st.sampled_from([0.0, 0.002, 0.05, 0.6]),
+       quiet_rows=st.floats(0, 1), wild=st.integers(0, 20), as_rows=st.booleans())
+def test_blocked_loop_matches_numpy_across_blocks_rows_and_columns(dtype, seed, rows, cols, density, quiet_rows,
+                                                                   wild, as_rows):
+    """Many blocks (rows, or 4096-entry blocks of a 1-D unit), rows of any length (not only
+    multiples of 8), blocks with no change, NaN/Inf/huge values: every count, the mask, the
+    touched rows and columns and all sums equal the numpy/torch reference."""
+    rng = np.random.default_rng(seed)
+    t = _TORCH[dtype]
+    base = (torch.from_numpy(rng.standard_normal((rows, cols), dtype=np.float32)) * 0.02).to(t)
+    tuned = base.clone()
+    move = torch.from_numpy((rng.random((rows, cols)) < density) & (rng.random((rows, 1)) >= quiet_rows))
+    tuned[move] = (tuned[move].double() + torch.from_numpy(rng.choice([-1, 1], int(move.sum())) *
+                                                           10.0 ** rng.uniform(-9, -2, int(move.sum())))).to(t)
+    bits = tuned.view(torch.uint8).numpy().view(_UINT[tuned.element_size()]).reshape(-1)
+    hits = rng.integers(0, bits.size, wild)
+    bits[hits] = rng.integers(0, np.iinfo(bits.dtype).max, wild, dtype=bits.dtype, endpoint=True)  # any pattern
+    row_len = cols if as_rows else 0
+    base, tuned = base.reshape(-1), tuned.reshape(-1)  # the reference's rank needs no NaN-free 2-D Δ
+    r = _check(base, tuned, dtype, dtype, dtype, row_len=row_len)
+    ref = ref_diff(base, tuned)
+    assert r.sum_sq_base == pytest.approx(ref["base_fro"] ** 2, rel=1e-9, nan_ok=True)
+    if r.changed_bits:
+        assert r.sum_abs_delta == pytest.approx(ref["mean_abs_delta"] * base.numel(), rel=1e-6)
+    if as_rows:
+        grid = ref["mask"].reshape(rows, cols)
+        assert r.rows_touched == int(grid.any(axis=1).sum())
+        want_cols = np.packbits(grid.any(axis=0), bitorder="little").tobytes() if r.changed else b""
+        assert r.cols_bitmap == want_cols
+
+
+@pytest.mark.parametrize("dtype", ["BF16", "F32"])
+def test_a_delta_that_overflows_the_dtype_is_summed_in_float64(dtype):
+    big = 3.0e38  # finite in both dtypes; big - (-big) is not
+    base = torch.tensor([big, 1.0, -big, 2.0], dtype=torch.float32).to(_TORCH[dtype])
+    tuned = torch.tensor([-big, 1.0, big, 2.5], dtype=torch.float32).to(_TORCH[dtype])
+    r = _check(base, tuned, dtype, dtype, dtype)
+    b, w = float(base[0]), float(tuned[0])
+    assert (r.changed_bits, r.changed, r.nonfinite) == (3, 3, 0)
+    assert r.max_abs_delta == abs(w - b) and r.sum_abs_delta == 2 * abs(w - b) + 0.5
