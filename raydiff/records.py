@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import types
 import typing
 from dataclasses import dataclass, field
@@ -233,6 +234,7 @@ def _arrow_type(tp: Any) -> tuple[pa.DataType, bool]:
     return simple[tp], nullable
 
 
+@functools.cache
 def schema(kind: type) -> pa.Schema:
     """The Parquet schema of a record class, with each field's doc as metadata.
 

@@ -126,13 +126,13 @@ class Store:
         if self.is_local:
             tmp = f"{full}.tmp-{uuid.uuid4().hex}"
             try:
-                pq.write_table(table, tmp, filesystem=fs, compression="zstd")
+                _write_parquet(table, tmp, fs)
                 os.replace(tmp, full)
             finally:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
         else:
-            pq.write_table(table, full, filesystem=fs, compression="zstd")
+            _write_parquet(table, full, fs)
 
     def read(self, rel: str, kind: type, columns: list[str] | None = None) -> pa.Table:
         try:
@@ -328,3 +328,12 @@ def _aggregate(run_id: str, plan: Plan, units: pa.Table | None,
             top_sv=tuple(s["top_sv"]) if s else None,
         ))
     return out
+
+
+def _write_parquet(table: pa.Table, path: str, fs: pafs.FileSystem) -> None:
+    """zstd for everything but binary columns: the masks in them are zstd already, and
+    Parquet's statistics and dictionary of a megabyte-sized value only cost time."""
+    plain = [f.name for f in table.schema if not pa.types.is_binary(f.type)]
+    pq.write_table(table, path, filesystem=fs,
+                   compression={f.name: "zstd" if f.name in plain else "none" for f in table.schema},
+                   use_dictionary=plain, write_statistics=plain)
