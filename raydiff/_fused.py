@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import numpy as np
 from llvmlite import ir
-from numba import literally, njit, types
-from numba.extending import intrinsic
+from numba import njit, types
+from numba.extending import intrinsic, overload
 
 #: Number of cut-offs the loop takes: the run's atol (the mask) and the 5-step ladder.
 N_CUTS = 6
@@ -36,9 +36,6 @@ _FLAGS = {"reassoc", "contract", "nsz", "arcp"}  # vectorise reductions; NaN/Inf
 _BLOCK = 4096  # elements per block of a 1-D tensor (rows are blocks of ≥ 2-D tensors)
 _FMAX = np.float32(3.4028234663852886e38)
 _PACK = np.uint64(0x0102040810204080)  # 8 bytes of 0/1 → one LSB-first byte, by one multiply
-
-# decode kinds
-BF16, F16, F32 = 0, 1, 2
 
 
 @intrinsic
@@ -57,13 +54,24 @@ def _as_i32(typingctx, x):
     return types.int32(types.float32), codegen
 
 
-@njit(inline="always")
-def _value(u, kind, lut):
-    if kind == BF16:
-        return _as_f32(np.uint32(u) << np.uint32(16))
-    if kind == F32:
-        return _as_f32(np.uint32(u))
-    return lut[u]
+#: Decode tags, one per dtype :func:`diff` handles. The *type* of the tag picks the decode
+#: when numba compiles (an ``overload``), so each dtype gets its own loop with no branch
+#: left in it, and each is cached like any other signature.
+TAGS = {"BF16": np.int8(0), "F16": np.int16(0), "F32": np.int32(0)}
+
+
+def _value(u, tag, lut):  # noqa: ARG001 — a stub: numba uses the overload below
+    """Stored bits → float32: BF16 by shift and bit cast, F32 by bit cast, F16 by ``lut``."""
+    raise NotImplementedError("only callable from numba-compiled code")
+
+
+@overload(_value, inline="always")
+def _value_impl(u, tag, lut):
+    if tag == types.int8:
+        return lambda u, tag, lut: _as_f32(np.uint32(u) << np.uint32(16))
+    if tag == types.int32:
+        return lambda u, tag, lut: _as_f32(np.uint32(u))
+    return lambda u, tag, lut: lut[u]
 
 
 @njit(cache=True, nogil=True, fastmath=_FLAGS)
@@ -75,20 +83,17 @@ def _any_differ(ua, ub):
 
 
 @njit(cache=True, nogil=True, fastmath=_FLAGS)
-def _sum_sq(ua, kind, lut):
-    literally(kind)
+def _sum_sq(ua, tag, lut):
     s = 0.0
     for j in range(ua.size):
-        x = np.float64(_value(ua[j], kind, lut))
+        x = np.float64(_value(ua[j], tag, lut))
         s += x * x
     return s
 
 
 @njit(cache=True, nogil=True, fastmath=_FLAGS)
-def _core(ua, ub, kind, lut, c, eta, hits, counts, stats):
-    """The branch-free loop over one block; returns how many |Δ| overflowed float32.
-    ``kind`` is compiled in as a constant (``literally``), so no decode branch is left."""
-    literally(kind)
+def _core(ua, ub, tag, lut, c, eta, hits, counts, stats):
+    """The branch-free loop over one block; returns how many |Δ| overflowed float32."""
     c0, c1, c2, c3, c4, c5 = c[0], c[1], c[2], c[3], c[4], c[5]
     n0 = n1 = n2 = n3 = n4 = n5 = 0
     nb = nf = nr = novf = 0
@@ -98,8 +103,8 @@ def _core(ua, ub, kind, lut, c, eta, hits, counts, stats):
     sbase = 0.0
     fmax = _FMAX
     for j in range(ua.size):
-        x = _value(ua[j], kind, lut)
-        y = _value(ub[j], kind, lut)
+        x = _value(ua[j], tag, lut)
+        y = _value(ub[j], tag, lut)
         ne = np.int32(ua[j] != ub[j])
         ad = abs(y - x)
         ax = abs(x)
@@ -143,12 +148,12 @@ def _core(ua, ub, kind, lut, c, eta, hits, counts, stats):
 
 
 @njit(cache=True, nogil=True)
-def _overflowed(ua, ub, kind, lut, stats):
+def _overflowed(ua, ub, tag, lut, stats):
     """Add |Δ| in float64 for entries whose float32 Δ overflowed between finite weights."""
     fmax = _FMAX
     for j in range(ua.size):
-        x = _value(ua[j], kind, lut)
-        y = _value(ub[j], kind, lut)
+        x = _value(ua[j], tag, lut)
+        y = _value(ub[j], tag, lut)
         if ua[j] != ub[j] and abs(x) <= fmax and abs(y) <= fmax and not (abs(y - x) <= fmax):
             d = abs(np.float64(y) - np.float64(x))
             stats[S_MAX] = max(stats[S_MAX], d)
@@ -179,8 +184,11 @@ def _emit(hits, m, start, row_len, mask, rows, cols):
         rows[start // row_len] = t
 
 
-@njit(inline="always")
-def _diff(a, b, kind, lut, cuts, eta, row_len, counts, stats, mask, rows, cols):
+@njit(cache=True, nogil=True)
+def diff(a, b, tag, lut, cuts, eta, row_len, counts, stats, mask, rows, cols):
+    """Same-dtype pair of raw bits ``a``, ``b`` of the dtype ``tag`` names (see :data:`TAGS`;
+    ``lut`` holds the F16 table); accumulates into ``counts``, ``stats``, ``mask``, ``rows``
+    and ``cols``."""
     n = a.size
     block = row_len if row_len else _BLOCK
     hits = np.zeros(block + 8, np.uint8)
@@ -188,31 +196,10 @@ def _diff(a, b, kind, lut, cuts, eta, row_len, counts, stats, mask, rows, cols):
         stop = min(n, start + block)
         ua = a[start:stop]
         ub = b[start:stop]
-        if not _any_differ(ua, ub):
-            stats[S_BASE] += _sum_sq(ua, kind, lut)
-            if row_len:
-                rows[start // row_len] = 0
+        if not _any_differ(ua, ub):  # mask, rows and cols stay as they are: zero
+            stats[S_BASE] += _sum_sq(ua, tag, lut)
             continue
-        if _core(ua, ub, kind, lut, cuts, eta, hits, counts, stats):
-            _overflowed(ua, ub, kind, lut, stats)
+        if _core(ua, ub, tag, lut, cuts, eta, hits, counts, stats):
+            _overflowed(ua, ub, tag, lut, stats)
         _emit(hits, stop - start, start, row_len, mask, rows, cols)
 
-
-# One compiled loop per dtype: `kind` is a constant in each, so the decode has no branch left.
-@njit(cache=True, nogil=True)
-def diff_bf16(a, b, lut, cuts, eta, row_len, counts, stats, mask, rows, cols):
-    """Same-dtype BF16 pair of raw bits ``a``, ``b`` (uint16); accumulates into ``counts``,
-    ``stats``, ``mask``, ``rows`` and ``cols``."""
-    _diff(a, b, BF16, lut, cuts, eta, row_len, counts, stats, mask, rows, cols)
-
-
-@njit(cache=True, nogil=True)
-def diff_f16(a, b, lut, cuts, eta, row_len, counts, stats, mask, rows, cols):
-    """As :func:`diff_bf16` for F16, decoded through ``lut`` (its 65536 values as float32)."""
-    _diff(a, b, F16, lut, cuts, eta, row_len, counts, stats, mask, rows, cols)
-
-
-@njit(cache=True, nogil=True)
-def diff_f32(a, b, lut, cuts, eta, row_len, counts, stats, mask, rows, cols):
-    """As :func:`diff_bf16` for F32 (``a``, ``b``: uint32 bits)."""
-    _diff(a, b, F32, lut, cuts, eta, row_len, counts, stats, mask, rows, cols)

@@ -17,10 +17,15 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from raydiff.errors import CheckpointNotFound, InvalidCheckpoint, UnsupportedFormat
+from raydiff.remote import is_remote
+
+if TYPE_CHECKING:
+    from raydiff.remote import HubFiles
 
 #: Refuse headers larger than this (the safetensors library uses the same 100 MB bound).
 MAX_HEADER_BYTES = 100_000_000
@@ -561,7 +566,7 @@ class TensorReader:
         >>> r = TensorReader(); raw = r.read(info, 0, info.numel)  # doctest: +SKIP
     """
 
-    def __init__(self, hub: object | None = None) -> None:
+    def __init__(self, hub: HubFiles | None = None) -> None:
         self._maps: dict[str, mmap.mmap] = {}
         self._hub = hub
 
@@ -583,7 +588,7 @@ class TensorReader:
         off = info.offset + start * d.itemsize
         count = stop - start
         path = info.file
-        if path.startswith("hf://"):
+        if is_remote(path):
             if self._hub is None:
                 from raydiff.remote import HubAccess, HubFiles
 
@@ -591,7 +596,9 @@ class TensorReader:
             local = self._hub.local_path(path)
             if local is None:
                 data = self._hub.read(path, off, off + count * d.itemsize, f"tensor {_show(info.name)}")
-                return np.frombuffer(data, dtype=np.dtype(d.bits), count=count)
+                out = np.frombuffer(data, dtype=np.dtype(d.bits), count=count)
+                out.flags.writeable = False
+                return out
             path = local
         m = self._map(path)
         if off + count * d.itemsize > len(m):

@@ -71,14 +71,13 @@ def _api(endpoint: str | None):
 
 
 def get_range(loc: str, start: int, stop: int, endpoint: str | None = None,
-              into: bytearray | memoryview | None = None, revision: str | None = "") -> tuple[memoryview, int]:
+              revision: str | None = "") -> tuple[memoryview, int]:
     """Bytes ``[start, stop)`` of a Hub file and the file's total size.
 
     Args:
         loc: a :func:`location`.
         start, stop: the byte range (``stop`` past the end of a file is cut to its end).
         endpoint: the Hub to ask (default: ``huggingface_hub``'s, i.e. ``HF_ENDPOINT``).
-        into: a buffer of at least ``stop - start`` bytes to fill instead of a new one.
         revision: the revision to name in errors, as the user gave it (``None``: none;
             default: the commit sha).
 
@@ -94,7 +93,7 @@ def get_range(loc: str, start: int, stop: int, endpoint: str | None = None,
     url = hf_hub_url(repo, filename, revision=sha, endpoint=api.endpoint)
     headers = {**build_hf_headers(token=api.token), "Range": f"bytes={start}-{stop - 1}",
                "Accept-Encoding": "identity"}
-    buf = memoryview(into if into is not None else bytearray(stop - start))
+    buf = memoryview(bytearray(stop - start))  # the body streams into it: one copy, no join
     retryable = (*_transport_errors(), _ShortBody)
     with hub_errors(repo, sha if revision == "" else revision):
         for attempt in range(_ATTEMPTS):
@@ -106,15 +105,16 @@ def get_range(loc: str, start: int, stop: int, endpoint: str | None = None,
                     if r.status_code >= 400:
                         r.read()  # the error's body, for huggingface_hub's message
                         hf_raise_for_status(r)
-                    total, got_start, got_stop = _content_range(r, loc, start, stop)
+                    total, end = _content_range(r, loc, start, stop)
+                    want = end - start
                     n = 0
                     for chunk in r.iter_bytes():
-                        if n + len(chunk) > got_stop - got_start:
+                        if n + len(chunk) > want:
                             raise HubError(f"{loc}: the Hub sent more bytes than the range asked; try again")
                         buf[n:n + len(chunk)] = chunk
                         n += len(chunk)
-                    if n != got_stop - got_start:
-                        raise _ShortBody(f"{loc}: connection closed after {n} of {got_stop - got_start} bytes")
+                    if n != want:
+                        raise _ShortBody(f"{loc}: connection closed after {n} of {want} bytes")
                     return buf[:n], total
             except retryable as e:
                 if attempt + 1 == _ATTEMPTS:
@@ -130,8 +130,8 @@ class _ShortBody(Exception):
     """The body ended before the range did: a dropped connection, retried like one."""
 
 
-def _content_range(r, loc: str, start: int, stop: int) -> tuple[int, int, int]:
-    """``(file size, first byte, end)`` the response holds, checked against what was asked."""
+def _content_range(r, loc: str, start: int, stop: int) -> tuple[int, int]:
+    """``(file size, end of the bytes sent)`` of a response, checked against what was asked."""
     if r.status_code != 206:
         raise HubError(
             f"{loc}: the Hub answered HTTP {r.status_code} to a byte-range request instead of 206; raydiff reads "
@@ -146,7 +146,7 @@ def _content_range(r, loc: str, start: int, stop: int) -> tuple[int, int, int]:
     end = int(m[2]) + 1
     if end != min(stop, total):
         raise HubError(f"{loc}: the Hub sent bytes {start}-{end - 1} of {total}, not {start}-{stop - 1}; try again")
-    return total, start, end
+    return total, end
 
 
 def read_header_bytes(loc: str, endpoint: str | None = None, revision: str | None = "") -> tuple[int, bytes, bytes]:
