@@ -11,9 +11,10 @@ its Σw². Any other block goes through one branch-free loop that LLVM vectorise
 is decoded in registers (a shift and a bit cast for BF16, a bit cast for F32, a table for
 F16), then computes |Δ|, its six cut-off tests, the relative test, the Δ sums and the max
 of |Δ| (as the integer bits of a non-negative float, which order as the floats do), all
-masked by "bits differ" — so the cost does not depend on how many entries changed. The rare
-Δ that overflows float32 between two finite weights is left out of the loop's sums and
-added exactly, in float64, by a scalar pass over only the blocks that have one. Nothing is
+masked by "bits differ" — so the cost does not depend on how many entries changed. Entries
+whose |Δ| is NaN or ±Inf are rare; the loop only counts them, and a scalar pass over just
+the blocks that have one tells non-finite weights (counted) from a Δ that overflowed float32
+between finite weights (added to the sums exactly, in float64). Nothing is
 compiled with ``nnan``/``ninf``, so NaN and Inf keep IEEE semantics: ``not (|Δ| <= c)``
 counts a NaN Δ as changed.
 """
@@ -93,10 +94,12 @@ def _sum_sq(ua, tag, lut):
 
 @njit(cache=True, nogil=True, fastmath=_FLAGS)
 def _core(ua, ub, tag, lut, c, eta, hits, counts, stats):
-    """The branch-free loop over one block; returns how many |Δ| overflowed float32."""
+    """The branch-free loop over one block. Returns how many entries differ with a NaN or
+    ±Inf |Δ| — non-finite weights, or a Δ that overflowed float32 — which it leaves out of
+    the Δ sums and the non-finite count for :func:`_nonfinite` to sort out."""
     c0, c1, c2, c3, c4, c5 = c[0], c[1], c[2], c[3], c[4], c[5]
     n0 = n1 = n2 = n3 = n4 = n5 = 0
-    nb = nf = nr = novf = 0
+    nb = nr = nbad = 0
     mx = np.int32(0)
     sa = 0.0
     sq = 0.0
@@ -107,10 +110,7 @@ def _core(ua, ub, tag, lut, c, eta, hits, counts, stats):
         y = _value(ub[j], tag, lut)
         ne = np.int32(ua[j] != ub[j])
         ad = abs(y - x)
-        ax = abs(x)
-        ay = abs(y)
-        ok = ne & np.int32(ax <= fmax) & np.int32(ay <= fmax)  # bits differ, both finite
-        fin = ok & np.int32(ad <= fmax)
+        fin = ne & np.int32(ad <= fmax)  # differ, Δ finite (so both weights are)
         adm = ad if fin else np.float32(0.0)
         bits = _as_i32(adm)
         mx = bits if bits > mx else mx
@@ -119,10 +119,9 @@ def _core(ua, ub, tag, lut, c, eta, hits, counts, stats):
         sq += w * w
         xb = np.float64(x)
         sbase += xb * xb
-        novf += ok - fin
+        nbad += ne - fin
         nb += ne
-        nf += ne - ok
-        nr += ne & np.int32(not (ad <= eta * max(ax, ay)))
+        nr += ne & np.int32(not (ad <= eta * max(abs(x), abs(y))))
         h0 = ne & np.int32(not (ad <= c0))
         n0 += h0
         n1 += ne & np.int32(not (ad <= c1))
@@ -132,7 +131,6 @@ def _core(ua, ub, tag, lut, c, eta, hits, counts, stats):
         n5 += ne & np.int32(not (ad <= c5))
         hits[j] = h0
     counts[C_BITS] += nb
-    counts[C_NONFINITE] += nf
     counts[C_REL] += nr
     counts[C_CUTS + 0] += n0
     counts[C_CUTS + 1] += n1
@@ -144,21 +142,27 @@ def _core(ua, ub, tag, lut, c, eta, hits, counts, stats):
     stats[S_SUM] += sa
     stats[S_SQ] += sq
     stats[S_BASE] += sbase
-    return novf
+    return nbad
 
 
 @njit(cache=True, nogil=True)
-def _overflowed(ua, ub, tag, lut, stats):
-    """Add |Δ| in float64 for entries whose float32 Δ overflowed between finite weights."""
+def _nonfinite(ua, ub, tag, lut, counts, stats):
+    """For a block with entries whose |Δ| is NaN or ±Inf: count those with a non-finite
+    weight, and add the others — a Δ that overflowed float32 between finite weights — to
+    the Δ sums exactly, in float64."""
     fmax = _FMAX
     for j in range(ua.size):
         x = _value(ua[j], tag, lut)
         y = _value(ub[j], tag, lut)
-        if ua[j] != ub[j] and abs(x) <= fmax and abs(y) <= fmax and not (abs(y - x) <= fmax):
+        if ua[j] == ub[j] or abs(y - x) <= fmax:
+            continue
+        if abs(x) <= fmax and abs(y) <= fmax:
             d = abs(np.float64(y) - np.float64(x))
             stats[S_MAX] = max(stats[S_MAX], d)
             stats[S_SUM] += d
             stats[S_SQ] += d * d
+        else:
+            counts[C_NONFINITE] += 1
 
 
 @njit(cache=True, nogil=True)
@@ -200,6 +204,6 @@ def diff(a, b, tag, lut, cuts, eta, row_len, counts, stats, mask, rows, cols):
             stats[S_BASE] += _sum_sq(ua, tag, lut)
             continue
         if _core(ua, ub, tag, lut, cuts, eta, hits, counts, stats):
-            _overflowed(ua, ub, tag, lut, stats)
+            _nonfinite(ua, ub, tag, lut, counts, stats)
         _emit(hits, stop - start, start, row_len, mask, rows, cols)
 
