@@ -96,11 +96,22 @@ def resolve_sha(repo: str, revision: str | None) -> str:
     """
     if is_sha(revision):
         return revision  # type: ignore[return-value]
+    return commit_files(repo, revision)[0]
+
+
+def commit_files(repo: str, revision: str | None) -> tuple[str, list[str]]:
+    """The commit sha a revision of ``repo`` names and the paths of the files in it (one
+    API call).
+
+    Raises:
+        CheckpointNotFound: no such repo or revision, or a private or gated one.
+        HubError: the Hub cannot be reached, failed, or gave no commit sha.
+    """
     with hub_errors(repo, revision):
         info = _api().model_info(repo, revision=revision)
     if not is_sha(info.sha):
         raise HubError(f"{_what(repo, revision)}: the Hub gave no commit sha for it; check HF_ENDPOINT")
-    return info.sha
+    return info.sha, [s.rfilename for s in (info.siblings or [])]
 
 
 def list_repos(pattern: str) -> list[str]:

@@ -31,8 +31,8 @@ from raydiff.checkpoint import (
     revision_fingerprint,
     shard_names,
 )
-from raydiff.errors import CheckpointNotFound, HubError
-from raydiff.hub import _api, hub_errors, is_sha, resolve_sha
+from raydiff.errors import CheckpointNotFound
+from raydiff.hub import _api, commit_files, hub_errors, resolve_sha
 from raydiff.remote import location, read_header_bytes
 
 _HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[\w./-]+))?$")
@@ -132,13 +132,8 @@ def _hub_checkpoint(repo_id: str, revision: str | None) -> Checkpoint:
     from huggingface_hub import hf_hub_download
 
     api = _api()
-    with hub_errors(repo_id, revision):
-        info = api.model_info(repo_id, revision=revision)
-    sha = info.sha
-    if not is_sha(sha):
-        raise HubError(f"{repo_id}@{revision or 'main'}: the Hub gave no commit sha for it; check HF_ENDPOINT")
+    sha, names = commit_files(repo_id, revision)
     root = location(repo_id, sha, "").rstrip("/")
-    names = [s.rfilename for s in (info.siblings or [])]
 
     def small_json(name: str) -> object:
         with hub_errors(repo_id, revision):
