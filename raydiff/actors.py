@@ -48,7 +48,15 @@ def connect(address: str | None) -> dict[str, float]:
         if address == "local":
             kwargs["include_dashboard"] = False
         ray.init(address=address, **kwargs)
-    return ray.cluster_resources()
+    # Totals from the node table: what each alive node registered with. cluster_resources()
+    # comes from the resource view, which can lag a node that has just joined by a moment —
+    # enough for a submit right after it to size its pool as if the node were not there.
+    total: dict[str, float] = {}
+    for node in ray.nodes():
+        if node.get("Alive"):
+            for key, value in node.get("Resources", {}).items():
+                total[key] = total.get(key, 0.0) + value
+    return total or ray.cluster_resources()
 
 
 @ray.remote(max_restarts=_MAX_RESTARTS, max_task_retries=_MAX_TASK_RETRIES)
