@@ -148,7 +148,7 @@ def _hub_checkpoint(repo_id: str, revision: str | None) -> Checkpoint:
 
     def header(name: str):
         loc = location(repo_id, sha, name)
-        size, _, raw = read_header_bytes(loc, api.endpoint, revision=revision)
+        size, raw = read_header_bytes(loc, api.endpoint, revision=revision)
         return parse_header_bytes(loc, size, raw)
 
     with ThreadPoolExecutor(min(HEADER_READERS, max(len(files), 1))) as pool:

@@ -2,7 +2,7 @@
 
 A Hub checkpoint's tensors are located by ``hf://org/name@<sha>/<file>`` (:func:`location`):
 the commit, never a branch, so every read of a run sees the same bytes. The driver reads
-only the shard headers (:func:`read_header_bytes`, two small ranges at most per shard);
+only the shard headers (:func:`read_header_bytes`, two small ranges per shard);
 each actor then reads its own units' bytes with :class:`HubFiles`:
 
 - a file already in the node's Hugging Face cache at that commit is memory-mapped from
@@ -149,8 +149,8 @@ def _content_range(r, loc: str, start: int, stop: int) -> tuple[int, int]:
     return total, end
 
 
-def read_header_bytes(loc: str, endpoint: str | None = None, revision: str | None = "") -> tuple[int, bytes, bytes]:
-    """``(file size, 8-byte prefix, header JSON bytes)`` of a Hub safetensors file, by range.
+def read_header_bytes(loc: str, endpoint: str | None = None, revision: str | None = "") -> tuple[int, bytes]:
+    """``(file size, header JSON bytes)`` of a Hub safetensors file, by range.
 
     Two requests: the 8-byte length prefix, then exactly the header it declares, once
     :func:`raydiff.checkpoint.header_length` has checked that length against the file's
@@ -159,11 +159,10 @@ def read_header_bytes(loc: str, endpoint: str | None = None, revision: str | Non
     """
     from raydiff.checkpoint import header_length
 
-    first, size = get_range(loc, 0, 8, endpoint, revision=revision)
-    prefix = bytes(first)
-    n = header_length(loc, size, prefix)
-    rest, _ = get_range(loc, 8, 8 + n, endpoint, revision=revision)
-    return size, prefix, bytes(rest)
+    prefix, size = get_range(loc, 0, 8, endpoint, revision=revision)
+    n = header_length(loc, size, bytes(prefix))
+    header, _ = get_range(loc, 8, 8 + n, endpoint, revision=revision)
+    return size, bytes(header)
 
 
 @dataclass(frozen=True)

@@ -180,7 +180,7 @@ def submit(base: str, tuned: str, options: SubmitOptions | None = None,
         bytes_todo=sum(u.nbytes for u in units), spectra_total=len(plan.spectra), spectra_todo=len(spectra),
     ))
     hub = None
-    if any(ck.revision and is_remote(ck.root) for ck in (base_ck, tuned_ck)):
+    if any(is_remote(ck.root) for ck in (base_ck, tuned_ck)):
         from raydiff.hub import _api
 
         hub = HubAccess(endpoint=_api().endpoint, fetch=options.cluster.hub_fetch)
