@@ -7,16 +7,18 @@ into float32 cut-offs on the exact |Δ| (see ``kernel.cutoff``), so the loop nev
 
 How it is fast: the unit is walked in cache-sized blocks (a row of a ≥ 2-D tensor, else
 4096 entries). A block whose bits are all equal (one vectorised OR of ``a ^ b``) only adds
-its Σw². Any other block goes through one branch-free loop that LLVM vectorises: each entry
-is decoded in registers (a shift and a bit cast for BF16, a bit cast for F32, a table for
-F16), then computes |Δ|, its six cut-off tests, the relative test, the Δ sums and the max
-of |Δ| (as the integer bits of a non-negative float, which order as the floats do), all
-masked by "bits differ" — so the cost does not depend on how many entries changed. Entries
-whose |Δ| is NaN or ±Inf are rare; the loop only counts them, and a scalar pass over just
-the blocks that have one tells non-finite weights (counted) from a Δ that overflowed float32
-between finite weights (added to the sums exactly, in float64). Nothing is
-compiled with ``nnan``/``ninf``, so NaN and Inf keep IEEE semantics: ``not (|Δ| <= c)``
-counts a NaN Δ as changed.
+its Σw². Any other block goes through one branch-free loop that LLVM vectorises in 32-bit
+lanes: each entry is decoded in registers (a shift and a bit cast for BF16, a bit cast for
+F32, a table for F16), and |Δ| is kept as the integer bits of a non-negative float, which
+order as the floats do — so its six cut-off tests, the relative test and the max are
+integer subtractions and shifts, and all of it is masked by "bits differ": the cost does not
+depend on how many entries changed. The Δ sums and Σw² are float32 within runs of
+:data:`_RUN` entries and float64 across runs (a run that overflows float32 is summed again
+in float64). Entries whose |Δ| is NaN or ±Inf are rare; the loop only counts them, and a
+scalar pass over just the blocks that have one tells non-finite weights (counted) from a Δ
+that overflowed float32 between finite weights (added to the sums exactly, in float64).
+Nothing is compiled with ``nnan``/``ninf``, so NaN and Inf keep IEEE semantics: a NaN Δ
+counts as changed.
 """
 
 from __future__ import annotations
@@ -35,6 +37,10 @@ S_MAX, S_SUM, S_SQ, S_BASE = 0, 1, 2, 3
 
 _FLAGS = {"reassoc", "contract", "nsz", "arcp"}  # vectorise reductions; NaN/Inf semantics kept
 _BLOCK = 4096  # elements per block of a 1-D tensor (rows are blocks of ≥ 2-D tensors)
+#: Entries per float32 partial sum: a block's Δ sums and Σw² are float32 within runs of this
+#: many entries and float64 across them, so a sum's relative error stays below 512·2⁻²⁴ ≈ 3e-5
+#: (typically ~1e-7), and a run whose float32 sums overflow is summed again in float64.
+_RUN = 512
 _FMAX = np.float32(3.4028234663852886e38)
 _PACK = np.uint64(0x0102040810204080)  # 8 bytes of 0/1 → one LSB-first byte, by one multiply
 
@@ -92,70 +98,119 @@ def _sum_sq(ua, tag, lut):
     return s
 
 
-@njit(cache=True, nogil=True, fastmath=_FLAGS)
-def _core(ua, ub, tag, lut, c, eta, hits, counts, stats):
-    """The branch-free loop over one block. Returns how many entries differ with a NaN or
-    ±Inf |Δ| — non-finite weights, or a Δ that overflowed float32 — which it leaves out of
-    the Δ sums and the non-finite count for :func:`_nonfinite` to sort out."""
-    c0, c1, c2, c3, c4, c5 = c[0], c[1], c[2], c[3], c[4], c[5]
-    n0 = n1 = n2 = n3 = n4 = n5 = 0
-    nb = nr = nbad = 0
+@njit(cache=True, nogil=True, fastmath=_FLAGS, inline="always")
+def _run(ua, ub, tag, lut, ci0, ci1, ci2, ci3, ci4, ci5, eta, hits):
+    """One run of at most :data:`_RUN` entries: the branch-free loop, in 32-bit lanes.
+
+    |Δ| is handled as the int32 bits ``a`` of a non-negative float (0 where the bits are
+    equal): such bits order as the floats do, NaN and +Inf above every finite cut-off, so
+    ``|Δ| > c`` is ``(c_bits - a) >> 31`` (−1 or 0, no overflow) with no float compare, and
+    it counts NaN as changed. Sums and the max take ``af``: ``a`` with non-finite |Δ| zeroed.
+    """
+    inf = np.int32(0x7F800000)
+    s31 = np.int32(31)
+    n0 = n1 = n2 = n3 = n4 = n5 = np.int32(0)
+    nb = nr = nbad = np.int32(0)
     mx = np.int32(0)
-    sa = 0.0
-    sq = 0.0
-    sbase = 0.0
-    fmax = _FMAX
+    sa = sq = sbase = np.float32(0.0)
     for j in range(ua.size):
         x = _value(ua[j], tag, lut)
         y = _value(ub[j], tag, lut)
-        ne = np.int32(ua[j] != ub[j])
-        ad = abs(y - x)
-        fin = ne & np.int32(ad <= fmax)  # differ, Δ finite (so both weights are)
-        adm = ad if fin else np.float32(0.0)
-        bits = _as_i32(adm)
-        mx = bits if bits > mx else mx
-        w = np.float64(adm)
+        ne = np.int32(-np.int32(ua[j] != ub[j]))  # −1 where the stored bits differ
+        a = np.int32(_as_i32(abs(y - x)) & ne)
+        fin = a < inf
+        af = a if fin else np.int32(0)
+        mx = max(mx, af)
+        w = _as_f32(af)
         sa += w
         sq += w * w
+        sbase += x * x
+        nb = np.int32(nb - ne)
+        nbad = np.int32(nbad + np.int32(not fin))
+        r = _as_i32(eta * max(abs(x), abs(y)))  # ≥ 0 for η > 0; non-finite |Δ|: _nonfinite
+        nr = np.int32(nr - np.int32(np.int32(r - af) >> s31))
+        h0 = np.int32(np.int32(ci0 - a) >> s31)
+        n0 = np.int32(n0 - h0)
+        n1 = np.int32(n1 - np.int32(np.int32(ci1 - a) >> s31))
+        n2 = np.int32(n2 - np.int32(np.int32(ci2 - a) >> s31))
+        n3 = np.int32(n3 - np.int32(np.int32(ci3 - a) >> s31))
+        n4 = np.int32(n4 - np.int32(np.int32(ci4 - a) >> s31))
+        n5 = np.int32(n5 - np.int32(np.int32(ci5 - a) >> s31))
+        hits[j] = np.uint8(-h0)
+    return n0, n1, n2, n3, n4, n5, nb, nr, nbad, mx, sa, sq, sbase
+
+
+@njit(cache=True, nogil=True)
+def _sums64(ua, ub, tag, lut):
+    """A run's three sums in float64, for the rare run whose float32 sums overflowed
+    (weights or |Δ| above ~1.8e19) or hold a NaN/Inf weight: what the float64 path gives."""
+    sa = sq = sbase = 0.0
+    fmax = _FMAX
+    for j in range(ua.size):
+        x = _value(ua[j], tag, lut)
         xb = np.float64(x)
         sbase += xb * xb
-        nbad += ne - fin
-        nb += ne
-        nr += ne & np.int32(not (ad <= eta * max(abs(x), abs(y))))
-        h0 = ne & np.int32(not (ad <= c0))
-        n0 += h0
-        n1 += ne & np.int32(not (ad <= c1))
-        n2 += ne & np.int32(not (ad <= c2))
-        n3 += ne & np.int32(not (ad <= c3))
-        n4 += ne & np.int32(not (ad <= c4))
-        n5 += ne & np.int32(not (ad <= c5))
-        hits[j] = h0
-    counts[C_BITS] += nb
-    counts[C_REL] += nr
-    counts[C_CUTS + 0] += n0
-    counts[C_CUTS + 1] += n1
-    counts[C_CUTS + 2] += n2
-    counts[C_CUTS + 3] += n3
-    counts[C_CUTS + 4] += n4
-    counts[C_CUTS + 5] += n5
+        if ua[j] != ub[j]:
+            ad = abs(_value(ub[j], tag, lut) - x)
+            if ad <= fmax:
+                w = np.float64(ad)
+                sa += w
+                sq += w * w
+    return sa, sq, sbase
+
+
+@njit(cache=True, nogil=True, fastmath=_FLAGS)
+def _core(ua, ub, tag, lut, c, eta, hits, counts, stats):
+    """A block with some change, run by run (see :func:`_run`). Returns how many entries
+    differ with a NaN or ±Inf |Δ| — non-finite weights, or a Δ that overflowed float32 —
+    which it leaves out of the Δ sums, the relative count and the non-finite count for
+    :func:`_nonfinite` to sort out."""
+    ci0, ci1, ci2 = _as_i32(c[0]), _as_i32(c[1]), _as_i32(c[2])
+    ci3, ci4, ci5 = _as_i32(c[3]), _as_i32(c[4]), _as_i32(c[5])
+    n = ua.size
+    mx = np.int32(0)
+    sa = sq = sbase = 0.0
+    bad = 0
+    for lo in range(0, n, _RUN):
+        hi = min(n, lo + _RUN)
+        n0, n1, n2, n3, n4, n5, nb, nr, nbad, m, pa, pq, pb = _run(
+            ua[lo:hi], ub[lo:hi], tag, lut, ci0, ci1, ci2, ci3, ci4, ci5, eta, hits[lo:hi])
+        if not (pq < _FMAX and pb < _FMAX):  # overflowed, or a NaN/Inf weight: redo in float64
+            pa, pq, pb = _sums64(ua[lo:hi], ub[lo:hi], tag, lut)
+        sa += pa
+        sq += pq
+        sbase += pb
+        mx = max(mx, m)
+        bad += nbad
+        counts[C_BITS] += nb
+        counts[C_REL] += nr
+        counts[C_CUTS + 0] += n0
+        counts[C_CUTS + 1] += n1
+        counts[C_CUTS + 2] += n2
+        counts[C_CUTS + 3] += n3
+        counts[C_CUTS + 4] += n4
+        counts[C_CUTS + 5] += n5
     stats[S_MAX] = max(stats[S_MAX], np.float64(_as_f32(np.uint32(mx))))
     stats[S_SUM] += sa
     stats[S_SQ] += sq
     stats[S_BASE] += sbase
-    return nbad
+    return bad
 
 
 @njit(cache=True, nogil=True)
-def _nonfinite(ua, ub, tag, lut, counts, stats):
-    """For a block with entries whose |Δ| is NaN or ±Inf: count those with a non-finite
-    weight, and add the others — a Δ that overflowed float32 between finite weights — to
-    the Δ sums exactly, in float64."""
+def _nonfinite(ua, ub, tag, lut, eta, counts, stats):
+    """For a block with entries whose |Δ| is NaN or ±Inf: apply the relative test to them,
+    count those with a non-finite weight, and add the others — a Δ that overflowed float32
+    between finite weights — to the Δ sums exactly, in float64."""
     fmax = _FMAX
     for j in range(ua.size):
         x = _value(ua[j], tag, lut)
         y = _value(ub[j], tag, lut)
-        if ua[j] == ub[j] or abs(y - x) <= fmax:
+        ad = abs(y - x)
+        if ua[j] == ub[j] or ad <= fmax:
             continue
+        if not (ad <= eta * max(abs(x), abs(y))):
+            counts[C_REL] += 1
         if abs(x) <= fmax and abs(y) <= fmax:
             d = abs(np.float64(y) - np.float64(x))
             stats[S_MAX] = max(stats[S_MAX], d)
@@ -204,6 +259,6 @@ def diff(a, b, tag, lut, cuts, eta, row_len, counts, stats, mask, rows, cols):
             stats[S_BASE] += _sum_sq(ua, tag, lut)
             continue
         if _core(ua, ub, tag, lut, cuts, eta, hits, counts, stats):
-            _nonfinite(ua, ub, tag, lut, counts, stats)
+            _nonfinite(ua, ub, tag, lut, eta, counts, stats)
         _emit(hits, stop - start, start, row_len, mask, rows, cols)
 

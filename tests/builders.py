@@ -47,6 +47,11 @@ def write_checkpoint(path: Path, tensors: Mapping[str, torch.Tensor], shards: in
     return path
 
 
+#: What the kernel promises for Δ sums and Σw² (its float32 runs of ≤ 512 additions, summed
+#: in float64): relative error ≤ 512·2⁻²⁴ ≈ 3.05e-5. Counts, masks and the max are exact.
+SUM_REL = 3.1e-5
+
+
 def ref_diff(base: torch.Tensor, tuned: torch.Tensor, atol: float = 1e-5, eta: float = 1e-3) -> dict:
     """Reference counts for one tensor pair, computed the paper's way with torch/numpy."""
     if base.dtype == tuned.dtype:

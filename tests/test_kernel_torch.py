@@ -8,6 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from builders import SUM_REL
 from raydiff.kernel import Criteria, diff_unit
 from raydiff.kernel_torch import diff_unit_torch
 from raydiff.masks import decode_mask
@@ -22,9 +23,10 @@ def _same(x, y):
            (y.numel, y.changed_bits, y.changed, y.changed_ladder, y.changed_rel, y.nonfinite, y.rows_touched)
     np.testing.assert_array_equal(decode_mask(x.mask_codec, x.mask, x.numel), decode_mask(y.mask_codec, y.mask, y.numel))
     assert x.cols_bitmap == y.cols_bitmap
-    for k in ("max_abs_delta", "sum_abs_delta", "sum_sq_delta", "sum_sq_base"):
+    assert x.max_abs_delta == pytest.approx(y.max_abs_delta, rel=1e-6, nan_ok=True)
+    for k in ("sum_abs_delta", "sum_sq_delta", "sum_sq_base"):  # each within the kernel's bound
         a, b = getattr(x, k), getattr(y, k)
-        assert a == pytest.approx(b, rel=1e-6, nan_ok=True), k
+        assert a == pytest.approx(b, rel=2 * SUM_REL, nan_ok=True), k
 
 
 @pytest.mark.parametrize("device", DEVICES)

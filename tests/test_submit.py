@@ -13,7 +13,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from builders import perturb, ref_diff, write_checkpoint
+from builders import SUM_REL, perturb, ref_diff, write_checkpoint
 from raydiff.cli.main import app
 from raydiff.masks import decode_mask
 from raydiff.options import ClusterOptions, DiffOptions, SubmitOptions
@@ -94,7 +94,7 @@ def test_counts_match_numpy_and_torch(tmp_path):
             assert row[k] == ref[k], (name, k, row[k], ref[k])
         assert row["sparsity"] == pytest.approx(1 - ref["changed"] / ref["numel"])
         for k in ("max_abs_delta", "delta_fro", "base_fro", "mean_abs_delta"):
-            assert row[k] == pytest.approx(ref[k], rel=1e-6, abs=1e-12), (name, k)
+            assert row[k] == pytest.approx(ref[k], rel=SUM_REL, abs=1e-12), (name, k)
         np.testing.assert_array_equal(masks[name], ref["mask"], err_msg=name)
         if base[name].ndim >= 2:
             assert (row["rows_touched"], row["cols_touched"]) == (ref["rows_touched"], ref["cols_touched"]), name
