@@ -7,6 +7,7 @@ only a few numbers go back to the driver for progress.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import os
 import time
@@ -55,12 +56,14 @@ class RunContext:
 
 @dataclass(frozen=True)
 class Done:
-    """What goes back to the driver: which item finished, bytes read, and how long it took."""
+    """What goes back to the driver: which item finished, bytes read, how long it took and,
+    for a unit, its stored record less the mask (so the commit need not read it back)."""
 
     kind: str  # "unit" or "spectrum"
     key: int
     nbytes: int
     seconds: float
+    record: UnitRecord | None = None
 
 
 class Executor:
@@ -93,7 +96,7 @@ class Executor:
         ladder = dict(zip(("changed_1e8", "changed_1e7", "changed_1e6", "changed_1e5", "changed_1e4"),
                           r.changed_ladder))
         seconds = time.perf_counter() - t0
-        self.store.write_unit(UnitRecord(
+        rec = UnitRecord(
             run_id=self.ctx.run_id, unit_id=u.unit_id, tensor_index=u.tensor_index, tensor=u.tensor,
             start=u.start, stop=u.stop, numel=r.numel, changed=r.changed, changed_bits=r.changed_bits,
             **ladder, changed_rel=r.changed_rel, changed_subprecision=r.changed_subprecision,
@@ -102,8 +105,9 @@ class Executor:
             rows_touched=r.rows_touched, cols_bitmap=r.cols_bitmap, mask_codec=r.mask_codec, mask=r.mask,
             node_id=self.node_id, worker_pid=os.getpid(), seconds=seconds, rss_anon_bytes=rss_anon,
             finished_at=dt.datetime.now(dt.timezone.utc),
-        ))
-        return Done("unit", u.unit_id, u.nbytes, time.perf_counter() - t0)
+        )
+        self.store.write_unit(rec)
+        return Done("unit", u.unit_id, u.nbytes, time.perf_counter() - t0, dataclasses.replace(rec, mask=b""))
 
     def delta_matrix(self, s: SpectrumTask) -> torch.Tensor:
         """ΔW of a 2-D tensor as float32, taken in the compared dtype as the paper does."""

@@ -24,7 +24,7 @@ import datetime as dt
 import os
 import re
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -235,8 +235,11 @@ class Store:
         events = from_table(table, WatchEventRecord) if table is not None else []
         return sorted(events, key=lambda e: (e.recorded_at, e.event_id))
 
-    def commit(self, run: RunRecord, plan: Plan) -> CommitRecord:
+    def commit(self, run: RunRecord, plan: Plan, written: Mapping[int, UnitRecord] | None = None) -> CommitRecord:
         """Aggregate a run's units and spectra per tensor and mark the run complete.
+
+        ``written`` holds unit records (masks left out) that this process saw written, by
+        unit id; only the other units' files are read back. Every unit file must exist.
 
         Raises:
             StoreError: a unit or spectrum of the plan is missing (the run stays incomplete).
@@ -252,7 +255,13 @@ class Store:
         if missing_s:
             raise StoreError(f"run {run.run_id}: spectrum of {missing_s[0]!r} not written; submit again to resume")
         unit_cols = [f.name for f in dataclasses.fields(UnitRecord) if f.name != "mask"]
-        units = self.read_many([f"{d}/units/u{u.unit_id:08d}.parquet" for u in plan.units], unit_cols)
+        written = written or {}
+        known = [written[u.unit_id] for u in plan.units if u.unit_id in written]
+        parts = [to_table(known, UnitRecord).select(unit_cols)] if known else []
+        read = self.read_many([f"{d}/units/u{u.unit_id:08d}.parquet" for u in plan.units
+                               if u.unit_id not in written], unit_cols)
+        parts += [read] if read is not None else []
+        units = pa.concat_tables(parts) if parts else None
         spectra = self.read_many([f"{d}/spectra/s{s.tensor_index:08d}.parquet" for s in plan.spectra])
         tensors = _aggregate(run.run_id, plan, units, spectra)
         self.write(f"{d}/tensors.parquet", tensors, TensorRecord)

@@ -22,7 +22,7 @@ from raydiff.kernel import Criteria
 from raydiff.options import SubmitOptions
 from raydiff.errors import PlanProblem
 from raydiff.plan import MATCH_EXACT, STATUS_OK, Plan, make_plan, summarize
-from raydiff.records import CommitRecord, PlanRecord, RunRecord
+from raydiff.records import CommitRecord, PlanRecord, RunRecord, UnitRecord
 from raydiff.refs import Identity, resolve
 from raydiff.remote import HubAccess, is_remote
 from raydiff.store import Store
@@ -188,7 +188,14 @@ def submit(base: str, tuned: str, options: SubmitOptions | None = None,
                      rank_mode=d.rank, top_k=d.top_k, sketch_rank=d.sketch_rank, hub=hub)
     from raydiff import actors  # Ray is imported only when there is work for it
 
-    actors.run_work(ctx, units, spectra, options.cluster, progress.advanced)
-    commit = store.commit(record, plan)
+    written: dict[int, UnitRecord] = {}  # this submission's units, as their actors wrote them
+
+    def advanced(done: Done) -> None:
+        if done.record is not None:
+            written[done.key] = done.record
+        progress.advanced(done)
+
+    actors.run_work(ctx, units, spectra, options.cluster, advanced)
+    commit = store.commit(record, plan, written)
     resumed = bool(done_units or done_spectra)
     return SubmitResult(record, commit, resumed=resumed, already_complete=False, matching=summarize(plan))
