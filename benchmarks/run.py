@@ -104,7 +104,7 @@ def kernel() -> dict[str, float]:
         full = nbytes / _best(lambda: diff_unit(base, tuned, "BF16", "BF16", "BF16", Criteria(), 4096))
         out[f"bitwise@{density}"], out[f"full@{density}"] = bitwise, full
         print(f"kernel, density {density:4.0%}: numpy bitwise compare+count {bitwise / GB:5.2f} GB/s; "
-              f"raydiff one pass (bits, atol ladder, rel, Δ stats, rows/cols, mask+zstd) {full / GB:5.2f} GB/s "
+              f"raydiff one pass (bits, atol ladder, rel, Δ stats, rows/cols, compressed mask) {full / GB:5.2f} GB/s "
               f"= {bitwise / full:.1f}× bitwise")
         if density == 0.2:  # one criterion each, done the plain numpy way on the same arrays
             fa, fb = decode(base, "BF16"), decode(tuned, "BF16")

@@ -102,7 +102,7 @@ class UnitRecord:
     sum_sq_base: float | None = _c("Σ w² over the unit's base entries")
     rows_touched: int | None = _c("Rows with a changed entry (≥ 2-D tensors)")
     cols_bitmap: bytes | None = _c("Packed LSB-first bitmap of columns with a changed entry")
-    mask_codec: str = _c("Codec of `mask`: empty, packbits or packbits+zstd")
+    mask_codec: str = _c("Codec of `mask`: empty, packbits, packbits+zstd or gaps+zstd")
     mask: bytes = _c("The compressed `changed` mask of the unit (LSB-first bits)")
     node_id: str = _c("Ray node that processed the unit")
     worker_pid: int = _c("Process id of the actor that processed the unit")

@@ -35,10 +35,11 @@ def planted(tmp_path_factory):
     write_checkpoint(root / "base", base, shards=2)
     masks: dict[str, dict[str, np.ndarray]] = {}
     shared = {k: rng.random(s) < 0.25 for k, s in SHAPES.items()}  # correlated runs: a common core
-    for run, density in (("a", 0.1), ("b", 0.3), ("c", 0.05)):
+    # c is sparse enough (≈ 4.5 %) for its masks to be stored as gaps, a and b as packed bits
+    for run, density, share in (("a", 0.1, 0.5), ("b", 0.3, 0.5), ("c", 0.02, 0.1)):
         tuned, masks[run] = {}, {}
         for k, s in SHAPES.items():
-            m = (rng.random(s) < density) | (shared[k] & (rng.random(s) < 0.5))
+            m = (rng.random(s) < density) | (shared[k] & (rng.random(s) < share))
             masks[run][k] = m.ravel()
             t = base[k].clone()
             t[torch.from_numpy(m)] = (t[torch.from_numpy(m)].float() + 1.0).bfloat16()  # Δ ≈ 1 > atol
@@ -61,6 +62,8 @@ def _expected(ma, mb):
 
 def test_overlap_per_tensor_and_total_match_numpy(planted):
     _, store, masks = planted
+    _, codecs = query(store, "SELECT DISTINCT r.name, m.mask_codec FROM masks m JOIN runs r USING (run_id)")
+    assert ("c", "gaps+zstd") in codecs and ("a", "packbits") in codecs  # both layouts decoded below
     cols, rows = query(store, "SELECT * FROM overlap('a', 'b')")
     got = {r[0]: dict(zip(cols[1:], r[1:])) for r in rows}
     assert set(got) == set(SHAPES)
