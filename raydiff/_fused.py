@@ -6,19 +6,19 @@ instead of the ~20 array passes numpy needs. Thresholds arrive pre-converted by 
 into float32 cut-offs on the exact |Δ| (see ``kernel.cutoff``), so the loop never rounds.
 
 How it is fast: the unit is walked in cache-sized blocks (a row of a ≥ 2-D tensor, else
-4096 entries). A block whose bits are all equal (one vectorised OR of ``a ^ b``) only adds
-its Σw². Any other block goes through one branch-free loop that LLVM vectorises in 32-bit
-lanes: each entry is decoded in registers (a shift and a bit cast for BF16, a bit cast for
-F32, a table for F16), and |Δ| is kept as the integer bits of a non-negative float, which
-order as the floats do — so its six cut-off tests, the relative test and the max are
-integer subtractions and shifts, and all of it is masked by "bits differ": the cost does not
-depend on how many entries changed. The Δ sums and Σw² are float32 within runs of
-:data:`_RUN` entries and float64 across runs (a run that overflows float32 is summed again
-in float64). Entries whose |Δ| is NaN or ±Inf are rare; the loop only counts them, and a
-scalar pass over just the blocks that have one tells non-finite weights (counted) from a Δ
-that overflowed float32 between finite weights (added to the sums exactly, in float64).
-Nothing is compiled with ``nnan``/``ninf``, so NaN and Inf keep IEEE semantics: a NaN Δ
-counts as changed.
+4096 entries). A block whose bits are all equal (one vectorised OR of ``a ^ b``, not needed
+when one of its first 64 entries differs) only adds its Σw². Any other block goes through
+one branch-free loop that LLVM vectorises in 32-bit lanes: each entry is decoded in
+registers (a shift and a bit cast for BF16, a bit cast for F32, a table for F16), and |Δ|
+is kept as the integer bits of a non-negative float, which order as the floats do — so its
+six cut-off tests, the relative test and the max are integer subtractions and shifts, and
+all of it is masked by "bits differ": the cost does not depend on how many entries changed.
+The Δ sums and Σw² are float32 within runs of :data:`_RUN` entries and float64 across runs
+(a run that overflows float32 is summed again in float64). Entries whose |Δ| is NaN or ±Inf
+are rare; the loop only counts them, and a scalar pass over just the blocks that have one
+tells non-finite weights (counted) from a Δ that overflowed float32 between finite weights
+(added to the sums exactly, in float64). Nothing is compiled with ``nnan``/``ninf``, so NaN
+and Inf keep IEEE semantics: a NaN Δ counts as changed.
 """
 
 from __future__ import annotations
@@ -255,7 +255,9 @@ def diff(a, b, tag, lut, cuts, eta, row_len, counts, stats, mask, rows, cols):
         stop = min(n, start + block)
         ua = a[start:stop]
         ub = b[start:stop]
-        if not _any_differ(ua, ub):  # mask, rows and cols stay as they are: zero
+        # A change among the first 64 entries (nearly every block of a dense update) goes
+        # straight to the loop; otherwise one pass over the block tells whether to skip it.
+        if not (_any_differ(ua[:64], ub[:64]) or _any_differ(ua, ub)):  # mask, rows, cols stay zero
             stats[S_BASE] += _sum_sq(ua, tag, lut)
             continue
         if _core(ua, ub, tag, lut, cuts, eta, hits, counts, stats):
