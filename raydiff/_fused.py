@@ -144,19 +144,16 @@ def _run(ua, ub, tag, lut, ci0, ci1, ci2, ci3, ci4, ci5, eta, hits):
 def _sums64(ua, ub, tag, lut):
     """A run's three sums in float64, for the rare run whose float32 sums overflowed
     (weights or |Δ| above ~1.8e19) or hold a NaN/Inf weight: what the float64 path gives."""
-    sa = sq = sbase = 0.0
+    sa = sq = 0.0
     fmax = _FMAX
     for j in range(ua.size):
-        x = _value(ua[j], tag, lut)
-        xb = np.float64(x)
-        sbase += xb * xb
         if ua[j] != ub[j]:
-            ad = abs(_value(ub[j], tag, lut) - x)
+            ad = abs(_value(ub[j], tag, lut) - _value(ua[j], tag, lut))
             if ad <= fmax:
                 w = np.float64(ad)
                 sa += w
                 sq += w * w
-    return sa, sq, sbase
+    return sa, sq, _sum_sq(ua, tag, lut)
 
 
 @njit(cache=True, nogil=True, fastmath=_FLAGS)
