@@ -105,13 +105,14 @@ def _run(ua, ub, tag, lut, ci0, ci1, ci2, ci3, ci4, ci5, eta, hits):
     |Δ| is handled as the int32 bits ``a`` of a non-negative float (0 where the bits are
     equal): such bits order as the floats do, NaN and +Inf above every finite cut-off, so
     ``|Δ| > c`` is ``(c_bits - a) >> 31`` (−1 or 0, no overflow) with no float compare, and
-    it counts NaN as changed. Sums and the max take ``af``: ``a`` with non-finite |Δ| zeroed.
+    it counts NaN as changed. Sums and the max take ``af``: ``a`` with non-finite |Δ| zeroed;
+    ``big``, the max of ``a`` itself, tells whether the run holds a non-finite |Δ|.
     """
     inf = np.int32(0x7F800000)
     s31 = np.int32(31)
     n0 = n1 = n2 = n3 = n4 = n5 = np.int32(0)
-    nb = nr = nbad = np.int32(0)
-    mx = np.int32(0)
+    nb = nr = np.int32(0)
+    mx = big = np.int32(0)
     sa = sq = sbase = np.float32(0.0)
     for j in range(ua.size):
         x = _value(ua[j], tag, lut)
@@ -126,7 +127,7 @@ def _run(ua, ub, tag, lut, ci0, ci1, ci2, ci3, ci4, ci5, eta, hits):
         sq += w * w
         sbase += x * x
         nb = np.int32(nb - ne)
-        nbad = np.int32(nbad + np.int32(not fin))
+        big = max(big, a)
         r = _as_i32(eta * max(abs(x), abs(y)))  # ≥ 0 for η > 0; non-finite |Δ|: _nonfinite
         nr = np.int32(nr - np.int32(np.int32(r - af) >> s31))
         h0 = np.int32(np.int32(ci0 - a) >> s31)
@@ -137,7 +138,7 @@ def _run(ua, ub, tag, lut, ci0, ci1, ci2, ci3, ci4, ci5, eta, hits):
         n4 = np.int32(n4 - np.int32(np.int32(ci4 - a) >> s31))
         n5 = np.int32(n5 - np.int32(np.int32(ci5 - a) >> s31))
         hits[j] = np.uint8(-h0)
-    return n0, n1, n2, n3, n4, n5, nb, nr, nbad, mx, sa, sq, sbase
+    return n0, n1, n2, n3, n4, n5, nb, nr, big >= inf, mx, sa, sq, sbase
 
 
 @njit(cache=True, nogil=True)
@@ -158,8 +159,8 @@ def _sums64(ua, ub, tag, lut):
 
 @njit(cache=True, nogil=True, fastmath=_FLAGS)
 def _core(ua, ub, tag, lut, c, eta, hits, counts, stats):
-    """A block with some change, run by run (see :func:`_run`). Returns how many entries
-    differ with a NaN or ±Inf |Δ| — non-finite weights, or a Δ that overflowed float32 —
+    """A block with some change, run by run (see :func:`_run`). Returns whether any entry
+    differs with a NaN or ±Inf |Δ| — a non-finite weight, or a Δ that overflowed float32 —
     which it leaves out of the Δ sums, the relative count and the non-finite count for
     :func:`_nonfinite` to sort out."""
     ci0, ci1, ci2 = _as_i32(c[0]), _as_i32(c[1]), _as_i32(c[2])
@@ -167,10 +168,10 @@ def _core(ua, ub, tag, lut, c, eta, hits, counts, stats):
     n = ua.size
     mx = np.int32(0)
     sa = sq = sbase = 0.0
-    bad = 0
+    bad = False
     for lo in range(0, n, _RUN):
         hi = min(n, lo + _RUN)
-        n0, n1, n2, n3, n4, n5, nb, nr, nbad, m, pa, pq, pb = _run(
+        n0, n1, n2, n3, n4, n5, nb, nr, nonfin, m, pa, pq, pb = _run(
             ua[lo:hi], ub[lo:hi], tag, lut, ci0, ci1, ci2, ci3, ci4, ci5, eta, hits[lo:hi])
         if not (pq < _FMAX and pb < _FMAX):  # overflowed, or a NaN/Inf weight: redo in float64
             pa, pq, pb = _sums64(ua[lo:hi], ub[lo:hi], tag, lut)
@@ -178,7 +179,7 @@ def _core(ua, ub, tag, lut, c, eta, hits, counts, stats):
         sq += pq
         sbase += pb
         mx = max(mx, m)
-        bad += nbad
+        bad |= nonfin
         counts[C_BITS] += nb
         counts[C_REL] += nr
         counts[C_CUTS + 0] += n0
