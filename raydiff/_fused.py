@@ -11,11 +11,11 @@ when one of its first 64 entries differs) only adds its Σw². Any other block g
 one branch-free loop that LLVM vectorises in 32-bit lanes: each entry is decoded in
 registers (a shift and a bit cast for BF16, a bit cast for F32, a table for F16), and |Δ|
 is kept as the integer bits of a non-negative float, which order as the floats do — so its
-six cut-off tests, the relative test and the max are integer subtractions and shifts, and
-all of it is masked by "bits differ": the cost does not depend on how many entries changed.
+cut-off tests (the ladder's five, and the atol's unless it is on the ladder), the relative
+test and the max are integer subtractions and shifts, and all of it is masked by "bits differ": the cost does not depend on how many entries changed.
 The Δ sums and Σw² are float32 within runs of :data:`_RUN` entries and float64 across runs
 (a run that overflows float32 is summed again in float64). Entries whose |Δ| is NaN or ±Inf
-are rare; the loop only counts them, and a scalar pass over just the blocks that have one
+are rare; the loop only flags them, and a scalar pass over just the blocks that have one
 tells non-finite weights (counted) from a Δ that overflowed float32 between finite weights
 (added to the sums exactly, in float64). Nothing is compiled with ``nnan``/``ninf``, so NaN
 and Inf keep IEEE semantics: a NaN Δ counts as changed.
@@ -30,6 +30,11 @@ from numba.extending import intrinsic, overload
 
 #: Number of cut-offs the loop takes: the run's atol (the mask) and the 5-step ladder.
 N_CUTS = 6
+#: Where the mask's cut-off comes from, a compile-time choice like :data:`TAGS`: ``own`` is a
+#: seventh compare; ``shared`` means the atol's cut-off is also the ladder's first (``c[1]``,
+#: the kernel orders it so), whose compare then makes the mask — the default, atol 1e-5 being
+#: on the ladder — and ``counts[C_CUTS]`` is left for the kernel to copy.
+MASK_FROM = {"own": np.uint16(0), "shared": np.uint8(0)}
 # counts[] slots written at the end
 C_BITS, C_NONFINITE, C_REL, C_CUTS = 0, 1, 2, 3
 # stats[] slots
@@ -81,6 +86,23 @@ def _value_impl(u, tag, lut):
     return lambda u, tag, lut: lut[u]
 
 
+def _mask_cut(h, ci0, a, shared):  # noqa: ARG001 — a stub: numba uses the overload below
+    """The mask's compare and what it adds to its own count: ``(ci0 - a) >> 31`` twice, or,
+    when ``shared`` (see :data:`MASK_FROM`), ``h`` (the ladder's compare) and 0."""
+    raise NotImplementedError("only callable from numba-compiled code")
+
+
+@overload(_mask_cut, inline="always")
+def _mask_cut_impl(h, ci0, a, shared):
+    if shared == types.uint8:
+        return lambda h, ci0, a, shared: (h, np.int32(0))
+
+    def own(h, ci0, a, shared):
+        h0 = np.int32(np.int32(ci0 - a) >> np.int32(31))
+        return h0, h0
+    return own
+
+
 @njit(cache=True, nogil=True, fastmath=_FLAGS)
 def _any_differ(ua, ub):
     acc = 0
@@ -99,7 +121,7 @@ def _sum_sq(ua, tag, lut):
 
 
 @njit(cache=True, nogil=True, fastmath=_FLAGS, inline="always")
-def _run(ua, ub, tag, lut, ci0, ci1, ci2, ci3, ci4, ci5, eta, hits):
+def _run(ua, ub, tag, lut, ci0, ci1, ci2, ci3, ci4, ci5, eta, shared, hits):
     """One run of at most :data:`_RUN` entries: the branch-free loop, in 32-bit lanes.
 
     |Δ| is handled as the int32 bits ``a`` of a non-negative float (0 where the bits are
@@ -130,9 +152,10 @@ def _run(ua, ub, tag, lut, ci0, ci1, ci2, ci3, ci4, ci5, eta, hits):
         big = max(big, a)
         r = _as_i32(eta * max(abs(x), abs(y)))  # ≥ 0 for η > 0; non-finite |Δ|: _nonfinite
         nr = np.int32(nr - np.int32(np.int32(r - af) >> s31))
-        h0 = np.int32(np.int32(ci0 - a) >> s31)
-        n0 = np.int32(n0 - h0)
-        n1 = np.int32(n1 - np.int32(np.int32(ci1 - a) >> s31))
+        h1 = np.int32(np.int32(ci1 - a) >> s31)
+        n1 = np.int32(n1 - h1)
+        h0, d0 = _mask_cut(h1, ci0, a, shared)
+        n0 = np.int32(n0 - d0)
         n2 = np.int32(n2 - np.int32(np.int32(ci2 - a) >> s31))
         n3 = np.int32(n3 - np.int32(np.int32(ci3 - a) >> s31))
         n4 = np.int32(n4 - np.int32(np.int32(ci4 - a) >> s31))
@@ -158,7 +181,7 @@ def _sums64(ua, ub, tag, lut):
 
 
 @njit(cache=True, nogil=True, fastmath=_FLAGS)
-def _core(ua, ub, tag, lut, c, eta, hits, counts, stats):
+def _core(ua, ub, tag, lut, c, eta, shared, hits, counts, stats):
     """A block with some change, run by run (see :func:`_run`). Returns whether any entry
     differs with a NaN or ±Inf |Δ| — a non-finite weight, or a Δ that overflowed float32 —
     which it leaves out of the Δ sums, the relative count and the non-finite count for
@@ -172,7 +195,7 @@ def _core(ua, ub, tag, lut, c, eta, hits, counts, stats):
     for lo in range(0, n, _RUN):
         hi = min(n, lo + _RUN)
         n0, n1, n2, n3, n4, n5, nb, nr, nonfin, m, pa, pq, pb = _run(
-            ua[lo:hi], ub[lo:hi], tag, lut, ci0, ci1, ci2, ci3, ci4, ci5, eta, hits[lo:hi])
+            ua[lo:hi], ub[lo:hi], tag, lut, ci0, ci1, ci2, ci3, ci4, ci5, eta, shared, hits[lo:hi])
         if not (pq < _FMAX and pb < _FMAX):  # overflowed, or a NaN/Inf weight: redo in float64
             pa, pq, pb = _sums64(ua[lo:hi], ub[lo:hi], tag, lut)
         sa += pa
@@ -245,9 +268,10 @@ def _emit(hits, m, start, row_len, mask, rows, cols):
 
 
 @njit(cache=True, nogil=True)
-def diff(a, b, tag, lut, cuts, eta, row_len, counts, stats, mask, rows, cols):
+def diff(a, b, tag, lut, cuts, eta, shared, row_len, counts, stats, mask, rows, cols):
     """Same-dtype pair of raw bits ``a``, ``b`` of the dtype ``tag`` names (see :data:`TAGS`;
-    ``lut`` holds the F16 table); accumulates into ``counts``, ``stats``, ``rows`` and
+    ``lut`` holds the F16 table) under cut-offs ``cuts`` (the mask's, then the ladder's;
+    ``shared`` from :data:`MASK_FROM`); accumulates into ``counts``, ``stats``, ``rows`` and
     ``cols``, and fills ``mask``, which must arrive zeroed."""
     n = a.size
     block = row_len if row_len else _BLOCK
@@ -261,7 +285,7 @@ def diff(a, b, tag, lut, cuts, eta, row_len, counts, stats, mask, rows, cols):
         if not (_any_differ(ua[:64], ub[:64]) or _any_differ(ua, ub)):  # mask, rows, cols stay zero
             stats[S_BASE] += _sum_sq(ua, tag, lut)
             continue
-        if _core(ua, ub, tag, lut, cuts, eta, hits, counts, stats):
+        if _core(ua, ub, tag, lut, cuts, eta, shared, hits, counts, stats):
             _nonfinite(ua, ub, tag, lut, eta, counts, stats)
         _emit(hits, stop - start, start, row_len, mask, rows, cols)
 

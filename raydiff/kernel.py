@@ -285,8 +285,16 @@ def _diff_fused(base: np.ndarray, tuned: np.ndarray, dtype: str, criteria: Crite
     from raydiff import _fused as f
 
     n = int(base.size)
-    cuts = np.array([cutoff(criteria.atol, dtype)] + [cutoff(t, dtype) for t in criteria.ladder], np.float32)
-    assert cuts.size == f.N_CUTS, "the fused loop takes the atol and a 5-step ladder"
+    mask_cut = cutoff(criteria.atol, dtype)
+    ladder = [cutoff(t, dtype) for t in criteria.ladder]
+    assert len(ladder) + 1 == f.N_CUTS, "the fused loop takes the atol and a 5-step ladder"
+    # When the atol's cut-off is on the ladder (the default), that step goes first and its
+    # compare also makes the mask: one compare per entry fewer.
+    shared = mask_cut in ladder
+    order = list(range(len(ladder)))
+    if shared:
+        order.insert(0, order.pop(ladder.index(mask_cut)))
+    cuts = np.array([mask_cut] + [ladder[i] for i in order], np.float32)
     counts = np.zeros(f.C_CUTS + cuts.size, np.int64)
     stats = np.zeros(4, np.float64)
     mask = np.zeros((n + 7) // 8, np.uint8)
@@ -294,8 +302,12 @@ def _diff_fused(base: np.ndarray, tuned: np.ndarray, dtype: str, criteria: Crite
     cols = np.zeros(row_len, np.uint8)
     eta = np.float32(criteria.rel_eta)
     lut = _lut(dtype) if dtype == "F16" else _NO_LUT  # BF16 and F32 decode by bit cast
-    f.diff(base, tuned, f.TAGS[dtype], lut, cuts, eta, row_len, counts, stats, mask, rows, cols)
-    changed = int(counts[f.C_CUTS])
+    f.diff(base, tuned, f.TAGS[dtype], lut, cuts, eta, f.MASK_FROM["shared" if shared else "own"], row_len,
+           counts, stats, mask, rows, cols)
+    steps = [0] * len(ladder)
+    for pos, i in enumerate(order):
+        steps[i] = int(counts[f.C_CUTS + 1 + pos])
+    changed = steps[order[0]] if shared else int(counts[f.C_CUTS])
     codec, payload = encode_packed(mask, changed)
     rows_touched = cols_bitmap = None
     if row_len:
@@ -303,7 +315,7 @@ def _diff_fused(base: np.ndarray, tuned: np.ndarray, dtype: str, criteria: Crite
         cols_bitmap = np.packbits(cols, bitorder="little").tobytes() if changed else b""
     return UnitDiff(
         numel=n, changed_bits=int(counts[f.C_BITS]), changed=changed,
-        changed_ladder=tuple(int(c) for c in counts[f.C_CUTS + 1:]), changed_rel=int(counts[f.C_REL]),
+        changed_ladder=tuple(steps), changed_rel=int(counts[f.C_REL]),
         nonfinite=int(counts[f.C_NONFINITE]), max_abs_delta=float(stats[f.S_MAX]),
         changed_subprecision=None, sum_abs_delta=float(stats[f.S_SUM]), sum_sq_delta=float(stats[f.S_SQ]),
         sum_sq_base=float(stats[f.S_BASE]), rows_touched=rows_touched, cols_bitmap=cols_bitmap,
