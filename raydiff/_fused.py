@@ -47,6 +47,7 @@ _BLOCK = 4096  # elements per block of a 1-D tensor (rows are blocks of ≥ 2-D 
 #: (typically ~1e-7), and a run whose float32 sums overflow is summed again in float64.
 _RUN = 512
 _FMAX = np.float32(3.4028234663852886e38)
+_INF_BITS = np.int32(0x7F800000)
 _PACK = np.uint64(0x0102040810204080)  # 8 bytes of 0/1 → one LSB-first byte, by one multiply
 
 
@@ -127,30 +128,32 @@ def _run(ua, ub, tag, lut, ci0, ci1, ci2, ci3, ci4, ci5, eta, shared, hits):
     |Δ| is handled as the int32 bits ``a`` of a non-negative float (0 where the bits are
     equal): such bits order as the floats do, NaN and +Inf above every finite cut-off, so
     ``|Δ| > c`` is ``(c_bits - a) >> 31`` (−1 or 0, no overflow) with no float compare, and
-    it counts NaN as changed. Sums and the max take ``af``: ``a`` with non-finite |Δ| zeroed;
-    ``big``, the max of ``a`` itself, tells whether the run holds a non-finite |Δ|.
+    it counts NaN as changed. Sums, the max and the relative test take ``af``, ``a`` clamped
+    to +Inf: a run with a non-finite |Δ| ends with an infinite max and Σ|Δ|², which send it
+    to :func:`_sums64`, and its relative count leaves out every such entry whose weights are
+    not both finite (``r`` is then +Inf or NaN, never below ``af``) for :func:`_nonfinite`.
     """
     inf = np.int32(0x7F800000)
     s31 = np.int32(31)
     n0 = n1 = n2 = n3 = n4 = n5 = np.int32(0)
     nb = nr = np.int32(0)
-    mx = big = np.int32(0)
+    mx = np.int32(0)
     sa = sq = sbase = np.float32(0.0)
     for j in range(ua.size):
         x = _value(ua[j], tag, lut)
         y = _value(ub[j], tag, lut)
         ne = np.int32(-np.int32(ua[j] != ub[j]))  # −1 where the stored bits differ
         a = np.int32(_as_i32(abs(y - x)) & ne)
-        fin = a < inf
-        af = a if fin else np.int32(0)
+        af = min(a, inf)
         mx = max(mx, af)
         w = _as_f32(af)
         sa += w
         sq += w * w
         sbase += x * x
         nb = np.int32(nb - ne)
-        big = max(big, a)
-        r = _as_i32(eta * max(abs(x), abs(y)))  # ≥ 0 for η > 0; non-finite |Δ|: _nonfinite
+        # η·max(|x|, |y|), the max taken on the bits: a NaN weight makes r NaN (never the
+        # other weight, as a float max may), so the loop's decision depends on values only
+        r = _as_i32(eta * _as_f32(max(_as_i32(abs(x)), _as_i32(abs(y)))))
         nr = np.int32(nr - np.int32(np.int32(r - af) >> s31))
         h1 = np.int32(np.int32(ci1 - a) >> s31)
         n1 = np.int32(n1 - h1)
@@ -161,31 +164,34 @@ def _run(ua, ub, tag, lut, ci0, ci1, ci2, ci3, ci4, ci5, eta, shared, hits):
         n4 = np.int32(n4 - np.int32(np.int32(ci4 - a) >> s31))
         n5 = np.int32(n5 - np.int32(np.int32(ci5 - a) >> s31))
         hits[j] = np.uint8(-h0)
-    return n0, n1, n2, n3, n4, n5, nb, nr, big >= inf, mx, sa, sq, sbase
+    return n0, n1, n2, n3, n4, n5, nb, nr, mx, sa, sq, sbase
 
 
 @njit(cache=True, nogil=True)
 def _sums64(ua, ub, tag, lut):
-    """A run's three sums in float64, for the rare run whose float32 sums overflowed
-    (weights or |Δ| above ~1.8e19) or hold a NaN/Inf weight: what the float64 path gives."""
+    """A run's three sums in float64 and its max finite |Δ| (as float32 bits), for the rare
+    run whose float32 sums overflowed (weights or |Δ| above ~1.8e19) or that holds a NaN or
+    ±Inf |Δ|: what the float64 path gives."""
     sa = sq = 0.0
+    mx = np.float32(0.0)
     fmax = _FMAX
     for j in range(ua.size):
         if ua[j] != ub[j]:
             ad = abs(_value(ub[j], tag, lut) - _value(ua[j], tag, lut))
             if ad <= fmax:
+                mx = max(mx, ad)
                 w = np.float64(ad)
                 sa += w
                 sq += w * w
-    return sa, sq, _sum_sq(ua, tag, lut)
+    return sa, sq, _sum_sq(ua, tag, lut), _as_i32(mx)
 
 
 @njit(cache=True, nogil=True, fastmath=_FLAGS)
 def _core(ua, ub, tag, lut, c, eta, shared, hits, counts, stats):
     """A block with some change, run by run (see :func:`_run`). Returns whether any entry
     differs with a NaN or ±Inf |Δ| — a non-finite weight, or a Δ that overflowed float32 —
-    which it leaves out of the Δ sums, the relative count and the non-finite count for
-    :func:`_nonfinite` to sort out."""
+    which it leaves out of the Δ sums and the max (and, for a non-finite weight, the relative
+    count) for :func:`_nonfinite` to sort out."""
     ci0, ci1, ci2 = _as_i32(c[0]), _as_i32(c[1]), _as_i32(c[2])
     ci3, ci4, ci5 = _as_i32(c[3]), _as_i32(c[4]), _as_i32(c[5])
     n = ua.size
@@ -194,15 +200,15 @@ def _core(ua, ub, tag, lut, c, eta, shared, hits, counts, stats):
     bad = False
     for lo in range(0, n, _RUN):
         hi = min(n, lo + _RUN)
-        n0, n1, n2, n3, n4, n5, nb, nr, nonfin, m, pa, pq, pb = _run(
+        n0, n1, n2, n3, n4, n5, nb, nr, m, pa, pq, pb = _run(
             ua[lo:hi], ub[lo:hi], tag, lut, ci0, ci1, ci2, ci3, ci4, ci5, eta, shared, hits[lo:hi])
-        if not (pq < _FMAX and pb < _FMAX):  # overflowed, or a NaN/Inf weight: redo in float64
-            pa, pq, pb = _sums64(ua[lo:hi], ub[lo:hi], tag, lut)
+        bad |= m >= _INF_BITS
+        if not (pq < _FMAX and pb < _FMAX):  # overflowed, or a NaN/Inf |Δ| or weight: redo in float64
+            pa, pq, pb, m = _sums64(ua[lo:hi], ub[lo:hi], tag, lut)
         sa += pa
         sq += pq
         sbase += pb
         mx = max(mx, m)
-        bad |= nonfin
         counts[C_BITS] += nb
         counts[C_REL] += nr
         counts[C_CUTS + 0] += n0
@@ -220,9 +226,10 @@ def _core(ua, ub, tag, lut, c, eta, shared, hits, counts, stats):
 
 @njit(cache=True, nogil=True)
 def _nonfinite(ua, ub, tag, lut, eta, counts, stats):
-    """For a block with entries whose |Δ| is NaN or ±Inf: apply the relative test to them,
-    count those with a non-finite weight, and add the others — a Δ that overflowed float32
-    between finite weights — to the Δ sums exactly, in float64."""
+    """For a block with entries whose |Δ| is NaN or ±Inf: count those with a non-finite
+    weight, and apply the relative test to them; add the others — a Δ that overflowed
+    float32 between finite weights, which the loop counted as relatively changed — to the Δ
+    sums and the max exactly, in float64."""
     fmax = _FMAX
     for j in range(ua.size):
         x = _value(ua[j], tag, lut)
@@ -230,8 +237,6 @@ def _nonfinite(ua, ub, tag, lut, eta, counts, stats):
         ad = abs(y - x)
         if ua[j] == ub[j] or ad <= fmax:
             continue
-        if not (ad <= eta * max(abs(x), abs(y))):
-            counts[C_REL] += 1
         if abs(x) <= fmax and abs(y) <= fmax:
             d = abs(np.float64(y) - np.float64(x))
             stats[S_MAX] = max(stats[S_MAX], d)
@@ -239,6 +244,8 @@ def _nonfinite(ua, ub, tag, lut, eta, counts, stats):
             stats[S_SQ] += d * d
         else:
             counts[C_NONFINITE] += 1
+            if not (ad <= eta * max(abs(x), abs(y))):
+                counts[C_REL] += 1
 
 
 @njit(cache=True, nogil=True)
