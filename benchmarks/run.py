@@ -3,8 +3,10 @@
     .venv/bin/python benchmarks/run.py [--small-gb 0.5] [--large-gb 4] [--workdir /tmp/raydiff-bench]
 
 Prints, in order: the machine's own bandwidth (memory copy, cold and warm file reads);
-the kernel's throughput (bitwise compare alone vs raydiff's one pass with every criterion,
-statistics and the compressed mask, at several densities); end-to-end ``submit`` (rank off)
+the kernel's throughput at several densities: numpy's bitwise compare + count, the bitwise
+criterion producing what a run stores for it (count + packed mask in one numba pass, then
+the store's mask codec), and raydiff's one pass with every criterion, statistics and the
+compressed mask; end-to-end ``submit`` (rank off)
 on two pair sizes, warm and cold, as marginal throughput Δbytes/Δtime (cancels Ray
 start-up); the paper-style baseline on the same pair (safetensors + torch, Δ in bf16,
 ``abs() <= 1e-5``); rank, exact vs sketch, on a planted low-rank + noise matrix; mask
@@ -87,25 +89,73 @@ def machine(work: Path) -> dict[str, float]:
     return {"copy": copy, "cold": cold, "warm": warm}
 
 
+_PACK = np.uint64(0x0102040810204080)
+
+
+def _bitwise_kernel():
+    """The bitwise criterion alone, producing what a run stores for it (count + packed mask),
+    fused the way raydiff's kernel is: compare, count and pack in one numba pass."""
+    from numba import njit
+
+    @njit(nogil=True)
+    def bits(a, b, hits, packed):
+        cnt = 0
+        for s in range(0, a.size, 4096):
+            m = min(4096, a.size - s)
+            ua, ub = a[s:s + m], b[s:s + m]
+            c = np.int32(0)
+            for j in range(m):
+                h = np.int32(ua[j] != ub[j])
+                c += h
+                hits[j] = np.uint8(h)
+            cnt += c
+            q = (m + 7) // 8
+            hits[m:q * 8] = 0
+            w = hits[:q * 8].view(np.uint64)
+            out = packed[s // 8:s // 8 + q]
+            for k in range(q):
+                out[k] = np.uint8((w[k] * _PACK) >> np.uint64(56))
+        return cnt
+
+    return bits
+
+
 def kernel() -> dict[str, float]:
     from raydiff.kernel import Criteria, decode, diff_unit
+    from raydiff.masks import decode_packed, encode_packed
 
     rng = np.random.default_rng(0)
     n = 1 << 24  # one default unit: 16 Mi elements, 32 MiB per side
     base = ((rng.standard_normal(n, dtype=np.float32) * 0.02).view(np.uint32) >> 16).astype(np.uint16)
     out = {}
     diff_unit(base[:4096], base[:4096], "BF16", "BF16", "BF16", Criteria(), 64)  # compile / load cache
+    bits = _bitwise_kernel()
+    hits, packed = np.zeros(4096 + 8, np.uint8), np.zeros(n // 8, np.uint8)
     for density in (0.0, 0.05, 0.2, 0.5):
         tuned = base.copy()
         sel = rng.random(n, dtype=np.float32) < density
         tuned[sel] += 1
         nbytes = 2 * base.nbytes
         bitwise = nbytes / _best(lambda: np.count_nonzero(base != tuned))
-        full = nbytes / _best(lambda: diff_unit(base, tuned, "BF16", "BF16", "BF16", Criteria(), 4096))
+        assert bits(base, tuned, hits, packed) == np.count_nonzero(base != tuned)
+        changed = int(np.count_nonzero(sel))
+        t_bits = _best(lambda: bits(base, tuned, hits, packed), 5)
+        t_code = _best(lambda: encode_packed(packed, changed), 5)
+        r = diff_unit(base, tuned, "BF16", "BF16", "BF16", Criteria(), 4096)
+        t_full = _best(lambda: diff_unit(base, tuned, "BF16", "BF16", "BF16", Criteria(), 4096), 5)
+        rmask = decode_packed(r.mask_codec, r.mask, n)
+        t_rcode = _best(lambda: encode_packed(rmask, r.changed), 5)
+        full = nbytes / t_full
+        bits_stored = nbytes / (t_bits + t_code)
         out[f"bitwise@{density}"], out[f"full@{density}"] = bitwise, full
+        out[f"bitwise_stored@{density}"] = bits_stored
         print(f"kernel, density {density:4.0%}: numpy bitwise compare+count {bitwise / GB:5.2f} GB/s; "
-              f"raydiff one pass (bits, atol ladder, rel, Δ stats, rows/cols, compressed mask) {full / GB:5.2f} GB/s "
-              f"= {bitwise / full:.1f}× bitwise")
+              f"bitwise with a run's output (count + packed mask in one numba pass {nbytes / t_bits / GB:5.2f} GB/s, "
+              f"+ the store's mask codec) {bits_stored / GB:5.2f} GB/s")
+        print(f"kernel, density {density:4.0%}: raydiff one pass (bits, atol ladder, rel, Δ stats, rows/cols, "
+              f"compressed mask) {full / GB:5.2f} GB/s, of which mask compression {t_rcode * 1e3:.1f} ms "
+              f"of {t_full * 1e3:.1f} = {bitwise / full:.1f}× numpy bitwise, {bits_stored / full:.1f}× bitwise "
+              f"with a run's output")
         if density == 0.2:  # one criterion each, done the plain numpy way on the same arrays
             fa, fb = decode(base, "BF16"), decode(tuned, "BF16")
             atol = nbytes / _best(lambda: np.count_nonzero(np.abs(fb - fa) > np.float32(1e-5)))
