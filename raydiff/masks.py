@@ -19,10 +19,10 @@ and size against the entropy of a random mask of that density:
 
 | density | packbits+zstd | gaps+zstd |
 | --- | --- | --- |
-| 1 % | 4.5 ms, 1.8× | 1.7 ms, 1.0× |
-| 5 % | 7.0 ms, 1.27× | 3.2 ms, 1.01× |
-| 8 % | 5.9 ms, 1.12× | 4.2 ms, 1.01× (decoding 2.4 ms against 1.7) |
-| 20 % | 1.9 ms, 1.02× | — |
+| 1 % | 4.5 ms, 1.8× | 1.1 ms, 1.0× |
+| 5 % | 7.0 ms, 1.27× | 2.1 ms, 1.01× |
+| 8 % | 5.9 ms, 1.12× | 3.3 ms, 1.01× (decoding 2.3 ms against 1.6) |
+| 20 % | 1.8 ms, 1.02× | — |
 
 so gaps are used below 1 in :data:`GAPS_BELOW` (8.3 %), where they encode faster and
 decode about as fast.
