@@ -6,8 +6,9 @@ instead of the ~20 array passes numpy needs. Thresholds arrive pre-converted by 
 into float32 cut-offs on the exact |Δ| (see ``kernel.cutoff``), so the loop never rounds.
 
 How it is fast: the unit is walked in cache-sized blocks (a row of a ≥ 2-D tensor, else
-4096 entries). A block whose bits are all equal (one vectorised OR of ``a ^ b``, not needed
-when one of its first 64 entries differs) only adds its Σw². Any other block goes through
+4096 entries). A block whose bits are all equal only adds its Σw², in the same vectorised
+pass that ORs ``a ^ b`` to find that out (not needed when one of its first 64 entries
+differs). Any other block goes through
 one branch-free loop that LLVM vectorises in 32-bit lanes: each entry is decoded in
 registers (a shift and a bit cast for BF16, a bit cast for F32, a table for F16), and |Δ|
 is kept as the integer bits of a non-negative float, which order as the floats do — so its
@@ -110,6 +111,25 @@ def _any_differ(ua, ub):
     for j in range(ua.size):
         acc |= ua[j] ^ ub[j]
     return acc != 0
+
+
+@njit(cache=True, nogil=True, fastmath=_FLAGS)
+def _quiet(ua, ub, tag, lut):
+    """``(any bits differ, Σw²)`` of a block in one pass, stopping at the first
+    :data:`_RUN` entries with a change (Σw² is then partial, and unused)."""
+    s = 0.0
+    n = ua.size
+    for lo in range(0, n, _RUN):
+        a = ua[lo:min(n, lo + _RUN)]
+        b = ub[lo:min(n, lo + _RUN)]
+        acc = 0
+        for j in range(a.size):
+            acc |= a[j] ^ b[j]
+            x = np.float64(_value(a[j], tag, lut))
+            s += x * x
+        if acc:
+            return True, s
+    return False, s
 
 
 @njit(cache=True, nogil=True, fastmath=_FLAGS)
@@ -288,10 +308,13 @@ def diff(a, b, tag, lut, cuts, eta, shared, row_len, counts, stats, mask, rows, 
         ua = a[start:stop]
         ub = b[start:stop]
         # A change among the first 64 entries (nearly every block of a dense update) goes
-        # straight to the loop; otherwise one pass over the block tells whether to skip it.
-        if not (_any_differ(ua[:64], ub[:64]) or _any_differ(ua, ub)):  # mask, rows, cols stay zero
-            stats[S_BASE] += _sum_sq(ua, tag, lut)
-            continue
+        # straight to the loop; otherwise one pass tells whether to skip the block and, if
+        # so, adds its Σw² (mask, rows and columns stay zero).
+        if not _any_differ(ua[:64], ub[:64]):
+            differ, s = _quiet(ua, ub, tag, lut)
+            if not differ:
+                stats[S_BASE] += s
+                continue
         if _core(ua, ub, tag, lut, cuts, eta, shared, hits, counts, stats):
             _nonfinite(ua, ub, tag, lut, eta, counts, stats)
         _emit(hits, stop - start, start, row_len, mask, rows, cols)
