@@ -89,16 +89,17 @@ def machine(work: Path) -> dict[str, float]:
     return {"copy": copy, "cold": cold, "warm": warm}
 
 
-_PACK = np.uint64(0x0102040810204080)
-
-
 def _bitwise_kernel():
     """The bitwise criterion alone, producing what a run stores for it (count + packed mask),
-    fused the way raydiff's kernel is: compare, count and pack in one numba pass."""
+    fused the way raydiff's kernel is: compare and count in one numba pass per block, packed
+    by the kernel's own block emitter."""
     from numba import njit
+
+    from raydiff._fused import _emit
 
     @njit(nogil=True)
     def bits(a, b, hits, packed):
+        none = np.zeros(0, np.uint8)  # no rows/columns: a 1-D unit
         cnt = 0
         for s in range(0, a.size, 4096):
             m = min(4096, a.size - s)
@@ -109,12 +110,7 @@ def _bitwise_kernel():
                 c += h
                 hits[j] = np.uint8(h)
             cnt += c
-            q = (m + 7) // 8
-            hits[m:q * 8] = 0
-            w = hits[:q * 8].view(np.uint64)
-            out = packed[s // 8:s // 8 + q]
-            for k in range(q):
-                out[k] = np.uint8((w[k] * _PACK) >> np.uint64(56))
+            _emit(hits, m, s, 0, packed, none, none)
         return cnt
 
     return bits
@@ -138,6 +134,7 @@ def kernel() -> dict[str, float]:
         nbytes = 2 * base.nbytes
         bitwise = nbytes / _best(lambda: np.count_nonzero(base != tuned))
         assert bits(base, tuned, hits, packed) == np.count_nonzero(base != tuned)
+        assert np.array_equal(packed, np.packbits(base != tuned, bitorder="little"))
         changed = int(np.count_nonzero(sel))
         t_bits = _best(lambda: bits(base, tuned, hits, packed), 5)
         t_code = _best(lambda: encode_packed(packed, changed), 5)

@@ -8,12 +8,12 @@ into float32 cut-offs on the exact |Δ| (see ``kernel.cutoff``), so the loop nev
 How it is fast: the unit is walked in cache-sized blocks (a row of a ≥ 2-D tensor, else
 4096 entries). A block whose bits are all equal only adds its Σw², in the same vectorised
 pass that ORs ``a ^ b`` to find that out (not needed when one of its first 64 entries
-differs). Any other block goes through
-one branch-free loop that LLVM vectorises in 32-bit lanes: each entry is decoded in
-registers (a shift and a bit cast for BF16, a bit cast for F32, a table for F16), and |Δ|
-is kept as the integer bits of a non-negative float, which order as the floats do — so its
-cut-off tests (the ladder's five, and the atol's unless it is on the ladder), the relative
-test and the max are integer subtractions and shifts, and all of it is masked by "bits differ": the cost does not depend on how many entries changed.
+differs). Any other block goes through one branch-free loop that LLVM vectorises in 32-bit
+lanes: each entry is decoded in registers (a shift and a bit cast for BF16, a bit cast for
+F32, a table for F16), and |Δ| is kept as the integer bits of a non-negative float, which
+order as the floats do — so its cut-off tests (the ladder's five, and the atol's unless it
+is on the ladder), the relative test and the max are integer subtractions and shifts, and
+all of it is masked by "bits differ": the cost does not depend on how many entries changed.
 The Δ sums and Σw² are float32 within runs of :data:`_RUN` entries and float64 across runs
 (a run that overflows float32 is summed again in float64). Entries whose |Δ| is NaN or ±Inf
 are rare; the loop only flags them, and a scalar pass over just the blocks that have one
