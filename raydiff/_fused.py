@@ -153,7 +153,6 @@ def _run(ua, ub, tag, lut, ci0, ci1, ci2, ci3, ci4, ci5, eta, shared, hits):
     to :func:`_sums64`, and its relative count leaves out every such entry whose weights are
     not both finite (``r`` is then +Inf or NaN, never below ``af``) for :func:`_nonfinite`.
     """
-    inf = np.int32(0x7F800000)
     s31 = np.int32(31)
     n0 = n1 = n2 = n3 = n4 = n5 = np.int32(0)
     nb = nr = np.int32(0)
@@ -164,7 +163,7 @@ def _run(ua, ub, tag, lut, ci0, ci1, ci2, ci3, ci4, ci5, eta, shared, hits):
         y = _value(ub[j], tag, lut)
         ne = np.int32(-np.int32(ua[j] != ub[j]))  # −1 where the stored bits differ
         a = np.int32(_as_i32(abs(y - x)) & ne)
-        af = min(a, inf)
+        af = min(a, _INF_BITS)
         mx = max(mx, af)
         w = _as_f32(af)
         sa += w
