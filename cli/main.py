@@ -122,6 +122,9 @@ class _Bar:
         if self.task is not None:
             self.bar.update(self.task, advance=done.nbytes if done.kind == "unit" else 0, items=self._items())
 
+    def note(self, message: str) -> None:
+        self.bar.console.print(f"note: {message}", markup=False, highlight=False, soft_wrap=True)
+
     def stop(self) -> None:
         self.bar.stop()
 
@@ -137,6 +140,9 @@ def _submit(base: str, tuned: str, options: SubmitOptions):
 
         def advanced(self, done):  # noqa: ANN001
             bar.advanced(done)
+
+        def note(self, message):  # noqa: ANN001
+            bar.note(message)
 
     try:
         # stdout carries the run id alone; Ray prints its own notices (task retries after a
@@ -162,7 +168,7 @@ def submit(
     rename: list[str] = typer.Option([], "--rename", metavar="OLD=NEW", help="Rewrite tensor-name prefix OLD to NEW on both sides before pairing (repeatable; first match wins)."),
     strict: bool = typer.Option(False, "--strict", help="Refuse to run unless every tensor matches exactly (no renames, ties, resized rows, dtype widening or unmatched tensors)."),
     address: str | None = typer.Option(None, "--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster)."),
-    workers: int | None = typer.Option(None, "--workers", help="Number of diff actors (default: one per CPU, or per GPU share)."),
+    workers: int | None = typer.Option(None, "--workers", help="Number of diff actors (default: one per CPU, or per GPU share); more than the cluster holds run on those that start."),
     gpus_per_actor: float = typer.Option(1.0, "--gpus-per-actor", help="GPU fraction per actor on GPU clusters."),
     hub_fetch: str = typer.Option("ranges", "--hub-fetch", help="How actors read Hub checkpoints missing from their node's HF cache: ranges (each unit's bytes by HTTP range, no disk) or cache (download each needed shard once into the node's cache)."),
 ) -> None:

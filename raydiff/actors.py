@@ -2,9 +2,11 @@
 
 A pool of :class:`DiffActor` is sized to the cluster (one per CPU, or per GPU share when the
 cluster has GPUs); it is released when the run ends, or kept for the next submission of this
-process with ``ClusterOptions.keep_actors``. The driver hands out work largest-first, keeps two items in flight per
-actor so none idles between items, and receives only small :class:`~raydiff.execute.Done`
-records: results go from the actors to the store directly.
+process with ``ClusterOptions.keep_actors``. The driver waits for the actors the cluster can
+hold to start (up to 30 s), then hands out work largest-first to started actors only — an
+actor Ray cannot place yet joins when it starts instead of sitting on work — keeps two items
+in flight per actor so none idles between items, and receives only small
+:class:`~raydiff.execute.Done` records: results go from the actors to the store directly.
 
 Fault tolerance lives here too: actors restart when their process dies
 (``max_restarts``) and the unit in flight is retried (``max_task_retries``). A retried unit
@@ -16,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Sequence
 
 import ray
@@ -29,6 +32,10 @@ from raydiff.plan import SpectrumTask, WorkUnit
 _IN_FLIGHT_PER_ACTOR = 2
 _MAX_RESTARTS = 4
 _MAX_TASK_RETRIES = 4
+# How long a run waits for the actors the cluster can hold before it goes on with those that
+# started; later ones join as Ray places them.
+_START_WAIT_S = 30.0
+_STILL_WAITING_S = 60.0  # while no actor has started, a note this often
 
 
 def connect(address: str | None) -> dict[str, float]:
@@ -74,6 +81,9 @@ class DiffActor:
             ex.store.check_visible(ctx.run_id, f"Ray node {self._node_id}")
             self._ex = ex
         return self._ex
+
+    def ready(self) -> None:
+        """Answers once the actor has started (its process is up and ``__init__`` has run)."""
 
     def unit(self, ctx: RunContext, u: WorkUnit) -> Done:
         return self._executor(ctx).unit(u)
@@ -128,9 +138,21 @@ def pool_size(resources: dict[str, float], options: ClusterOptions) -> tuple[int
     return n, per
 
 
+def placeable(resources: dict[str, float], n: int, gpu_share: float) -> int:
+    """How many of ``n`` actors (1 CPU and ``gpu_share`` GPU each) the cluster's totals can hold."""
+    fit = min(n, int(resources.get("CPU", 0.0)))
+    if gpu_share:
+        fit = min(fit, int(resources.get("GPU", 0.0) / gpu_share + 1e-9))
+    return fit
+
+
 def run_work(ctx: RunContext, units: Sequence[WorkUnit], spectra: Sequence[SpectrumTask],
-             options: ClusterOptions, on_done: Callable[[Done], None] | None = None) -> None:
+             options: ClusterOptions, on_done: Callable[[Done], None] | None = None,
+             on_note: Callable[[str], None] | None = None) -> None:
     """Run every unit and spectrum task on a pool of actors; return when all are stored.
+
+    ``on_note`` hears what the user should know while the run lasts: actors that Ray cannot
+    place yet (more asked for than the cluster holds, or its CPUs held by other jobs).
 
     Raises:
         RaydiffError: the first user-facing error raised by any actor (bad checkpoint…).
@@ -141,33 +163,76 @@ def run_work(ctx: RunContext, units: Sequence[WorkUnit], spectra: Sequence[Spect
         resources = connect(options.address)
         n, gpu_share = pool_size(resources, options)
         actors = _actors(n, gpu_share)
+        need = "1 CPU" + (f" and {gpu_share:g} GPU" if gpu_share else "")
+        have = f"{resources.get('CPU', 0.0):g} CPUs" + (f", {resources.get('GPU', 0.0):g} GPUs" if gpu_share else "")
+        pool = _Pool(actors)
         try:
-            _dispatch(ctx, actors, units, spectra, on_done)
+            _start(pool, placeable(resources, n, gpu_share), f"each needs {need}; the cluster has {have}",
+                   on_note or (lambda _: None))
+            _dispatch(ctx, actors, pool, units, spectra, on_done)
         finally:
             if options.keep_actors:
-                ray.get([a.release.remote() for a in actors])
+                ray.get([actors[i].release.remote() for i in pool.live])
             else:
                 _drop_pool()
 
 
-def _dispatch(ctx: RunContext, actors: list, units: Sequence[WorkUnit], spectra: Sequence[SpectrumTask],
-              on_done: Callable[[Done], None] | None) -> None:
-    n = len(actors)
+class _Pool:
+    """Which actors of a pool have started, and the readiness calls of those that have not."""
+
+    def __init__(self, actors: list) -> None:
+        self.live: list[int] = []
+        self.starting: dict[ray.ObjectRef, int] = {a.ready.remote(): i for i, a in enumerate(actors)}
+
+    def started(self, ref: ray.ObjectRef) -> None:
+        i = self.starting.pop(ref)
+        _get(ref)  # an actor that could not start raises here
+        self.live.append(i)
+
+
+def _start(pool: _Pool, expect: int, why: str, note: Callable[[str], None]) -> None:
+    """Wait until ``expect`` actors have started (at most ``_START_WAIT_S``), then until one has.
+
+    Waiting for the pool before handing out work spreads the largest items over every node
+    from the start; an actor the cluster cannot hold yet would otherwise sit on its items.
+    """
+    began = time.monotonic()
+    n = len(pool.starting)
+    while len(pool.live) < max(1, expect) and (left := began + _START_WAIT_S - time.monotonic()) > 0:
+        ready, _ = ray.wait(list(pool.starting), num_returns=1, timeout=left)
+        for ref in ready:
+            pool.started(ref)
+    while not pool.live:
+        note(f"no diff actor has started after {time.monotonic() - began:.0f} s: Ray cannot place one yet ({why}, "
+             "and other jobs may hold them); still waiting. Ctrl-C stops; submitting again resumes the run")
+        ready, _ = ray.wait(list(pool.starting), num_returns=1, timeout=_STILL_WAITING_S)
+        for ref in ready:
+            pool.started(ref)
+    if len(pool.live) < n:
+        note(f"{len(pool.live)} of {n} diff actors started; going on with them, and the other {n - len(pool.live)} "
+             f"join when Ray places them ({why}). --workers sets how many to ask for")
+
+
+def _dispatch(ctx: RunContext, actors: list, pool: _Pool, units: Sequence[WorkUnit],
+              spectra: Sequence[SpectrumTask], on_done: Callable[[Done], None] | None) -> None:
     # Longest first: spectra (SVDs) by cost, then units by size.
     work: list[tuple[str, object]] = [("spectrum", s) for s in sorted(spectra, key=lambda s: -s.flops)]
     work += [("unit", u) for u in sorted(units, key=lambda u: -(u.stop - u.start))]
     work.reverse()  # pop() from the end
     pending: dict[ray.ObjectRef, int] = {}
-    load = [0] * n
+    load = [0] * len(actors)
     while work or pending:
-        for i in range(n):
+        for i in pool.live:
             while work and load[i] < _IN_FLIGHT_PER_ACTOR:
                 kind, item = work.pop()
                 ref = getattr(actors[i], kind).remote(ctx, item)
                 pending[ref] = i
                 load[i] += 1
-        ready, _ = ray.wait(list(pending), num_returns=1)
+        ready, _ = ray.wait(list(pending) + list(pool.starting), num_returns=1)
         for ref in ready:
+            if ref in pool.starting:  # a late actor joins
+                pool.started(ref)
+                continue
             load[pending.pop(ref)] -= 1
             done = _get(ref)
             if on_done is not None:

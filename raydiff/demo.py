@@ -411,9 +411,14 @@ def run_demo(store: str, family_dir: str | None, cluster, log: Callable[[str], N
     """Build or reuse the family, submit each finetune against the base, return a report."""
     from raydiff.options import DiffOptions, SubmitOptions
     from raydiff.report import demo_report
-    from raydiff.submit import submit
+    from raydiff.submit import Progress, submit
 
     log = log or (lambda _msg: None)
+
+    class _Notes(Progress):
+        def note(self, message: str) -> None:
+            log(f"demo: note: {message}")
+
     fam_root = family_dir or (store.rstrip("/") + "/demo-family" if "://" not in store else None)
     if fam_root is None:
         from raydiff.errors import InvalidOption
@@ -423,7 +428,7 @@ def run_demo(store: str, family_dir: str | None, cluster, log: Callable[[str], N
     run_ids = {}
     for name, path in fam.members.items():
         res = submit(str(fam.base), str(path), SubmitOptions(store=store, name=name, diff=DiffOptions(),
-                                                               cluster=cluster))
+                                                               cluster=cluster), _Notes())
         run_ids[name] = res.run_id
         log(f"demo: submitted {name}: run {res.run_id}")
     return demo_report(store, run_ids, fam.accuracy)

@@ -83,6 +83,9 @@ class Progress:
     def advanced(self, done: Done) -> None:
         """One unit or spectrum finished and is in the store."""
 
+    def note(self, message: str) -> None:
+        """Something the user should know while the run lasts (diff actors Ray cannot place yet…)."""
+
 
 def run_id_for(base: Checkpoint | Identity, tuned: Checkpoint | Identity, options: SubmitOptions) -> str:
     """Deterministic id of a (base, tuned, result-changing options) triple.
@@ -195,7 +198,7 @@ def submit(base: str, tuned: str, options: SubmitOptions | None = None,
             written[done.key] = done.record
         progress.advanced(done)
 
-    actors.run_work(ctx, units, spectra, options.cluster, advanced)
+    actors.run_work(ctx, units, spectra, options.cluster, advanced, progress.note)
     commit = store.commit(record, plan, written)
     resumed = bool(done_units or done_spectra)
     return SubmitResult(record, commit, resumed=resumed, already_complete=False, matching=summarize(plan))

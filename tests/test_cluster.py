@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -53,9 +54,8 @@ def test_two_node_cluster_submit_from_a_separate_process(tmp_path):
         cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()
         store = str(tmp_path / "multi")
-        # Two one-CPU actors can only be placed one per node. Left to size the pool itself, a
-        # driver that connects the moment the second node joins may still see one node's
-        # CPU in the node table (seen once in CI: every unit on one actor).
+        # Two one-CPU actors can only be placed one per node, and the driver hands out work once
+        # both have started (twice in CI, before it waited: every unit on one actor).
         p = subprocess.run([sys.executable, "-m", "raydiff.cli.main", "submit", str(b), str(t), "--store", store,
                             "--chunk-elems", "2048", "--address", cluster.address, "--workers", "2"],
                            env=_env(), capture_output=True, text=True, timeout=300)
@@ -109,6 +109,38 @@ def test_killed_worker_mid_run_changes_nothing(tmp_path):
                                 f"WHERE run_id = '{reference.run_id}'")
     assert rows[0][0] == rows[0][1] == reference.run.n_units
     assert _results(str(store), reference.run_id) == _results(str(tmp_path / "ref"), reference.run_id)
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_more_workers_than_the_cluster_holds_runs_on_those_that_start(tmp_path):
+    from raydiff.submit import Progress
+
+    class Notes(Progress):
+        def __init__(self) -> None:
+            self.notes: list[str] = []
+
+        def note(self, message: str) -> None:
+            self.notes.append(message)
+
+    b, t = _pair(tmp_path)
+    opts = DiffOptions(chunk_elems=2048)
+    reference = submit(str(b), str(t), SubmitOptions(store=str(tmp_path / "ref"), diff=opts))
+    progress = Notes()
+    # The session cluster has 2 CPUs: two of the four actors can never be placed. Each used to
+    # be handed two units up front, which waited for it forever.
+    t0 = time.monotonic()
+    result = submit(str(b), str(t), SubmitOptions(store=str(tmp_path / "store"), diff=opts,
+                                                  cluster=ClusterOptions(workers=4)), progress)
+    assert time.monotonic() - t0 < 25, "waited out the start deadline for actors the cluster cannot hold"
+    assert not result.already_complete and result.commit == dataclasses.replace(
+        reference.commit, completed_at=result.commit.completed_at)
+    assert progress.notes == ["2 of 4 diff actors started; going on with them, and the other 2 join when Ray "
+                              "places them (each needs 1 CPU; the cluster has 2 CPUs). --workers sets how many "
+                              "to ask for"]
+    _, rows = query(str(tmp_path / "store"), f"SELECT count(DISTINCT worker_pid), count(*) FROM units "
+                                             f"WHERE run_id = '{result.run_id}'")
+    assert rows == [(2, reference.run.n_units)]
+    assert _results(str(tmp_path / "store"), result.run_id) == _results(str(tmp_path / "ref"), result.run_id)
 
 
 @pytest.mark.usefixtures("ray_cluster")
