@@ -181,6 +181,7 @@ class _Pool:
     """Which actors of a pool have started, and the readiness calls of those that have not."""
 
     def __init__(self, actors: list) -> None:
+        self.size = len(actors)
         self.live: list[int] = []
         self.starting: dict[ray.ObjectRef, int] = {a.ready.remote(): i for i, a in enumerate(actors)}
 
@@ -188,6 +189,12 @@ class _Pool:
         i = self.starting.pop(ref)
         _get(ref)  # an actor that could not start raises here
         self.live.append(i)
+
+    def wait(self, timeout: float) -> None:
+        """Until one more actor has started, or ``timeout`` seconds."""
+        ready, _ = ray.wait(list(self.starting), num_returns=1, timeout=timeout)
+        for ref in ready:
+            self.started(ref)
 
 
 def _start(pool: _Pool, expect: int, why: str, note: Callable[[str], None]) -> None:
@@ -197,17 +204,13 @@ def _start(pool: _Pool, expect: int, why: str, note: Callable[[str], None]) -> N
     from the start; an actor the cluster cannot hold yet would otherwise sit on its items.
     """
     began = time.monotonic()
-    n = len(pool.starting)
     while len(pool.live) < max(1, expect) and (left := began + _START_WAIT_S - time.monotonic()) > 0:
-        ready, _ = ray.wait(list(pool.starting), num_returns=1, timeout=left)
-        for ref in ready:
-            pool.started(ref)
+        pool.wait(left)
     while not pool.live:
         note(f"no diff actor has started after {time.monotonic() - began:.0f} s: Ray cannot place one yet ({why}, "
              "and other jobs may hold them); still waiting. Ctrl-C stops; submitting again resumes the run")
-        ready, _ = ray.wait(list(pool.starting), num_returns=1, timeout=_STILL_WAITING_S)
-        for ref in ready:
-            pool.started(ref)
+        pool.wait(_STILL_WAITING_S)
+    n = pool.size
     if len(pool.live) < n:
         note(f"{len(pool.live)} of {n} diff actors started; going on with them, and the other {n - len(pool.live)} "
              f"join when Ray places them ({why}). --workers sets how many to ask for")
