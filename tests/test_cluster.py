@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -141,6 +142,53 @@ def test_more_workers_than_the_cluster_holds_runs_on_those_that_start(tmp_path):
                                              f"WHERE run_id = '{result.run_id}'")
     assert rows == [(2, reference.run.n_units)]
     assert _results(str(tmp_path / "store"), result.run_id) == _results(str(tmp_path / "ref"), result.run_id)
+
+
+def test_a_run_waits_out_a_full_cluster_and_says_so(ray_cluster, tmp_path, monkeypatch):
+    from raydiff import actors
+    from raydiff.submit import Progress
+
+    class Notes(Progress):
+        def __init__(self) -> None:
+            self.notes: list[str] = []
+
+        def note(self, message: str) -> None:
+            self.notes.append(message)
+
+    @ray_cluster.remote(num_cpus=2)
+    class Blocker:  # another job's actor, holding every CPU of the session cluster
+        def ready(self) -> None:
+            pass
+
+    b, t = _pair(tmp_path)
+    opts = DiffOptions(chunk_elems=2048)
+    reference = submit(str(b), str(t), SubmitOptions(store=str(tmp_path / "ref"), diff=opts))
+    monkeypatch.setattr(actors, "_START_WAIT_S", 0.5)
+    monkeypatch.setattr(actors, "_STILL_WAITING_S", 0.5)
+    blocker = Blocker.remote()
+    ray_cluster.get(blocker.ready.remote())
+    progress = Notes()
+    out: dict[str, object] = {}
+
+    def run():
+        try:
+            out["result"] = submit(str(b), str(t), SubmitOptions(store=str(tmp_path / "store"), diff=opts), progress)
+        except Exception as e:  # surfaced by the assertions below
+            out["error"] = e
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.time() + 60
+    while len(progress.notes) < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    ray_cluster.kill(blocker)
+    thread.join(timeout=120)
+    assert "error" not in out, out.get("error")
+    assert len(progress.notes) >= 2, progress.notes
+    assert re.fullmatch(r"no diff actor has started after \d+ s: Ray cannot place one yet \(each needs 1 CPU; the "
+                        r"cluster has 2 CPUs, and other jobs may hold them\); still waiting\. Ctrl-C stops; "
+                        r"submitting again resumes the run", progress.notes[0]), progress.notes[0]
+    assert _results(str(tmp_path / "store"), reference.run_id) == _results(str(tmp_path / "ref"), reference.run_id)
 
 
 @pytest.mark.usefixtures("ray_cluster")
