@@ -20,7 +20,7 @@ from raydiff.errors import StoreError
 from raydiff.masks import decode_mask
 from raydiff.options import ClusterOptions, DiffOptions, SubmitOptions
 from raydiff.store import Store, redact
-from raydiff.submit import submit
+from raydiff.submit import Progress, submit
 from raydiff.views import query
 
 
@@ -37,6 +37,16 @@ def _results(store, run_id):
     _, masks = query(store, f"SELECT tensor, \"start\", \"stop\", mask_codec, mask FROM masks "
                             f"WHERE run_id = '{run_id}' ORDER BY tensor, \"start\"")
     return rows, [(t, s, e, decode_mask(c, m, e - s).tobytes()) for t, s, e, c, m in masks]
+
+
+class Notes(Progress):
+    """The notes a run gives its progress display."""
+
+    def __init__(self) -> None:
+        self.notes: list[str] = []
+
+    def note(self, message: str) -> None:
+        self.notes.append(message)
 
 
 def _env():
@@ -114,15 +124,6 @@ def test_killed_worker_mid_run_changes_nothing(tmp_path):
 
 @pytest.mark.usefixtures("ray_cluster")
 def test_more_workers_than_the_cluster_holds_runs_on_those_that_start(tmp_path):
-    from raydiff.submit import Progress
-
-    class Notes(Progress):
-        def __init__(self) -> None:
-            self.notes: list[str] = []
-
-        def note(self, message: str) -> None:
-            self.notes.append(message)
-
     b, t = _pair(tmp_path)
     opts = DiffOptions(chunk_elems=2048)
     reference = submit(str(b), str(t), SubmitOptions(store=str(tmp_path / "ref"), diff=opts))
@@ -146,15 +147,6 @@ def test_more_workers_than_the_cluster_holds_runs_on_those_that_start(tmp_path):
 
 def test_a_run_waits_out_a_full_cluster_and_says_so(ray_cluster, tmp_path, monkeypatch):
     from raydiff import actors
-    from raydiff.submit import Progress
-
-    class Notes(Progress):
-        def __init__(self) -> None:
-            self.notes: list[str] = []
-
-        def note(self, message: str) -> None:
-            self.notes.append(message)
-
     @ray_cluster.remote(num_cpus=2)
     class Blocker:  # another job's actor, holding every CPU of the session cluster
         def ready(self) -> None:
