@@ -1,9 +1,11 @@
-"""The fused diff loop (numba): one pass over both sides for 16- and 32-bit float pairs.
+"""The portable fused diff loop (numba): one pass over both sides for 16- and 32-bit float pairs.
 
-Called by :func:`raydiff.kernel.diff_unit`, which owns the semantics; this module only
-makes the common case — two BF16, F16 or F32 tensors of one dtype — a single memory pass
-instead of the ~20 array passes numpy needs. Thresholds arrive pre-converted by the kernel
-into float32 cut-offs on the exact |Δ| (see ``kernel.cutoff``), so the loop never rounds.
+Called by :func:`raydiff.kernel.diff_unit`, which owns the semantics, on CPUs that cannot
+run the AVX-512 loop of :mod:`raydiff._compact` (which borrows this module's helpers for
+quiet blocks and non-finite values); this module only makes the common case — two BF16,
+F16 or F32 tensors of one dtype — a single memory pass instead of the ~20 array passes
+numpy needs. Thresholds arrive pre-converted by the kernel into float32 cut-offs on the
+exact |Δ| (see ``kernel.cutoff``), so the loop never rounds.
 
 How it is fast: the unit is walked in cache-sized blocks (a row of a ≥ 2-D tensor, else
 4096 entries). A block whose bits are all equal only adds its Σw², in the same vectorised

@@ -1,8 +1,10 @@
 """The diff kernel: two arrays of stored bits in, one :class:`UnitDiff` record out.
 
-Pure: no I/O, no Ray, no globals beyond constant lookup tables. Same-dtype BF16, F16 and
-F32 pairs — nearly every tensor of a checkpoint — run in one fused, vectorised pass
-(:mod:`raydiff._fused`) that skips blocks whose bits are all equal. Other pairs take numpy:
+Pure: no I/O, no Ray, no globals beyond constant lookup tables and which loop this CPU
+runs. Same-dtype BF16, F16 and F32 pairs — nearly every tensor of a checkpoint — run in one
+fused, vectorised pass that skips blocks whose bits are all equal: on CPUs with AVX-512,
+one that compacts the changed entries before counting them (:mod:`raydiff._compact`), on
+others a portable one (:mod:`raydiff._fused`); both give the same results. Other pairs take numpy:
 one integer compare finds the entries whose stored bits differ, and only those are decoded
 to floats.
 
@@ -61,8 +63,8 @@ class UnitDiff:
         max_abs_delta, sum_abs_delta, sum_sq_delta: over entries with finite values on both
             sides (NULL for int/bool).
         sum_sq_base: ``Σ w²`` over all base entries (NULL for int/bool). The three sums
-            carry a relative error below 3e-5 (the fused loop adds float32 runs of at most
-            512 entries, then float64); counts, masks and the max are exact.
+            carry a relative error below 3e-5 (the fused loops add float32 partial sums of
+            at most 512 entries, then float64); counts, masks and the max are exact.
         rows_touched: rows (last-dim slices) with a changed entry; NULL for < 2-D.
         cols_bitmap: packed LSB-first bitmap of columns with a changed entry; NULL for < 2-D,
             empty bytes when nothing changed.
@@ -278,19 +280,35 @@ def _subprecision(wa: np.ndarray, wb: np.ndarray, base_dtype: str, tuned_dtype: 
 
 
 _FUSED = ("BF16", "F16", "F32")
+#: Which fused loop runs: ``None`` until first asked, then whether this CPU takes the
+#: AVX-512 one (:mod:`raydiff._compact`) over the portable one (:mod:`raydiff._fused`).
+#: Tests and ``benchmarks/run.py`` set it to run both on the same arrays.
+COMPACT: bool | None = None
+
+
+def _compact_path() -> bool:
+    global COMPACT
+    if COMPACT is None:
+        from raydiff import _compact
+
+        COMPACT = _compact.available()
+    return COMPACT
 
 
 def _diff_fused(base: np.ndarray, tuned: np.ndarray, dtype: str, criteria: Criteria, row_len: int) -> UnitDiff:
-    """BF16/F16/F32 pairs of one dtype: a single fused pass (see :mod:`raydiff._fused`)."""
+    """BF16/F16/F32 pairs of one dtype: a single fused pass, by the AVX-512 loop
+    (:mod:`raydiff._compact`) where this CPU runs it, else the portable one (:mod:`raydiff._fused`)."""
     from raydiff import _fused as f
 
     n = int(base.size)
     mask_cut = cutoff(criteria.atol, dtype)
     ladder = [cutoff(t, dtype) for t in criteria.ladder]
     assert len(ladder) + 1 == f.N_CUTS, "the fused loop takes the atol and a 5-step ladder"
-    # When the atol's cut-off is on the ladder (the default), that step goes first and its
-    # compare also makes the mask: one compare per entry fewer.
-    shared = mask_cut in ladder
+    compact = _compact_path()
+    # When the atol's cut-off is on the ladder (the default), the portable loop puts that
+    # step first and lets its compare make the mask: one compare per entry fewer. (The
+    # AVX-512 loop compares for the mask on every entry and for the ladder on changed ones.)
+    shared = mask_cut in ladder and not compact
     order = list(range(len(ladder)))
     if shared:
         order.insert(0, order.pop(ladder.index(mask_cut)))
@@ -299,11 +317,19 @@ def _diff_fused(base: np.ndarray, tuned: np.ndarray, dtype: str, criteria: Crite
     stats = np.zeros(4, np.float64)
     mask = np.zeros((n + 7) // 8, np.uint8)
     rows = np.zeros(n // row_len if row_len else 0, np.uint8)
-    cols = np.zeros(row_len, np.uint8)
     eta = np.float32(criteria.rel_eta)
     lut = _lut(dtype) if dtype == "F16" else _NO_LUT  # BF16 and F32 decode by bit cast
-    f.diff(base, tuned, f.TAGS[dtype], lut, cuts, eta, f.MASK_FROM["shared" if shared else "own"], row_len,
-           counts, stats, mask, rows, cols)
+    if compact:
+        from raydiff import _compact
+
+        cols = np.zeros((row_len + 7) // 8, np.uint8)  # a bit per column, packed by the loop
+        base, tuned = np.ascontiguousarray(base), np.ascontiguousarray(tuned)  # it reads by address
+        _compact.diff(base, tuned, f.TAGS[dtype], lut, cuts, eta, row_len, counts, stats, mask, rows, cols)
+    else:
+        cols = np.zeros(row_len, np.uint8)  # a byte per column
+        f.diff(base, tuned, f.TAGS[dtype], lut, cuts, eta, f.MASK_FROM["shared" if shared else "own"], row_len,
+               counts, stats, mask, rows, cols)
+        cols = np.packbits(cols, bitorder="little")
     steps = [0] * len(ladder)
     for pos, i in enumerate(order):
         steps[i] = int(counts[f.C_CUTS + 1 + pos])
@@ -312,7 +338,7 @@ def _diff_fused(base: np.ndarray, tuned: np.ndarray, dtype: str, criteria: Crite
     rows_touched = cols_bitmap = None
     if row_len:
         rows_touched = int(np.count_nonzero(rows))
-        cols_bitmap = np.packbits(cols, bitorder="little").tobytes() if changed else b""
+        cols_bitmap = cols.tobytes() if changed else b""
     return UnitDiff(
         numel=n, changed_bits=int(counts[f.C_BITS]), changed=changed,
         changed_ladder=tuple(steps), changed_rel=int(counts[f.C_REL]),

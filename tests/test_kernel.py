@@ -27,6 +27,21 @@ def _bits(t: torch.Tensor) -> np.ndarray:
 _ATOLS = st.sampled_from([1e-5, 1e-7, 0.0, 3e-6, 2e-4])
 
 
+@pytest.fixture(autouse=True, scope="module", params=["compact", "portable"])
+def fused_loop(request):
+    """Every test here runs on both fused loops (on the same arrays, against the same
+    references): the AVX-512 one (:mod:`raydiff._compact`) where this CPU can run it, and
+    the portable one (:mod:`raydiff._fused`) that every other CPU takes."""
+    from raydiff import _compact, kernel
+
+    if request.param == "compact" and not _compact.available():
+        pytest.skip(f"this CPU lacks one of {', '.join(_compact.FEATURES)}: only the portable loop runs here")
+    saved = kernel.COMPACT
+    kernel.COMPACT = request.param == "compact"
+    yield request.param
+    kernel.COMPACT = saved
+
+
 def _check(base: torch.Tensor, tuned: torch.Tensor, bd: str, td: str, cd: str, row_len: int = 0,
            atol: float = 1e-5):
     r = diff_unit(_bits(base), _bits(tuned), bd, td, cd, Criteria(atol=atol), row_len)
@@ -86,6 +101,26 @@ def test_tolerance_is_taken_in_bf16_like_the_papers_torch_code():
     tuned = torch.tensor([1e-5, 1.0014e-5, 1.1e-5, 0.0]).bfloat16()  # first two round to one bf16
     r = _check(base, tuned, "BF16", "BF16", "BF16")
     assert (r.changed_bits, r.changed) == (3, 1)  # an f64 threshold would give (3, 3)
+
+
+@pytest.mark.parametrize("atol", [0.0, 3e-6, 1e-5])
+def test_a_delta_exactly_at_a_tolerance_is_unchanged_and_the_next_float_up_is_changed(atol):
+    # F32, where |Δ| can equal a cut-off exactly: for the mask's and every ladder step's, Δ at
+    # the float32 tolerance, one float above and one below, both signs; and −0 against +0,
+    # which differs in bits but not in value. 19 values × 5 = 95 entries: the vector steps
+    # and the scalar tail both see every case.
+    vals = [np.float32(-0.0)]
+    for t in (atol, 1e-8, 1e-7, 1e-6, 1e-5, 1e-4):
+        t32 = np.float32(t)
+        vals += [t32, np.nextafter(t32, np.float32(np.inf)), np.nextafter(t32, np.float32(0))]
+    tuned = np.array(vals * 5, np.float32)
+    tuned[1::2] = -tuned[1::2]
+    base = np.zeros_like(tuned)
+    r = _check(torch.from_numpy(base), torch.from_numpy(tuned), "F32", "F32", "F32", atol=atol)
+    assert r.changed_bits == np.count_nonzero(tuned.view(np.uint32) != 0)
+    assert r.changed == np.count_nonzero(np.abs(tuned) > np.float32(atol))
+    assert r.changed_ladder == tuple(int(np.count_nonzero(np.abs(tuned) > np.float32(t)))
+                                     for t in (1e-8, 1e-7, 1e-6, 1e-5, 1e-4))
 
 
 def test_fp8_and_integer_tensors():
