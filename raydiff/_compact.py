@@ -31,8 +31,8 @@ from numba import njit, types
 from numba.extending import intrinsic
 
 from raydiff._fused import (
-    _BLOCK, _FLAGS, _FMAX, _INF_BITS, C_BITS, C_CUTS, C_REL, S_BASE, S_MAX, S_SQ, S_SUM, _any_differ,
-    _as_f32, _as_i32, _nonfinite, _quiet, _sums64, _value,
+    _BLOCK, _FLAGS, _INF_BITS, S_BASE, _any_differ, _as_f32, _as_i32, _fold_block, _fold_run, _nonfinite, _quiet,
+    _value,
 )
 
 _LANES = 16
@@ -337,24 +337,13 @@ def diff(a, b, tag, lut, cuts, eta, row_len, counts, stats, mask, rows, colbits)
             buf[k:padded] = 0
             n1, n2, n3, n4, n5, m_, pa_, pq = _ladder(pbuf, padded >> 5, ci1, ci2, ci3, ci4, ci5)
             bad |= m_ >= _INF_BITS
-            if not (pq < _FMAX and pb_ < _FMAX):  # overflowed, or a NaN/Inf |Δ| or weight: redo in float64
-                pa_, pq, pb_, m_ = _sums64(ua[lo:hi], ub[lo:hi], tag, lut)
+            pa_, pq, pb_, m_ = _fold_run(ua[lo:hi], ub[lo:hi], tag, lut, counts, k, nrel, nhit, n1, n2, n3, n4, n5,
+                                         m_, pa_, pq, pb_)
             sa += pa_
             sq += pq
             sbase += pb_
             mx = max(mx, m_)
-            counts[C_BITS] += k
-            counts[C_REL] += nrel
-            counts[C_CUTS] += nhit
-            counts[C_CUTS + 1] += n1
-            counts[C_CUTS + 2] += n2
-            counts[C_CUTS + 3] += n3
-            counts[C_CUTS + 4] += n4
-            counts[C_CUTS + 5] += n5
-        stats[S_MAX] = max(stats[S_MAX], np.float64(_as_f32(np.uint32(mx))))
-        stats[S_SUM] += sa
-        stats[S_SQ] += sq
-        stats[S_BASE] += sbase
+        _fold_block(stats, mx, sa, sq, sbase)
         if bad:
             _nonfinite(ua, ub, tag, lut, eta, counts, stats)
         _emit_bits(hbits, m, start, row_len, mask, rows, colbits)

@@ -224,25 +224,41 @@ def _core(ua, ub, tag, lut, c, eta, shared, hits, counts, stats):
         n0, n1, n2, n3, n4, n5, nb, nr, m, pa, pq, pb = _run(
             ua[lo:hi], ub[lo:hi], tag, lut, ci0, ci1, ci2, ci3, ci4, ci5, eta, shared, hits[lo:hi])
         bad |= m >= _INF_BITS
-        if not (pq < _FMAX and pb < _FMAX):  # overflowed, or a NaN/Inf |Δ| or weight: redo in float64
-            pa, pq, pb, m = _sums64(ua[lo:hi], ub[lo:hi], tag, lut)
+        pa, pq, pb, m = _fold_run(ua[lo:hi], ub[lo:hi], tag, lut, counts, nb, nr, n0, n1, n2, n3, n4, n5,
+                                  m, pa, pq, pb)
         sa += pa
         sq += pq
         sbase += pb
         mx = max(mx, m)
-        counts[C_BITS] += nb
-        counts[C_REL] += nr
-        counts[C_CUTS + 0] += n0
-        counts[C_CUTS + 1] += n1
-        counts[C_CUTS + 2] += n2
-        counts[C_CUTS + 3] += n3
-        counts[C_CUTS + 4] += n4
-        counts[C_CUTS + 5] += n5
+    _fold_block(stats, mx, sa, sq, sbase)
+    return bad
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _fold_run(ua, ub, tag, lut, counts, nb, nr, n0, n1, n2, n3, n4, n5, m, pa, pq, pb):
+    """Add a run's counts (bits, relative, the mask's, the ladder's) to ``counts`` and return
+    its Δ sums, Σw² and max |Δ| (as bits): the loop's float32 ones, or :func:`_sums64`'s in
+    float64 where those overflowed or hold a NaN/Inf |Δ| or weight. Shared by both loops."""
+    counts[C_BITS] += nb
+    counts[C_REL] += nr
+    counts[C_CUTS + 0] += n0
+    counts[C_CUTS + 1] += n1
+    counts[C_CUTS + 2] += n2
+    counts[C_CUTS + 3] += n3
+    counts[C_CUTS + 4] += n4
+    counts[C_CUTS + 5] += n5
+    if not (pq < _FMAX and pb < _FMAX):
+        return _sums64(ua, ub, tag, lut)
+    return np.float64(pa), np.float64(pq), np.float64(pb), m
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _fold_block(stats, mx, sa, sq, sbase):
+    """Add a block's max |Δ| (as float32 bits) and sums to ``stats``. Shared by both loops."""
     stats[S_MAX] = max(stats[S_MAX], np.float64(_as_f32(np.uint32(mx))))
     stats[S_SUM] += sa
     stats[S_SQ] += sq
     stats[S_BASE] += sbase
-    return bad
 
 
 @njit(cache=True, nogil=True)
