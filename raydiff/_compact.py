@@ -143,8 +143,9 @@ def _front(typingctx, pa, pb, groups, pbuf, pbits, tag, eta, c0):
             x, y = builder.bitcast(xb, vf32), builder.bitcast(yb, vf32)
             a = builder.and_(builder.bitcast(builder.fsub(y, x), vi32), absmask)  # |Δ| as bits
             accs_next.append(builder.call(fmuladd, [x, x, acc]))
-            # η·max(|x|, |y|), the max on the bits: a NaN weight makes it NaN, and the ordered
-            # compare is then false, as it is for an infinite weight (η·Inf = Inf ≥ |Δ|)
+            # η·max(|x|, |y|): vrangeps takes the larger magnitude, sign cleared, and keeps a NaN
+            # weight's NaN, so the ordered compare is false for it, as for an infinite weight
+            # (η·Inf = Inf ≥ |Δ|): both are left to _nonfinite, as the portable loop does
             m = builder.call(vrange, [x, y, ir.Constant(_I32, 0b1011), zero_acc, ir.Constant(_I16, -1),
                                       ir.Constant(_I32, 4)])
             rel = builder.fcmp_ordered(">", builder.bitcast(a, vf32), builder.fmul(eta_v, m))
