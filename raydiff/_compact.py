@@ -31,8 +31,7 @@ from numba import njit, types
 from numba.extending import intrinsic
 
 from raydiff._fused import (
-    _BLOCK, _FLAGS, _INF_BITS, S_BASE, _any_differ, _as_f32, _as_i32, _fold_block, _fold_run, _nonfinite, _quiet,
-    _value,
+    _BLOCK, _FLAGS, _INF_BITS, _as_f32, _as_i32, _fold_block, _fold_run, _nonfinite, _skip_quiet, _value,
 )
 
 _LANES = 16
@@ -315,11 +314,8 @@ def diff(a, b, tag, lut, cuts, eta, row_len, counts, stats, mask, rows, colbits)
         stop = min(n, start + block)
         ua = a[start:stop]
         ub = b[start:stop]
-        if not _any_differ(ua[:64], ub[:64]):
-            differ, s = _quiet(ua, ub, tag, lut)
-            if not differ:
-                stats[S_BASE] += s
-                continue
+        if _skip_quiet(ua, ub, tag, lut, stats):
+            continue
         m = stop - start
         mx = np.int32(0)
         sa = sq = sbase = 0.0

@@ -134,6 +134,20 @@ def _quiet(ua, ub, tag, lut):
     return False, s
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _skip_quiet(ua, ub, tag, lut, stats):
+    """Whether a block has no change, adding its Σw² to ``stats`` if so (its mask, rows and
+    columns stay zero). A change among the first 64 entries — nearly every block of a dense
+    update — answers at once; otherwise one pass over the block tells. Shared by both loops."""
+    if _any_differ(ua[:64], ub[:64]):
+        return False
+    differ, s = _quiet(ua, ub, tag, lut)
+    if differ:
+        return False
+    stats[S_BASE] += s
+    return True
+
+
 @njit(cache=True, nogil=True, fastmath=_FLAGS)
 def _sum_sq(ua, tag, lut):
     s = 0.0
@@ -324,14 +338,8 @@ def diff(a, b, tag, lut, cuts, eta, shared, row_len, counts, stats, mask, rows, 
         stop = min(n, start + block)
         ua = a[start:stop]
         ub = b[start:stop]
-        # A change among the first 64 entries (nearly every block of a dense update) goes
-        # straight to the loop; otherwise one pass tells whether to skip the block and, if
-        # so, adds its Σw² (mask, rows and columns stay zero).
-        if not _any_differ(ua[:64], ub[:64]):
-            differ, s = _quiet(ua, ub, tag, lut)
-            if not differ:
-                stats[S_BASE] += s
-                continue
+        if _skip_quiet(ua, ub, tag, lut, stats):
+            continue
         if _core(ua, ub, tag, lut, cuts, eta, shared, hits, counts, stats):
             _nonfinite(ua, ub, tag, lut, eta, counts, stats)
         _emit(hits, stop - start, start, row_len, mask, rows, cols)
