@@ -7,12 +7,9 @@ and exit code 1; ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import contextlib
-import csv
 import datetime as dt
-import io
-import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import typer
@@ -33,7 +30,10 @@ _state = {"debug": False}
 T = TypeVar("T")
 
 StoreOpt = typer.Option(None, "--store", help="Store root (directory or s3:// URI). Default: $RAYDIFF_STORE or ./raydiff-store.")
-FormatOpt = typer.Option("table", "--format", "-f", help="Output format: table, csv or json.")
+FormatOpt = typer.Option("table", "--format", "-f", help=(
+    "Output format: table (for the eye: floats rounded to 6 significant digits, BLOBs as <N bytes>), "
+    "csv or json (lossless: shortest round-trip doubles, exact integers and decimals, ISO 8601 times, "
+    "BLOBs in base64; JSON spells NaN and ±Inf as the strings \"NaN\", \"Infinity\", \"-Infinity\")."))
 
 
 @app.callback()
@@ -47,6 +47,8 @@ def _call(fn: Callable[[], T]) -> T:
         return fn()
     except RaydiffError as e:
         if _state["debug"]:
+            if getattr(e, "detail", ""):  # the traceback of the actor the error came from
+                typer.echo(f"In the actor:\n{e.detail}", err=True)
             raise
         typer.echo(f"Error: {e}", err=True)
         raise typer.Exit(1) from None
@@ -62,34 +64,13 @@ def _store(store: str | None) -> str:
     return store or default_store()
 
 
-def _cell(v: Any) -> Any:
-    if isinstance(v, float):
-        return float(f"{v:.6g}")
-    if isinstance(v, dt.datetime):
-        return v.isoformat()
-    if isinstance(v, bytes):
-        return f"<{len(v)} bytes>"
-    if isinstance(v, (list, tuple)):
-        return [_cell(x) for x in v]
-    return v
+def _show(table: Any, fmt: str) -> None:
+    """Print a result table in the chosen format (see :mod:`raydiff.cli.render`)."""
+    from raydiff.cli.render import FORMATS, render
 
-
-def render(cols: Sequence[str], rows: Sequence[Sequence[Any]], fmt: str) -> str:
-    """Rows as an aligned table, CSV with a header row, or a JSON array of objects."""
-    if fmt == "json":
-        return json.dumps([{c: _cell(v) for c, v in zip(cols, r)} for r in rows], indent=1, default=str)
-    if fmt == "csv":
-        buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
-        w.writerow(cols)
-        w.writerows([[_cell(v) for v in r] for r in rows])
-        return buf.getvalue().rstrip("\n")
-    if fmt != "table":
-        raise RaydiffError(f"--format must be table, csv or json, got {fmt!r}")
-    text = [[("" if v is None else str(_cell(v))) for v in r] for r in rows]
-    widths = [max([len(c)] + [len(r[i]) for r in text]) for i, c in enumerate(cols)]
-    line = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals, widths)).rstrip()  # noqa: E731
-    return "\n".join([line(cols), line(["-" * w for w in widths])] + [line(r) for r in text])
+    if fmt not in FORMATS:
+        _fail(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    typer.echo(render(table, fmt))
 
 
 class _Bar:
@@ -193,8 +174,12 @@ def submit(
     c = result.commit
     state = "already complete" if result.already_complete else ("resumed, complete" if result.resumed else "complete")
     sparsity = 1 - c.changed / c.numel if c.numel else float("nan")
+    skipped = ""
+    if c.n_spectra_skipped:
+        skipped = (f"; {c.n_spectra_skipped} of {c.n_spectra} spectra not computed (ΔW not finite: see the note "
+                   "column of tensors)")
     typer.echo(f"run {result.run_id} ({result.run.name}): {state}; {c.changed:,} of {c.numel:,} entries changed "
-               f"(|Δ| > {result.run.atol:g}), sparsity {sparsity:.2%}", err=True)
+               f"(|Δ| > {result.run.atol:g}), sparsity {sparsity:.2%}{skipped}", err=True)
     typer.echo(f"matching: {result.matching}", err=True)
     typer.echo(result.run_id)
 
@@ -202,11 +187,11 @@ def submit(
 @app.command()
 def runs(store: str | None = StoreOpt, fmt: str = FormatOpt) -> None:
     """List the runs in the store with their status and sparsity."""
-    from raydiff.views import query
+    from raydiff.views import query_table
 
-    cols, rows = _call(lambda: query(_store(store), "SELECT run_id, name, status, numel, changed, sparsity, "
-                                     "atol, rank_mode, base, tuned FROM runs ORDER BY created_at"))
-    _call(lambda: typer.echo(render(cols, rows, fmt)))
+    table = _call(lambda: query_table(_store(store), "SELECT run_id, name, status, numel, changed, sparsity, "
+                                      "atol, rank_mode, base, tuned FROM runs ORDER BY created_at"))
+    _show(table, fmt)
 
 
 @app.command()
@@ -216,10 +201,9 @@ def sql(
     fmt: str = FormatOpt,
 ) -> None:
     """Run a SQL query over the store with DuckDB (read-only) and print the result."""
-    from raydiff.views import query
+    from raydiff.views import query_table
 
-    cols, rows = _call(lambda: query(_store(store), query_text))
-    _call(lambda: typer.echo(render(cols, rows, fmt)))
+    _show(_call(lambda: query_table(_store(store), query_text)), fmt)
 
 
 @app.command()
@@ -231,16 +215,16 @@ def overlap(
 ) -> None:
     """Subnetwork overlap o1/o2 (and Jaccard) of every pair of runs, against the random baseline."""
     from raydiff.overlap import pairwise
-    from raydiff.views import query
+    from raydiff.views import arrow_result
 
     if len(runs_) < 2 or (per_tensor and len(runs_) != 2):
         _fail("--per-tensor takes exactly two runs" if per_tensor else "overlap needs two or more runs")
     if per_tensor:
-        a, b = (r.replace("'", "''") for r in runs_)
-        cols, rows = _call(lambda: query(_store(store), f"SELECT * FROM overlap('{a}', '{b}')"))
+        table = _call(lambda: _with_connection(
+            _store(store), lambda con: arrow_result(con, "SELECT * FROM overlap(?, ?)", runs_)))
     else:
-        cols, rows = _call(lambda: _with_connection(_store(store), lambda con: pairwise(con, runs_)))
-    typer.echo(render(cols, rows, fmt))
+        table = _call(lambda: _with_connection(_store(store), lambda con: pairwise(con, runs_)))
+    _show(table, fmt)
 
 
 @app.command()
@@ -250,13 +234,12 @@ def layers(
     fmt: str = FormatOpt,
 ) -> None:
     """Sparsity per transformer layer and module kind for one run (module '*' = whole layer)."""
-    from raydiff.views import query
+    from raydiff.views import query_table
 
-    r = run.replace("'", "''")
-    cols, rows = _call(lambda: query(_store(store), (
+    table = _call(lambda: query_table(_store(store), (
         "SELECT layer, module, n_tensors, numel, changed, sparsity_weighted, sparsity_mean, mean_rank_ratio "
-        f"FROM layers WHERE run_id = run_ref('{r}') ORDER BY layer NULLS FIRST, module = '*', module")))
-    typer.echo(render(cols, rows, fmt))
+        "FROM layers WHERE run_id = run_ref(?) ORDER BY layer NULLS FIRST, module = '*', module"), [run]))
+    _show(table, fmt)
 
 
 @app.command()
@@ -266,13 +249,11 @@ def consensus(
     fmt: str = FormatOpt,
 ) -> None:
     """Per tensor, how many entries are changed in exactly k of the N runs (k = 0…N)."""
-    from raydiff.views import query
+    from raydiff.views import query_table
 
     if len(runs_) < 2:
         _fail("consensus needs two or more runs")
-    lst = ", ".join("'" + r.replace("'", "''") + "'" for r in runs_)
-    cols, rows = _call(lambda: query(_store(store), f"SELECT * FROM consensus([{lst}])"))
-    typer.echo(render(cols, rows, fmt))
+    _show(_call(lambda: query_table(_store(store), "SELECT * FROM consensus(?::VARCHAR[])", [runs_])), fmt)
 
 
 @app.command()

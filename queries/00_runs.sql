@@ -22,6 +22,7 @@ SELECT
     c.n_mismatched,
     r.n_units,
     r.n_spectra,
+    c.n_spectra_skipped,
     r.input_bytes,
     r.created_at,
     c.completed_at,

@@ -37,20 +37,20 @@ WITH ids AS (SELECT run_ref(run_a) AS a, run_ref(run_b) AS b),
 ok AS (SELECT _pair_check(a, b) AS ok FROM ids),
 u AS (
     SELECT ua.tensor, ua.numel, ua.changed AS ca, ub.changed AS cb,
-           mask_and_count(ua.mask_codec, ua.mask, ub.mask_codec, ub.mask, ua.numel) AS both_
+           mask_and_count(ua.mask_codec, ua.mask, ub.mask_codec, ub.mask, ua.numel) AS cab
     FROM ids, ok, raw_unit ua
     JOIN raw_unit ub ON ub.tensor = ua.tensor AND ub."start" = ua."start" AND ub."stop" = ua."stop"
     WHERE ok.ok AND ua.run_id = ids.a AND ub.run_id = ids.b
 ),
 t AS (
     SELECT grouping(tensor) = 1 AS is_total, CASE WHEN grouping(tensor) = 1 THEN '*' ELSE tensor END AS tensor,
-           sum(numel) AS numel, sum(ca) AS changed_a, sum(cb) AS changed_b, sum(both_) AS "both"
+           sum(numel) AS numel, sum(ca) AS changed_a, sum(cb) AS changed_b, sum(cab) AS changed_both
     FROM u GROUP BY GROUPING SETS ((tensor), ())
 )
-SELECT is_total, tensor, numel, changed_a, changed_b, "both",
-       "both" / NULLIF(changed_a, 0) AS o1,
-       "both" / NULLIF(changed_b, 0) AS o2,
-       "both" / NULLIF(changed_a + changed_b - "both", 0) AS jaccard,
+SELECT is_total, tensor, numel, changed_a, changed_b, changed_both,
+       changed_both / NULLIF(changed_a, 0) AS o1,
+       changed_both / NULLIF(changed_b, 0) AS o2,
+       changed_both / NULLIF(changed_a + changed_b - changed_both, 0) AS jaccard,
        changed_b / NULLIF(numel, 0) AS o1_random,
        changed_a / NULLIF(numel, 0) AS o2_random,
        (changed_a / numel) * (changed_b / numel)

@@ -22,9 +22,9 @@ import time
 from collections.abc import Callable, Sequence
 
 import ray
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import RayActorError, RayError, RayTaskError
 
-from raydiff.errors import RaydiffError
+from raydiff.errors import RaydiffError, WorkFailed
 from raydiff.execute import Done, Executor, RunContext
 from raydiff.options import ClusterOptions
 from raydiff.plan import SpectrumTask, WorkUnit
@@ -249,8 +249,19 @@ def _get(ref: ray.ObjectRef) -> Done:
         cause = e.cause if hasattr(e, "cause") else None
         if isinstance(cause, RaydiffError):
             raise cause from None
-        raise
+        # the executor turns every error of a unit into a RaydiffError: this one came from Ray
+        # itself or from an actor that could not be built (its traceback is the detail)
+        raise WorkFailed(f"a diff actor failed: {_first_line(cause or e)}; submit again to resume the run",
+                         str(e)) from None
     except RayActorError as e:
         _drop_pool()
-        raise RaydiffError(f"a diff actor died and could not be restarted ({e}); "
+        raise RaydiffError(f"a diff actor died and could not be restarted ({_first_line(e)}); "
                            "submit again to resume the run") from None
+    except RayError as e:  # an object lost with its node, a worker that could not start…
+        raise WorkFailed(f"Ray failed the run: {type(e).__name__}: {_first_line(e)}; "
+                         "submit again to resume the run", str(e)) from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:300] if text else type(e).__name__

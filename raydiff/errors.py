@@ -50,3 +50,18 @@ class HubError(RaydiffError):
 
 class InvalidWatchList(RaydiffError):
     """A watch list (``watch.toml``) is malformed; the message names the file and the key."""
+
+
+class WorkFailed(RaydiffError):
+    """A unit or spectrum failed in an actor for a reason raydiff did not foresee (a bug).
+
+    The message names the run, the tensor and the unit; ``detail`` holds the actor's
+    traceback, which the CLI shows under ``--debug``. The run stays incomplete and resumable.
+    """
+
+    def __init__(self, message: str, detail: str = "") -> None:
+        super().__init__(message)
+        self.detail = detail
+
+    def __reduce__(self):  # crosses process boundaries (Ray) with its detail
+        return (type(self), (str(self), self.detail))

@@ -11,12 +11,16 @@ import dataclasses
 import datetime as dt
 import os
 import time
+import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
 
 from raydiff.checkpoint import TensorReader
+from raydiff.errors import RaydiffError, WorkFailed
 from raydiff.kernel import Criteria, decode, diff_unit, round_to
 from raydiff.plan import SpectrumTask, WorkUnit
 from raydiff.records import SpectrumRecord, UnitRecord
@@ -66,26 +70,60 @@ class Done:
     record: UnitRecord | None = None
 
 
+T = TypeVar("T")
+
+
 class Executor:
     """Runs units and spectrum tasks of one run in the current process.
+
+    Args:
+        ctx: the run.
+        node_id: recorded with each result.
+        device: torch device of the spectra (and of the element kernel when ``torch_kernel``).
+        torch_kernel: diff units with the torch kernel on ``device`` (GPU actors) instead of
+            the CPU kernel; default: whenever ``device`` is not ``cpu``.
 
     Example:
         >>> ex = Executor(ctx); ex.unit(plan.units[0])  # doctest: +SKIP
     """
 
-    def __init__(self, ctx: RunContext, node_id: str = "local", device: str = "cpu") -> None:
+    def __init__(self, ctx: RunContext, node_id: str = "local", device: str = "cpu",
+                 torch_kernel: bool | None = None) -> None:
         self.ctx = ctx
         self.node_id = node_id
         self.device = device
+        self.torch_kernel = device != "cpu" if torch_kernel is None else torch_kernel
         self.store = Store(ctx.store_root)
         self.reader = TensorReader(HubFiles(ctx.hub) if ctx.hub else None)
 
+    def _guard(self, what: str, fn: Callable[[], T]) -> T:
+        """Run ``fn``; an error raydiff did not foresee becomes one :class:`WorkFailed` naming
+        the run and ``what`` (the tensor and the unit), with the traceback as its detail."""
+        try:
+            return fn()
+        except RaydiffError:
+            raise
+        except Exception as e:
+            raise WorkFailed(
+                f"run {self.ctx.run_id}: {what} failed on {self.node_id}: {type(e).__name__}: "
+                f"{' '.join(str(e).split())[:500]}. This is a bug in raydiff: please report it with the traceback "
+                "`raydiff --debug submit …` prints. Submitting again resumes the run",
+                traceback.format_exc()) from None
+
     def unit(self, u: WorkUnit) -> Done:
         """Diff one unit and write its :class:`UnitRecord`."""
+        return self._guard(f"unit {u.unit_id} (elements {u.start}…{u.stop - 1}) of tensor {u.tensor!r}",
+                           lambda: self._unit(u))
+
+    def spectrum(self, s: SpectrumTask) -> Done:
+        """Rank/spectrum of ΔW for one matrix and write its :class:`SpectrumRecord`."""
+        return self._guard(f"the spectrum of tensor {s.tensor!r}", lambda: self._spectrum(s))
+
+    def _unit(self, u: WorkUnit) -> Done:
         t0 = time.perf_counter()
         base = self.reader.read(u.base, u.start, u.stop)
         tuned = self.reader.read(u.tuned, u.start, u.stop)
-        if self.device.startswith("cuda"):
+        if self.torch_kernel:
             from raydiff.kernel_torch import diff_unit_torch
 
             r = diff_unit_torch(base, tuned, u.base.dtype, u.tuned.dtype, u.compare_dtype, self.ctx.criteria,
@@ -118,16 +156,16 @@ class Executor:
             d = round_to((t - b).astype(np.float32, copy=False), s.compare_dtype)
         return torch.from_numpy(np.ascontiguousarray(d).reshape(m, n))
 
-    def spectrum(self, s: SpectrumTask) -> Done:
-        """Rank/spectrum of ΔW for one matrix and write its :class:`SpectrumRecord`."""
+    def _spectrum(self, s: SpectrumTask) -> Done:
         t0 = time.perf_counter()
         delta = self.delta_matrix(s).to(self.device)
         sp = spectrum(delta, self.ctx.rank_mode, self.ctx.top_k, self.ctx.sketch_rank)
         cut = sp.rank_cutoffs if len(sp.rank_cutoffs) == 3 else (None, None, None)
         self.store.write_spectrum(SpectrumRecord(
             run_id=self.ctx.run_id, tensor_index=s.tensor_index, tensor=s.tensor, method=sp.method,
-            device=sp.device, rank=sp.rank, max_rank=sp.max_rank, top_sv=sp.top_sv,
+            device=sp.device, rank=sp.rank, max_rank=sp.max_rank, top_sv=sp.top_sv if sp.computed else None,
             stable_rank=sp.stable_rank, effective_rank=sp.effective_rank, rank_1e1=cut[0],
             rank_1e2=cut[1], rank_1e3=cut[2], fro=sp.fro, seconds=sp.seconds, node_id=self.node_id,
+            note=sp.note or None,
         ))
         return Done("spectrum", s.tensor_index, s.base.nbytes + s.tuned.nbytes, time.perf_counter() - t0)

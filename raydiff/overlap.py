@@ -13,7 +13,7 @@ import pyarrow as pa
 from raydiff.masks import CODEC_EMPTY, decode_packed
 
 #: Columns of the ``overlap`` / ``overlap_total`` macros after ``tensor``.
-OVERLAP_COLUMNS = ("numel", "changed_a", "changed_b", "both", "o1", "o2", "jaccard",
+OVERLAP_COLUMNS = ("numel", "changed_a", "changed_b", "changed_both", "o1", "o2", "jaccard",
                    "o1_random", "o2_random", "jaccard_random")
 
 
@@ -59,12 +59,12 @@ def histogram_arrow(codecs: pa.Array, masks: pa.Array, numel: pa.Array) -> pa.Ar
                     type=pa.list_(pa.int64()))
 
 
-def pairwise(con, runs: list[str]) -> tuple[list[str], list[tuple]]:
+def pairwise(con, runs: list[str]) -> pa.Table:
     """Global overlap of every pair of runs (names or ids) on a :func:`raydiff.views.connect`
     connection: one row per pair ``(run_a, run_b, numel, …, jaccard_random)``."""
-    rows = []
+    parts = []
     for i, a in enumerate(runs):
         for b in runs[i + 1:]:
-            cols = ", ".join(f'"{c}"' for c in OVERLAP_COLUMNS)
-            rows.append((a, b, *con.execute(f"SELECT {cols} FROM overlap_total(?, ?)", [a, b]).fetchone()))
-    return ["run_a", "run_b", *OVERLAP_COLUMNS], rows
+            parts.append(con.sql(f"SELECT ?::VARCHAR AS run_a, ?::VARCHAR AS run_b, {', '.join(OVERLAP_COLUMNS)} "
+                                 "FROM overlap_total(?, ?)", params=[a, b, a, b]).to_arrow_table())
+    return pa.concat_tables(parts)

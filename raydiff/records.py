@@ -120,15 +120,17 @@ class SpectrumRecord:
     device: str = _c("torch device of the SVD")
     rank: int | None = _c("rank(ΔW) at matrix_rank's default tolerance (exact only)")
     max_rank: int = _c("min(m, n)")
-    top_sv: tuple[float, ...] = _c("Leading singular values of ΔW, largest first")
+    top_sv: tuple[float, ...] | None = _c("Leading singular values of ΔW, largest first (NULL when not computed)")
     stable_rank: float | None = _c("‖ΔW‖F² / σ1²")
     effective_rank: float | None = _c("exp(entropy of σ/Σσ) (exact only)")
     rank_1e1: int | None = _c("Singular values above 1e-1·σ1")
     rank_1e2: int | None = _c("Singular values above 1e-2·σ1")
     rank_1e3: int | None = _c("Singular values above 1e-3·σ1")
-    fro: float = _c("‖ΔW‖F of the analysed matrix")
+    fro: float | None = _c("‖ΔW‖F of the analysed matrix (NULL when ΔW is not finite)")
     seconds: float = _c("Wall time of the decomposition")
     node_id: str = _c("Ray node that computed it")
+    note: str | None = _c("Why the spectrum was not computed, e.g. 'ΔW has 3 non-finite entries (NaN or ±Inf)'; "
+                          "NULL when it was")
 
 
 @dataclass(frozen=True)
@@ -184,6 +186,8 @@ class CommitRecord:
     n_units: int = _c("Units committed")
     n_spectra: int = _c("Spectra committed")
     n_mismatched: int = _c("Tensors with a status other than ok")
+    n_spectra_skipped: int | None = _c("Spectra recorded as not computed (ΔW not finite); the reason is in the "
+                                       "spectrum's and the tensor's note")
 
 
 @dataclass(frozen=True)

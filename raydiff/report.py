@@ -230,11 +230,12 @@ def _overlap(con, runs, plt):
 
     names = [n for _, n in runs]
     ids = [r for r, _ in runs]
-    _, rows = pairwise(con, ids)
+    pairs = pairwise(con, ids).to_pylist()
     o = np.eye(len(ids))
     rnd = np.full((len(ids), len(ids)), np.nan)
-    for a, b, _numel, _ca, _cb, _both, o1, o2, _j, o1r, o2r, _jr in rows:
-        i, j = ids.index(a), ids.index(b)
+    for p in pairs:
+        i, j = ids.index(p["run_a"]), ids.index(p["run_b"])
+        o1, o2, o1r, o2r = p["o1"], p["o2"], p["o1_random"], p["o2_random"]
         o[i, j], o[j, i] = o1, o2
         rnd[i, j], rnd[j, i] = o1r, o2r
     fig, ax = plt.subplots(figsize=(1.4 * len(ids) + 3, 1.2 * len(ids) + 2))

@@ -10,6 +10,10 @@ exp(H(σ / Σσ)) and the rank at relative cut-offs σ_i > c · σ_1.
 ``sketch_rank`` directions: cost O(m·n·k) instead of O(m·n·min(m, n)). It gives accurate top
 singular values and stable rank; ``rank`` (the paper's) and effective rank are NULL since
 they need every σ, and the cut-off ranks are capped at the sketch size.
+
+A ΔW holding NaN or ±Inf (a diverged run, an fp8 NaN code, a Δ that overflowed the compared
+dtype) has no singular values: its spectrum is returned as not computed, with the reason in
+``note``, instead of failing the run.
 """
 
 from __future__ import annotations
@@ -40,8 +44,9 @@ class Spectrum:
         effective_rank: exp of the entropy of σ / Σσ (exact only; NULL when Δ = 0).
         rank_cutoffs: counts of σ_i > c · σ_1 for c in ``RANK_CUTOFFS`` (capped at the sketch
             size for sketch).
-        fro: ‖Δ‖F of the matrix analysed.
+        fro: ‖Δ‖F of the matrix analysed (NULL when not computed).
         seconds: wall time of the decomposition.
+        note: why the spectrum was not computed (``""`` when it was).
     """
 
     method: str
@@ -52,8 +57,13 @@ class Spectrum:
     stable_rank: float | None
     effective_rank: float | None
     rank_cutoffs: tuple[int, ...]
-    fro: float
+    fro: float | None
     seconds: float
+    note: str = ""
+
+    @property
+    def computed(self) -> bool:
+        return not self.note
 
 
 def spectrum(delta: torch.Tensor, method: str = "exact", top_k: int = 32,
@@ -70,12 +80,19 @@ def spectrum(delta: torch.Tensor, method: str = "exact", top_k: int = 32,
     Example:
         >>> d = torch.outer(torch.arange(4.), torch.ones(3)); spectrum(d).rank
         1
+        >>> spectrum(torch.tensor([[1.0, float("nan")]])).note
+        'ΔW has 1 non-finite entry (NaN or ±Inf)'
     """
     if delta.ndim != 2:
         raise ValueError(f"spectrum needs a 2-D matrix, got shape {tuple(delta.shape)}")
     m, n = delta.shape
     max_rank = min(m, n)
     t0 = time.perf_counter()
+    bad = int(delta.numel() - torch.count_nonzero(torch.isfinite(delta))) if delta.numel() else 0
+    if bad:
+        what = "entry" if bad == 1 else "entries"
+        return Spectrum(method, str(delta.device), None, max_rank, (), None, None, (), None,
+                        time.perf_counter() - t0, f"ΔW has {bad} non-finite {what} (NaN or ±Inf)")
     fro2 = float(torch.sum(delta.double() ** 2)) if delta.numel() else 0.0
     if method == "exact":
         s = torch.linalg.svdvals(delta).double().cpu()
@@ -85,11 +102,12 @@ def spectrum(delta: torch.Tensor, method: str = "exact", top_k: int = 32,
         raise ValueError(f"unknown spectrum method {method!r}")
     seconds = time.perf_counter() - t0
     s1 = float(s[0]) if s.numel() else 0.0
-    if s1 == 0.0 or not math.isfinite(s1):
-        zero = s1 == 0.0
-        return Spectrum(method, str(delta.device), 0 if (zero and method == "exact") else None,
-                        max_rank, tuple(float(x) for x in s[:top_k]), None, None,
-                        (0,) * len(RANK_CUTOFFS) if zero else (), math.sqrt(fro2), seconds)
+    if not math.isfinite(s1):  # finite entries whose σ₁ overflows float32 (|ΔW| near 3e38)
+        return Spectrum(method, str(delta.device), None, max_rank, (), None, None, (), math.sqrt(fro2), seconds,
+                        "σ₁ of ΔW overflows float32")
+    if s1 == 0.0:
+        return Spectrum(method, str(delta.device), 0 if method == "exact" else None, max_rank,
+                        tuple(float(x) for x in s[:top_k]), None, None, (0,) * len(RANK_CUTOFFS), 0.0, seconds)
     rank = None
     effective = None
     if method == "exact":

@@ -275,6 +275,7 @@ class Store:
             n_units=len(plan.units),
             n_spectra=len(plan.spectra),
             n_mismatched=len(tensors) - len(ok),
+            n_spectra_skipped=sum(1 for r in (spectra.to_pylist() if spectra is not None else []) if r.get("note")),
         )
         self.write(f"{d}/commit.parquet", [commit], CommitRecord)
         return commit
@@ -325,8 +326,12 @@ def _aggregate(run_id: str, plan: Plan, units: pa.Table | None,
                         acc |= np.frombuffer(r["cols_bitmap"], np.uint8)
                 stats["cols_touched"] = int(np.bitwise_count(acc).sum())
         s = spec.get(tp.index)
+        note = tp.note
+        if s and s.get("note"):  # recorded, not computed: the rank columns stay NULL
+            note = "; ".join(x for x in (note, f"spectrum not computed: {s['note']}") if x)
+            s = None
         out.append(TensorRecord(
-            run_id=run_id, tensor_index=tp.index, tensor=tp.name, status=tp.status, match=tp.match, note=tp.note,
+            run_id=run_id, tensor_index=tp.index, tensor=tp.name, status=tp.status, match=tp.match, note=note,
             dtype=info.dtype, compare_dtype=tp.compare_dtype, shape=shape,
             base_shape=tp.base.shape if tp.base else None, tuned_shape=tp.tuned.shape if tp.tuned else None,
             numel=info.numel, **agg, **stats, rows=rows, cols=cols,  # type: ignore[arg-type]

@@ -14,6 +14,7 @@ import re
 from importlib.resources import files
 
 import duckdb
+import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
@@ -94,15 +95,17 @@ def one_line(e: BaseException) -> str:
     return " ".join(part.strip() for part in text.split("\n\n", 1)[0].splitlines() if part.strip())
 
 
-def query(store: Store | str, sql: str) -> tuple[list[str], list[tuple]]:
+def query(store: Store | str, sql: str, params: list | None = None) -> tuple[list[str], list[tuple]]:
     """Run one SQL statement over a store; returns ``(column names, rows)``.
+
+    ``params`` are bound to the statement's ``?`` placeholders.
 
     Raises:
         QueryError: the SQL is invalid or fails (the message is DuckDB's).
     """
     con = connect(store)
     try:
-        rel = con.execute(sql)
+        rel = con.execute(sql, params or [])
         cols = [d[0] for d in rel.description] if rel.description else []
         rows = rel.fetchall() if rel.description else []
     except duckdb.Error as e:
@@ -110,3 +113,29 @@ def query(store: Store | str, sql: str) -> tuple[list[str], list[tuple]]:
     finally:
         con.close()
     return cols, rows
+
+
+def query_table(store: Store | str, sql: str, params: list | None = None) -> pa.Table:
+    """:func:`query`, with the result as an Arrow table (types kept exactly, for export).
+
+    Raises:
+        QueryError: the SQL is invalid or fails (the message is DuckDB's).
+    """
+    con = connect(store)
+    try:
+        return arrow_result(con, sql, params)
+    finally:
+        con.close()
+
+
+def arrow_result(con: duckdb.DuckDBPyConnection, sql: str, params: list | None = None) -> pa.Table:
+    """One statement on an open connection as an Arrow table (empty for a statement without rows).
+
+    Raises:
+        QueryError: the SQL is invalid or fails (the message is DuckDB's).
+    """
+    try:
+        rel = con.sql(sql, params=params or None)
+        return rel.to_arrow_table() if rel is not None else pa.table({})
+    except duckdb.Error as e:
+        raise QueryError(one_line(e)) from None

@@ -51,3 +51,26 @@ def test_every_submit_option_is_in_the_options_table():
     for p in submit.params:
         if p.param_type_name == "option":
             assert f"| `{p.opts[0]}` |" in README, p.opts[0]
+
+
+#: Every view and table macro a user queries, with arguments that bind on an empty store.
+VIEWS = ("runs", "tensors", "units", "masks", "spectra", "plan", "tensor_modules", "layers",
+         "sparsity_by_tolerance", "watch_events")
+MACROS = ("overlap('a', 'b')", "overlap_total('a', 'b')", "consensus(['a', 'b'])")
+
+
+def test_every_column_of_every_view_and_macro_is_selectable_by_its_bare_name():
+    con = connect(tempfile.mkdtemp())
+    reserved = {k for (k,) in con.execute(
+        "SELECT keyword_name FROM duckdb_keywords() WHERE keyword_category <> 'unreserved'").fetchall()}
+    assert "both" in reserved  # the check below can fail
+    for source in (*VIEWS, *MACROS):
+        cols = [c for (c, *_rest) in con.execute(f"DESCRIBE SELECT * FROM {source}").fetchall()]
+        assert cols, source
+        assert not set(cols) & reserved, (source, set(cols) & reserved)
+        con.execute(f"SELECT {', '.join(cols)} FROM {source} LIMIT 0")  # a parser error if any needs quotes
+        name = source.split("(")[0]
+        if source in MACROS:  # the README's table lists each macro's columns
+            row = next(line for line in README.splitlines() if line.startswith(f"| `{name}("))
+            missing = [c for c in cols if c not in row.replace("`", " ").replace(",", " ").split()]
+            assert name == "overlap_total" or not missing, (name, missing)

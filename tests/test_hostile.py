@@ -41,7 +41,8 @@ _KNOWN = "F64, F32, F16, BF16, F8_E4M3, F8_E5M2, I64, I32, I16, I8, U64, U32, U1
 _COUNTS = ("numel", "changed", "changed_bits", "changed_1e8", "changed_1e7", "changed_1e6",
            "changed_1e5", "changed_1e4", "changed_rel")
 # Everything a run may leave in a store: names of tensors never reach a path.
-_STORE_FILE = re.compile(r"^runs/[0-9a-f]{20}/((run|plan|tensors|commit)\.parquet|units/u\d{8}\.parquet)$")
+_STORE_FILE = re.compile(r"^runs/[0-9a-f]{20}/((run|plan|tensors|commit)\.parquet|units/u\d{8}\.parquet"
+                         r"|spectra/s\d{8}\.parquet)$")
 
 
 # ---------------------------------------------------------------------------- builders
@@ -97,11 +98,11 @@ def _tree(root: Path, skip: Path | None = None) -> set[str]:
     return {str(p.relative_to(root)) for p in root.rglob("*") if skip is None or not p.is_relative_to(skip)}
 
 
-def _cli(tmp_path: Path, base: Path | str, tuned: Path | str):
+def _cli(tmp_path: Path, base: Path | str, tuned: Path | str, rank: str = "off"):
     """Run ``raydiff submit`` and check nothing was written outside the store."""
     store = tmp_path / "store"
     before, siblings = _tree(tmp_path), set(os.listdir(tmp_path.parent))
-    r = CliRunner().invoke(app, ["submit", str(base), str(tuned), "--store", str(store), "--rank", "off"])
+    r = CliRunner().invoke(app, ["submit", str(base), str(tuned), "--store", str(store), "--rank", rank])
     assert _tree(tmp_path, skip=store) == before
     assert set(os.listdir(tmp_path.parent)) == siblings
     assert "Traceback" not in r.output
@@ -122,8 +123,8 @@ def _tensor_rows(store: Path, run_id: str) -> dict[str, dict]:
     return {r[cols.index("tensor")]: dict(zip(cols, r)) for r in rows}
 
 
-def _submit_ok(tmp_path: Path, base: Path, tuned: Path) -> tuple[Path, str, dict[str, dict]]:
-    r, store = _cli(tmp_path, base, tuned)
+def _submit_ok(tmp_path: Path, base: Path, tuned: Path, rank: str = "off") -> tuple[Path, str, dict[str, dict]]:
+    r, store = _cli(tmp_path, base, tuned, rank)
     assert r.exit_code == 0, r.output
     run_id = r.stdout.strip().splitlines()[-1]
     files = {str(p.relative_to(store)) for p in store.rglob("*") if p.is_file()}
@@ -624,9 +625,17 @@ def test_nonfinite_empty_scalar_fp8_and_integer_tensors_match_reference(tmp_path
     pairs = {**_nonfinite_pair(), **_special_pair()}
     b = write_checkpoint(tmp_path / "base", {n: p[0] for n, p in pairs.items()})
     t = write_checkpoint(tmp_path / "tuned", {n: p[1] for n, p in pairs.items()}, shards=2)
-    _, _, rows = _submit_ok(tmp_path, b, t)
+    # --rank exact: the 2-D NaN/Inf matrices (bf16, f64, fp8) must not stop the run
+    _, _, rows = _submit_ok(tmp_path, b, t, rank="exact")
     assert set(rows) == set(pairs)
+    assert sum("spectrum not computed" in r["note"] for r in rows.values()) >= 3
     for name, (bt, tt) in pairs.items():
+        if bt.ndim == 2 and bt.dtype.is_floating_point and bt.numel():
+            bad = int((~torch.isfinite(tt.float() - bt.float())).sum())
+            assert (rows[name]["rank"] is None) == (bad > 0), name
+            if bad:
+                assert rows[name]["note"].endswith(f"spectrum not computed: ΔW has {bad} non-finite "
+                                                   f"entr{'y' if bad == 1 else 'ies'} (NaN or ±Inf)"), name
         # flat: the counts do not depend on shape, and the reference's rank step cannot take
         # NaN or fp8 matrices
         row, ref = rows[name], ref_diff(bt.reshape(-1), tt.reshape(-1))

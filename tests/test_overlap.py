@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import shutil
 import subprocess
@@ -56,7 +58,7 @@ def _expected(ma, mb):
     n = ma.size
     ca, cb, both = int(ma.sum()), int(mb.sum()), int((ma & mb).sum())
     p, q = ca / n, cb / n
-    return dict(numel=n, changed_a=ca, changed_b=cb, both=both, o1=both / ca, o2=both / cb,
+    return dict(numel=n, changed_a=ca, changed_b=cb, changed_both=both, o1=both / ca, o2=both / cb,
                 jaccard=both / (ca + cb - both), o1_random=cb / n, o2_random=ca / n, jaccard_random=p * q / (p + q - p * q))
 
 
@@ -76,7 +78,7 @@ def test_overlap_per_tensor_and_total_match_numpy(planted):
     exp = _expected(np.concatenate([masks["a"][k] for k in SHAPES]), np.concatenate([masks["b"][k] for k in SHAPES]))
     for c, v in exp.items():
         assert total[c] == pytest.approx(v, rel=1e-12), c
-    assert total["both"] <= min(total["changed_a"], total["changed_b"])
+    assert total["changed_both"] <= min(total["changed_a"], total["changed_b"])
     # units really do split tensors, inside rows of 2-D tensors never
     cols, rows = query(store, "SELECT tensor, count(*), min(\"start\" % 33) FROM units u JOIN runs r USING (run_id) "
                               "WHERE r.name = 'a' AND tensor = 'model.layers.0.mlp.up_proj.weight' GROUP BY tensor")
@@ -141,10 +143,11 @@ def test_cli_overlap_layers_consensus(planted):
     assert r.exit_code == 0, r.output
     rows = json.loads(r.stdout)
     assert [(x["run_a"], x["run_b"]) for x in rows] == [("a", "b"), ("a", "c"), ("b", "c")]
-    _, total = query(store, "SELECT \"both\", o1 FROM overlap_total('b', 'c')")
-    assert (rows[2]["both"], rows[2]["o1"]) == (total[0][0], pytest.approx(total[0][1], rel=1e-5))
+    _, total = query(store, "SELECT changed_both, o1 FROM overlap_total('b', 'c')")
+    assert (rows[2]["changed_both"], rows[2]["o1"]) == (total[0][0], total[0][1])  # JSON is lossless
     r = runner.invoke(app, ["overlap", "a", "b", "--per-tensor", "--store", store, "--format", "csv"])
-    assert r.stdout.splitlines()[0].startswith("tensor,numel,changed_a,changed_b,both,o1,o2,jaccard")
+    assert next(csv.reader(io.StringIO(r.stdout)))[:8] == ["tensor", "numel", "changed_a", "changed_b", "changed_both",
+                                                           "o1", "o2", "jaccard"]
     assert len(r.stdout.splitlines()) == 1 + len(SHAPES)
     r = runner.invoke(app, ["overlap", "a", "--store", store])
     assert r.exit_code == 1 and r.stderr.strip() == "Error: overlap needs two or more runs"
