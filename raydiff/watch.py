@@ -340,9 +340,6 @@ class _Backoff:
         return last + self.retry.delay(n) if n else None
 
 
-SubmitFn = Callable[[str, str, SubmitOptions], Any]
-
-
 class _Tick:
     def __init__(self, watch: WatchList, store: Store, clock: Callable[[], dt.datetime],
                  on_event: Callable[[WatchEventRecord], None] | None) -> None:
@@ -406,7 +403,7 @@ def _message(e: BaseException) -> str:
 
 
 def tick(watch: WatchList, *, on_event: Callable[[WatchEventRecord], None] | None = None,
-         submit: SubmitFn | None = None, clock: Callable[[], dt.datetime] = _now) -> TickReport:
+         clock: Callable[[], dt.datetime] = _now) -> TickReport:
     """Find the watched revisions that have no complete run yet and analyse them, once.
 
     Failures (the Hub down, a private repo, a revision that is not a valid checkpoint) are
@@ -415,8 +412,6 @@ def tick(watch: WatchList, *, on_event: Callable[[WatchEventRecord], None] | Non
     Args:
         watch: the watch list.
         on_event: called with each event as soon as it is recorded (for a live log).
-        submit: the analysis to run (default :func:`raydiff.submit.submit`); called as
-            ``submit(base_ref, tuned_ref, options)`` with both refs pinned to commits.
         clock: the current time (UTC), for tests.
 
     Returns:
@@ -425,10 +420,6 @@ def tick(watch: WatchList, *, on_event: Callable[[WatchEventRecord], None] | Non
     Raises:
         StoreError: the store cannot be read or written (nothing can be recorded).
     """
-    from raydiff.submit import run_id_for
-    from raydiff.submit import submit as submit_run
-
-    submit = submit or submit_run
     t = _Tick(watch, Store(watch.options.store), clock, on_event)
     if t.backing_off(RESOLVE_BASE, watch.base):
         return t.report()
@@ -451,12 +442,15 @@ def tick(watch: WatchList, *, on_event: Callable[[WatchEventRecord], None] | Non
             if not ok:
                 continue
             for rev in revisions:
-                _analyse(t, submit, run_id_for, base, base_ref, rev)
+                _analyse(t, base, base_ref, rev)
     return t.report()
 
 
-def _analyse(t: _Tick, submit: SubmitFn, run_id_for: Callable, base: Identity, base_ref: str,
-             rev: Revision) -> None:
+def _analyse(t: _Tick, base: Identity, base_ref: str, rev: Revision) -> None:
+    """Submit one revision against the base (both pinned to their commits) unless a complete
+    run of the pair exists; record the attempt."""
+    from raydiff.submit import run_id_for, submit
+
     options = t.watch.options
     tuned = Identity(rev.repo, rev.sha, revision_fingerprint(rev.sha))
     run_id = run_id_for(base, tuned, options)
@@ -495,8 +489,7 @@ def next_tick(watch: WatchList, report: TickReport, now: dt.datetime) -> dt.date
 def run_forever(watch: WatchList, *, on_event: Callable[[WatchEventRecord], None] | None = None,
                 on_tick: Callable[[TickReport, dt.datetime], None] | None = None,
                 on_error: Callable[[RaydiffError, dt.datetime], None] | None = None,
-                stop: threading.Event | None = None, submit: SubmitFn | None = None,
-                clock: Callable[[], dt.datetime] = _now) -> None:
+                stop: threading.Event | None = None, clock: Callable[[], dt.datetime] = _now) -> None:
     """Tick now, then whenever the schedule (or a retry) is due, until ``stop`` is set.
 
     Nothing is kept between ticks but the store, so stopping and starting again (or running
@@ -510,7 +503,7 @@ def run_forever(watch: WatchList, *, on_event: Callable[[WatchEventRecord], None
             written), with the time of the retry; the loop goes on.
         stop: set it (from another thread) to return after the current tick, or at once
             while sleeping.
-        submit, clock: as :func:`tick`.
+        clock: as :func:`tick`.
 
     Raises:
         StoreError: the first tick cannot read or write the store (a wrong ``store``).
@@ -519,7 +512,7 @@ def run_forever(watch: WatchList, *, on_event: Callable[[WatchEventRecord], None
     first = True
     while not stop.is_set():
         try:
-            report = tick(watch, on_event=on_event, submit=submit, clock=clock)
+            report = tick(watch, on_event=on_event, clock=clock)
         except RaydiffError as e:
             if first:
                 raise

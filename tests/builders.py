@@ -116,3 +116,62 @@ def perturb(t: torch.Tensor, fraction: float, scale: float, seed: int) -> torch.
     noise = torch.randn(t.shape, generator=g) * scale
     out[sel] = (t.float()[sel] + noise[sel]).to(t.dtype)
     return out
+
+
+# -- tolerance boundaries --------------------------------------------------------------------
+
+LADDER = (1e-8, 1e-7, 1e-6, 1e-5, 1e-4)
+#: (significand bits, integer view) of the float dtypes the boundary builder handles
+_FLOAT_BITS = {torch.bfloat16: (8, torch.int16), torch.float16: (11, torch.int16), torch.float32: (24, torch.int32),
+               torch.float64: (53, torch.int64), torch.float8_e4m3fn: (4, torch.uint8),
+               torch.float8_e5m2: (3, torch.uint8)}
+
+
+def _bits_step(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The value ``k`` representable steps above a non-negative float scalar (by its bits)."""
+    iv = _FLOAT_BITS[x.dtype][1]
+    b = x.reshape(1).view(iv).to(torch.int64) + k
+    return b.to(iv).view(x.dtype).reshape(())
+
+
+def _exact(v: float, dtype: torch.dtype) -> bool:
+    return float(torch.tensor(v, dtype=torch.float64).to(dtype).double()) == v
+
+
+def boundary_pair(tuned_dtype: torch.dtype, tols, base_dtype: torch.dtype | None = None):
+    """``(base, tuned)`` 1-D tensors whose differences sit on, and a hair either side of, the
+    cut-off of every tolerance in ``tols`` as the paper's torch code draws it.
+
+    For each tolerance ``t``: the tuned side takes ``dtype(t)``, the next representable value
+    and the one before; the base side takes 0, half a step of the tuned dtype at ``t``, that
+    half plus or minus its own last bit, a whole step, and the smallest float32 step at
+    ``t`` — each only where the base dtype holds it exactly — in both orders and both signs.
+    So for 16-bit pairs the exact Δ falls just under, on and just over the midpoint where
+    rounding Δ to the dtype flips it across ``dtype(t)``; for every dtype some Δ equals
+    ``dtype(t)`` exactly. Which of them are changed is for the reference (torch) to say.
+    """
+    base_dtype = base_dtype or tuned_dtype
+    p = _FLOAT_BITS[base_dtype][0]
+    a_vals: list[float] = []
+    b_vals: set[float] = {0.0}
+    for t in tols:
+        target = torch.tensor(t, dtype=torch.float64).to(tuned_dtype)
+        if float(target) <= 0:  # below the dtype's smallest step: Δ ≤ t only for Δ = 0
+            target = _bits_step(torch.zeros((), dtype=tuned_dtype), 1)
+        up, down = _bits_step(target, 1), _bits_step(target, -1)
+        a_vals += [float(target), float(up), float(down)]
+        half = (float(up) - float(target)) / 2
+        f32_step = float(_bits_step(target.float(), 1)) - float(target.float())
+        for b in (half, half * (1 + 2.0 ** (1 - p)), half * (1 - 2.0 ** -p), 2 * half, f32_step):
+            if b > 0 and _exact(b, base_dtype):
+                b_vals.add(b)
+    base, tuned = [], []
+    for a in a_vals:
+        for b in sorted(b_vals):
+            for s in (1.0, -1.0):
+                base += [s * b, -s * b]  # Δ = a ∓ b ...
+                tuned += [s * a, s * a]
+    if base_dtype == tuned_dtype:  # ... and the same pairs the other way round
+        base, tuned = base + tuned, tuned + base
+    return (torch.tensor(base, dtype=torch.float64).to(base_dtype),
+            torch.tensor(tuned, dtype=torch.float64).to(tuned_dtype))

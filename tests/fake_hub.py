@@ -38,6 +38,10 @@ from pathlib import Path
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 
+#: The token every worker of the tests' shared Ray cluster holds (see conftest.py).
+WORKER_TOKEN = "hf_WorkerTokenOfTheSessionCluster0123"
+
+
 @dataclass
 class Repo:
     repo_id: str

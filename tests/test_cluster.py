@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from builders import perturb, write_checkpoint
+from builders import perturb, ref_diff, write_checkpoint
 from raydiff.errors import StoreError
 from raydiff.masks import decode_mask
 from raydiff.options import ClusterOptions, DiffOptions, SubmitOptions
@@ -37,6 +37,26 @@ def _results(store, run_id):
     _, masks = query(store, f"SELECT tensor, \"start\", \"stop\", mask_codec, mask FROM masks "
                             f"WHERE run_id = '{run_id}' ORDER BY tensor, \"start\"")
     return rows, [(t, s, e, decode_mask(c, m, e - s).tobytes()) for t, s, e, c, m in masks]
+
+
+def _check_independently(store, run_id, b, t) -> None:
+    """The run's counts and masks against torch on the checkpoint files (builders.ref_diff):
+    the cluster runs below are also compared with a single-node run, which alone would only
+    show that raydiff agrees with itself."""
+    from safetensors.torch import load_file
+
+    base = {k: v for f in sorted(b.glob("*.safetensors")) for k, v in load_file(f).items()}
+    tuned = {k: v for f in sorted(t.glob("*.safetensors")) for k, v in load_file(f).items()}
+    cols, rows = query(store, "SELECT * FROM tensors WHERE run_id = ?", [run_id])
+    got = {r[cols.index("tensor")]: dict(zip(cols, r)) for r in rows}
+    _, masks = _results(store, run_id)
+    assert set(got) == set(base)
+    for name in base:
+        ref = ref_diff(base[name], tuned[name])
+        assert (got[name]["changed"], got[name]["changed_bits"], got[name]["changed_rel"]) == (
+            ref["changed"], ref["changed_bits"], ref["changed_rel"]), name
+        mask = np.concatenate([np.frombuffer(m, bool) for tensor, _, _, m in masks if tensor == name])
+        np.testing.assert_array_equal(mask, ref["mask"], err_msg=name)
 
 
 class Notes(Progress):
@@ -79,6 +99,7 @@ def test_two_node_cluster_submit_from_a_separate_process(tmp_path):
                                     "GROUP BY ALL")
         assert rows == [(2, reference.run.n_units, reference.run.n_units)], (placement, p.stderr[-2000:])
         assert _results(store, run_id) == _results(str(tmp_path / "single"), run_id)
+        _check_independently(store, run_id, b, t)
     finally:
         cluster.shutdown()  # exactly the processes this test started
 
@@ -120,6 +141,7 @@ def test_killed_worker_mid_run_changes_nothing(tmp_path):
                                 f"WHERE run_id = '{reference.run_id}'")
     assert rows[0][0] == rows[0][1] == reference.run.n_units
     assert _results(str(store), reference.run_id) == _results(str(tmp_path / "ref"), reference.run_id)
+    _check_independently(str(store), reference.run_id, b, t)
 
 
 @pytest.mark.usefixtures("ray_cluster")
@@ -256,3 +278,24 @@ def test_killed_node_mid_run_changes_nothing(tmp_path):
         assert _results(str(store), reference.run_id) == _results(str(tmp_path / "ref"), reference.run_id)
     finally:
         cluster.shutdown()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: GPU actors run only on a GPU machine")
+def test_gpu_actors_compute_spectra_and_units_on_the_gpu(tmp_path):
+    """A fresh local cluster on a GPU machine sizes its pool by GPUs; the actors diff units with
+    the torch kernel and run each SVD on their device, with the ranks torch gives on the CPU."""
+    b, t = _pair(tmp_path, n_tensors=3, rows=384, cols=256)
+    store = tmp_path / "store"
+    p = subprocess.run([sys.executable, "-m", "raydiff.cli.main", "submit", str(b), str(t), "--store", str(store),
+                        "--rank", "exact"], env=_env(), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    run_id = p.stdout.strip()
+    _, rows = query(str(store), "SELECT s.tensor, s.device, s.rank FROM spectra s WHERE s.run_id = ? ORDER BY tensor",
+                    [run_id])
+    assert len(rows) == 3 and all(device.startswith("cuda") for _, device, _ in rows), rows
+    from safetensors.torch import load_file
+
+    base = {k: v for f in sorted(b.glob("*.safetensors")) for k, v in load_file(f).items()}
+    tuned = {k: v for f in sorted(t.glob("*.safetensors")) for k, v in load_file(f).items()}
+    for tensor, _, rank in rows:
+        assert rank == int(torch.linalg.matrix_rank((tuned[tensor] - base[tensor]).float())), tensor

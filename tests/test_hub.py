@@ -76,7 +76,7 @@ def test_hub_refs_resolve_to_one_identity_per_commit_and_errors_say_what_to_do(t
     with FakeHub(TOKEN) as hub:
         v1 = hub.publish("org/base", base, tags=("v1",))
         v2 = hub.publish("org/base", tuned, branch="dev")
-        hub.publish("org/priv", tuned, private=True)
+        priv = hub.publish("org/priv", tuned, private=True)
         hub.publish("org/gated", tuned, gated=True)
         hub.publish("org/down", tuned)
         hub.fail("/api/models/org/down")
@@ -103,12 +103,17 @@ def test_hub_refs_resolve_to_one_identity_per_commit_and_errors_say_what_to_do(t
                                     "model.norm.weight": f"hf://org/base@{v1}/model-00002-of-00002.safetensors"}
         assert out[4]["revision"] == v2 and out[4]["fingerprint"] != first["fingerprint"]
 
-        assert out[5:] == [
+        assert out[5:7] == [
             "CheckpointNotFound: org/priv: no such Hub repo, or it is private and the token in use (HF_TOKEN or "
             "`hf auth login`) cannot read it; check the name, or use a token with read access to the repo",
             "CheckpointNotFound: org/priv: no such Hub repo, or it is private and no token is set; check the name, "
             "or log in (`hf auth login`) or set HF_TOKEN to a token with read access to the repo",
-            out[7] if isinstance(out[7], dict) else "resolves with the right token",
+        ]
+        # with the right token the private repo resolves, to its commit, planned like any other
+        assert isinstance(out[7], dict), out[7]
+        assert (out[7]["ref"], out[7]["revision"], out[7]["shards"]) == ("org/priv", priv, ["model.safetensors"])
+        assert out[7]["tensors"] == {n: f"hf://org/priv@{priv}/model.safetensors" for n in first["tensors"]}
+        assert out[8:] == [
             f"CheckpointNotFound: org/gated: the repo is gated; accept its conditions at {hub.url}/org/gated with your "
             "Hub account, then log in with that account (`hf auth login`) or set HF_TOKEN to one of its tokens",
             "CheckpointNotFound: org/base@nope: the repo has no revision 'nope'",
@@ -120,7 +125,6 @@ def test_hub_refs_resolve_to_one_identity_per_commit_and_errors_say_what_to_do(t
             f'InvalidCheckpoint: hf://org/cut@{cut}/model.safetensors: tensor "w": data_offsets [0, 8] lie outside the '
             "file's 5 data bytes; the file is truncated or corrupt",
         ]
-        assert out[7]["ref"] == "org/priv"
 
         # resolving read no tensor byte: only header ranges went to the CDN, no weights are
         # cached, and the pickle was never asked for; the token stayed on the Hub

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from builders import SUM_REL, ref_diff
+from builders import LADDER, SUM_REL, boundary_pair, ref_diff
 from raydiff.kernel import Criteria, decode, diff_unit
 from raydiff.masks import decode_mask
 from raydiff.spectrum import spectrum
@@ -121,6 +121,45 @@ def test_a_delta_exactly_at_a_tolerance_is_unchanged_and_the_next_float_up_is_ch
     assert r.changed == np.count_nonzero(np.abs(tuned) > np.float32(atol))
     assert r.changed_ladder == tuple(int(np.count_nonzero(np.abs(tuned) > np.float32(t)))
                                      for t in (1e-8, 1e-7, 1e-6, 1e-5, 1e-4))
+
+
+#: User tolerances of the boundary tests: the default (a ladder step, whose compare the
+#: portable loop shares with the mask), one off the ladder, and a power of two at which f16's
+#: step doubles — the one place an f16 Δ can need rounding near these magnitudes.
+BOUNDARY_ATOLS = (1e-5, 3e-6, 2.0**-13)
+
+
+@pytest.mark.parametrize("atol", BOUNDARY_ATOLS)
+@pytest.mark.parametrize("dtype", ["BF16", "F16", "F32", "F64"])
+def test_every_cut_off_is_where_the_papers_torch_code_puts_it(dtype, atol):
+    """Δ on, just under and just over the cut-off of the run's atol and of every ladder step,
+    counted and masked exactly as torch's ``(tuned - base).abs() <= t`` in the stored dtype."""
+    base, tuned = boundary_pair(_TORCH[dtype], LADDER + (atol,))
+    _check(base, tuned, dtype, dtype, dtype, atol=atol)
+    # the pairs reach the cut-off: some Δ is dtype(atol) exactly, and where the dtype rounds Δ
+    # there (bf16; f16 at its step change), some exact Δ above dtype(atol) rounds down onto it
+    exact = (tuned.double() - base.double()).abs().numpy()
+    target = float(torch.tensor(atol, dtype=torch.float64).to(_TORCH[dtype]))
+    assert (exact == target).any()
+    if dtype == "BF16" or (dtype == "F16" and atol == 2.0**-13):
+        assert ((exact > target) & ~ref_diff(base, tuned, atol=atol)["mask"]).any()
+
+
+@pytest.mark.parametrize("atol", BOUNDARY_ATOLS[:2])
+@pytest.mark.parametrize("pair", [("BF16", "F32"), ("F16", "F32"), ("F32", "F64"), ("BF16", "F64")])
+def test_mixed_dtypes_at_every_cut_off(pair, atol):
+    bd, td = pair
+    base, tuned = boundary_pair(_TORCH[td], LADDER + (atol,), base_dtype=_TORCH[bd])
+    cd = "F64" if "F64" in pair else "F32"
+    _check(base, tuned, bd, td, cd, atol=atol)
+    assert ((tuned.double() - base.double()).abs() == float(torch.tensor(atol, dtype=torch.float64).to(_TORCH[cd]))).any()
+
+
+@pytest.mark.parametrize("dtype", ["F8_E4M3", "F8_E5M2"])
+def test_fp8_at_a_user_atol_it_can_hold(dtype):
+    base, tuned = boundary_pair(_TORCH[dtype], (2.0**-9,))
+    r = _check(base, tuned, dtype, dtype, dtype, atol=2.0**-9)
+    assert ((tuned.float() - base.float()).abs() == 2.0**-9).any() and 0 < r.changed < r.changed_bits
 
 
 def test_fp8_and_integer_tensors():

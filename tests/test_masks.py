@@ -68,3 +68,31 @@ def test_corrupt_gaps_payloads_are_refused(damage):
     }[damage]
     with pytest.raises(ValueError):
         decode_mask(CODEC_GAPS, bad, n)
+
+
+@pytest.mark.parametrize("tail", [False, True])
+def test_gaps_at_and_around_multiples_of_255_are_written_and_read_exactly(tail):
+    """Gaps of 254, 255, 256, 510 and 65,280 (= 255·256) are the ones an escape-byte codec gets
+    wrong; each is written as ``gap // 255`` bytes of 255 and one byte ``gap % 255``. With
+    ``tail`` the mask ends in 7 bytes after its last whole 8-byte word, where the last two
+    set bits are (the encoder walks those bytes by a loop of its own)."""
+    gaps = [0, 254, 255, 256, 510, 65_280, 1, 255]
+    pos = list(np.cumsum(np.array(gaps) + 1) - 1)
+    if tail:
+        words = pos[-1] // 64 + 2
+        p1 = 64 * words + 2  # in the trailing bytes, 41 apart
+        gaps += [p1 - pos[-1] - 1, 40]
+        pos += [p1, p1 + 41]
+        n = 64 * words + 50
+        assert (n + 7) // 8 == 8 * words + 7
+    else:
+        n = pos[-1] + 1 + 64 * 8 + (-(pos[-1] + 1)) % 64
+    mask = np.zeros(n, bool)
+    mask[pos] = True
+    codec, payload = encode_mask(mask)
+    assert codec == CODEC_GAPS
+    size = int(np.frombuffer(payload[:8], "<u8")[0])
+    stream = pa.Codec("zstd").decompress(payload[8:], decompressed_size=size, asbytes=True)
+    expected = [b for g in gaps for b in [255] * (g // 255) + [g % 255]]
+    assert list(stream) == expected
+    np.testing.assert_array_equal(decode_mask(codec, payload, n), mask)

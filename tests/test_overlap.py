@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import shutil
 import subprocess
 
@@ -160,12 +161,22 @@ def test_cli_overlap_layers_consensus(planted):
 
 
 def test_report_renders_in_headless_chromium(planted, tmp_path):
-    _, store, _ = planted
+    _, store, masks = planted
     path = write_report(store, ["a", "b", "c"], tmp_path / "rep")
     assert {p.name for p in (tmp_path / "rep").iterdir()} == {"report.html", "heatmap.png", "tolerance.png",
                                                              "rank.png", "overlap.png"}
     page = path.read_text()
-    assert page.count("data:image/png;base64,") == 4 and "<td>a</td>" in page
+    assert page.count("data:image/png;base64,") == 4
+    # the summary table's numbers, read back from the page, against the planted masks
+    rows = [re.findall(r"<td>(.*?)</td>", r) for r in re.findall(r"<tr>(<td>.*?)</tr>", page)]
+    assert [r[0] for r in rows] == ["a", "b", "c"]
+    for name, run_id, status, atol, weighted, mean, rank in rows:
+        m = masks[name]
+        assert (status, float(atol), rank) == ("complete", 1e-5, "")  # --rank off: no rank ratio
+        assert run_id == query(store, "SELECT run_ref(?)", [name])[1][0][0]
+        total = sum(v.size for v in m.values())
+        assert float(weighted) == pytest.approx(1 - sum(int(v.sum()) for v in m.values()) / total, rel=5e-4), name
+        assert float(mean) == pytest.approx(np.mean([1 - v.mean() for v in m.values()]), rel=5e-4), name
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         pytest.skip("chromium is not installed (.ci/run installs it)")

@@ -35,7 +35,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from builders import perturb, write_checkpoint
+from builders import perturb, ref_diff, write_checkpoint
 from raydiff.cli.main import app
 from raydiff.errors import QueryError
 from raydiff.masks import decode_mask
@@ -107,6 +107,16 @@ def _reference(store: Path, base: Path, tuned: Path, diff: DiffOptions) -> _Refe
     results = _results(store, res.run_id)
     # the comparisons below mean something only if there are changes to get wrong
     assert res.commit.changed > 0 and len(results[1]) == res.run.n_units
+    # and the reference itself is right: its counts and masks against torch on the files
+    from safetensors.torch import load_file
+
+    b = {k: v for f in sorted(base.glob("*.safetensors")) for k, v in load_file(f).items()}
+    t = {k: v for f in sorted(tuned.glob("*.safetensors")) for k, v in load_file(f).items()}
+    _, rows = query(str(store), "SELECT tensor, changed, changed_bits FROM tensors WHERE run_id = ?", [res.run_id])
+    assert sorted(rows) == sorted((k, ref_diff(b[k], t[k])["changed"], ref_diff(b[k], t[k])["changed_bits"]) for k in b)
+    for name in b:
+        mask = b"".join(m for tensor, _, _, m in results[1] if tensor == name)
+        assert mask == ref_diff(b[name], t[name])["mask"].tobytes(), name
     return _Reference(res, store, results)
 
 

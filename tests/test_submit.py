@@ -162,9 +162,18 @@ def test_resubmit_resumes_and_never_duplicates(tmp_path):
     cols, rows = query(str(tmp_path / "store"), f"SELECT status FROM runs WHERE run_id = '{first.run_id}'")
     assert rows == [("incomplete",)]
     assert _tensors(str(tmp_path / "store"), first.run_id) == {}  # incomplete runs expose no results
+    kept = dict(query(str(tmp_path / "store"), "SELECT unit_id, finished_at FROM units WHERE run_id = ?",
+                      [first.run_id])[1])
+    assert len(kept) == len(units) - len(units[::2])
     resumed = submit(str(b), str(t), opts)
     assert resumed.resumed and not resumed.already_complete
     assert _tensors(str(tmp_path / "store"), first.run_id) == expected
+    # the units that were in the store were not computed again: same write time, and only
+    # the missing ones are new
+    after = dict(query(str(tmp_path / "store"), "SELECT unit_id, finished_at FROM units WHERE run_id = ?",
+                       [first.run_id])[1])
+    assert {u: after[u] for u in kept} == kept
+    assert all(after[u] > max(kept.values()) for u in set(after) - set(kept)) and len(after) == len(units)
     cols, rows = query(str(tmp_path / "store"), "SELECT count(*), count(DISTINCT run_id) FROM runs")
     assert rows == [(1, 1)]
     assert len(list((store / "units").iterdir())) == len(units)
@@ -214,3 +223,40 @@ def test_sql_is_read_only(tmp_path):
         r = runner.invoke(app, ["sql", stmt, "--store", str(store)])
         assert r.exit_code == 1 and r.stderr.startswith("Error: "), (stmt, r.output)
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_a_user_atol_and_rel_eta_are_used_end_to_end_and_make_another_run(tmp_path):
+    """`--atol` and `--rel-eta` change the counts (checked against torch at those values), the
+    masks and the run's identity: resubmitting with one of them changed is a new run, never the
+    old one returned as complete."""
+    b, t, base, tuned = _pair(tmp_path)
+    store = str(tmp_path / "store")
+    runner = CliRunner()
+
+    def cli(*extra):
+        r = runner.invoke(app, ["submit", str(b), str(t), "--store", store, "--rank", "off",
+                                *extra])
+        assert r.exit_code == 0, r.output
+        return r.stdout.strip().splitlines()[-1], r.stderr
+
+    default_id, _ = cli()
+    atol_id, err = cli("--atol", "1e-3")
+    assert atol_id != default_id and "already complete" not in err
+    both_id, err = cli("--atol", "1e-3", "--rel-eta", "0.05")
+    assert both_id not in (default_id, atol_id) and "already complete" not in err
+    assert cli("--rel-eta", "0.05", "--atol", "0.001")[0] == both_id  # same options, same run
+    _, rows = query(store, "SELECT run_id, atol, rel_eta FROM runs ORDER BY atol, rel_eta")
+    assert sorted(rows) == sorted([(default_id, 1e-5, 1e-3), (atol_id, 1e-3, 1e-3), (both_id, 1e-3, 0.05)])
+    got = _tensors(store, both_id)
+    masks = _masks(store, both_id)
+    checked = 0
+    for name in sorted(set(base) & set(tuned)):
+        if base[name].shape != tuned[name].shape:
+            continue
+        ref = ref_diff(base[name], tuned[name], atol=1e-3, eta=0.05)
+        default = ref_diff(base[name], tuned[name])
+        for k in ("changed", "changed_bits", "changed_rel", "changed_1e5"):
+            assert got[name][k] == ref[k], (name, k)
+        np.testing.assert_array_equal(masks[name], ref["mask"], err_msg=name)
+        checked += (ref["changed"], ref["changed_rel"]) != (default["changed"], default["changed_rel"])
+    assert checked >= 3  # the options really change the counts of most tensors

@@ -1,8 +1,10 @@
 """`raydiff watch`: the watch file, the schedule, ticks against a local Hub, and the CLI end to end.
 
 Listing goes through the real ``huggingface_hub`` client to ``tests/fake_hub.py`` on
-127.0.0.1. The tick tests run in-process with a stand-in for ``submit`` (so time and
-failures can be driven exactly); the end-to-end test runs the real command, Ray included.
+127.0.0.1. The tick tests run in-process, each tick's analyses by the real ``submit`` on
+the shared Ray cluster, with an injected clock (so back-off can be driven exactly) and
+failures made at the network edge (the fake Hub answering 503, a truncated file on it); the
+end-to-end test runs the real command in its own process, Ray included.
 """
 
 from __future__ import annotations
@@ -16,26 +18,20 @@ import sys
 import threading
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import raydiff.hub
 from builders import write_checkpoint
-from fake_hub import FakeHub, files_of
-from raydiff.errors import InvalidCheckpoint, InvalidWatchList
-from raydiff.records import CommitRecord
-from raydiff.refs import identify
+from fake_hub import WORKER_TOKEN, FakeHub, files_of
+from raydiff.errors import InvalidWatchList
 from raydiff.schedule import Cron, Every, format_duration, parse_duration
-from raydiff.store import Store
-from raydiff.submit import run_id_for
 from raydiff.views import query
 from raydiff.watch import Retry, load, next_tick, run_forever, tick
 
-TOKEN = "hf_WatchSecretTokenNeverLogged0123456"
+TOKEN = WORKER_TOKEN  # the shared cluster's workers hold it (conftest.py): they read private repos with it
 UTC = dt.timezone.utc
 T0 = dt.datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 
@@ -189,62 +185,69 @@ class _Clock:
         return self.now
 
 
-class _FakeSubmit:
-    """Stands in for `submit`: commits an empty run under the run id a real one would get."""
-
-    def __init__(self, failing: set[str]) -> None:
-        self.calls: list[tuple[str, str, str]] = []
-        self.failing = failing
-
-    def __call__(self, base, tuned, options):
-        self.calls.append((base, tuned, options.name))
-        if tuned.split("@")[0] in self.failing:
-            raise InvalidCheckpoint(f"{tuned}: model.safetensors is truncated")
-        run_id = run_id_for(identify(base), identify(tuned), options)
-        commit = CommitRecord(run_id, T0, 1, 0, 0, 1, 0, 0)
-        Store(options.store).write(f"runs/{run_id}/commit.parquet", [commit], CommitRecord)
-        return SimpleNamespace(run_id=run_id)
-
-
 @pytest.fixture
-def hub(monkeypatch):
-    """A fake Hub the in-process client talks to (the real HfApi, pointed at it)."""
-    from huggingface_hub import HfApi, constants
+def hub(monkeypatch, tmp_path, ray_cluster):
+    """A local fake Hub the real ``huggingface_hub`` client talks to (its endpoint and cache set
+    as ``HF_ENDPOINT`` and ``HF_HUB_CACHE`` would set them), with the token the shared
+    cluster's workers hold, so the real ``submit`` of each tick can read private repos too."""
+    from huggingface_hub import constants
 
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    with FakeHub(TOKEN) as h:
-        monkeypatch.setattr(raydiff.hub, "_api", lambda: HfApi(endpoint=h.url))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    with FakeHub(TOKEN) as h:  # what HF_ENDPOINT sets when huggingface_hub is imported
+        monkeypatch.setattr(constants, "ENDPOINT", h.url)
+        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", h.url + "/{repo_id}/resolve/{revision}/{filename}")
         yield h
 
 
-def _blob(i: int) -> dict[str, bytes]:
-    return {"model.safetensors": b"weights %d" % i}
+@pytest.fixture(scope="module")
+def blobs(tmp_path_factory):
+    """Tiny real checkpoints: ``blobs[0]`` and ``blobs[3]`` are bases, the rest finetunes of
+    ``blobs[0]`` (``i`` rows moved); ``blobs["bad"]`` is a truncated safetensors file."""
+    root = tmp_path_factory.mktemp("blobs")
+    g = torch.Generator().manual_seed(0)
+    base = {"model.layers.0.mlp.up_proj.weight": torch.randn(24, 16, generator=g).bfloat16(),
+            "model.norm.weight": torch.randn(16, generator=g).bfloat16()}
+    out: dict = {}
+    for i in range(7):
+        t = {n: (v.clone() if i != 3 else torch.randn(v.shape, generator=g).bfloat16()) for n, v in base.items()}
+        if i not in (0, 3):
+            t["model.layers.0.mlp.up_proj.weight"][:i] += 1
+        out[i] = files_of(write_checkpoint(root / str(i), t))
+    out["bad"] = {"model.safetensors": b"\x40" + b"\0" * 7 + b"{}"}
+    return out
 
 
 def _watch_file(tmp_path, body: str) -> Path:
     return _write(tmp_path, f'base = "org/base"\nstore = "{tmp_path / "store"}"\nevery = "10m"\n'
-                            f'[retry]\nfirst = "1m"\nmax = "3m"\n{body}')
+                            f'[options]\nrank = "off"\nworkers = 1\n[retry]\nfirst = "1m"\nmax = "3m"\n{body}')
+
+
+def _runs(tmp_path):
+    """The complete runs of the store: (name, tuned, tuned commit, base commit), oldest first."""
+    return query(str(tmp_path / "store"), "SELECT name, tuned, tuned_revision, base_revision FROM runs "
+                                          "WHERE status = 'complete' ORDER BY completed_at")[1]
 
 
 def _summary(report):
     return [(e.action, e.repo, e.refs, e.outcome, e.attempt) for e in report.events]
 
 
-def test_a_tick_analyses_each_new_commit_once_and_backs_off_what_fails(tmp_path, hub):
-    hub.publish("org/base", _blob(0))
-    old = hub.publish("org/tuned-a", _blob(1), tags=("v1",))
-    hub.publish("org/tuned-a", _blob(2), tags=("v2",))  # main and v2 point at one commit
-    hub.publish("org/tuned-a", _blob(3), branch="dev")  # not watched
-    hub.publish("org/tuned-b", _blob(4), private=True)  # listed only with the token
-    hub.publish("org/bad", _blob(5))
-    hub.publish("org/flaky", _blob(6))
+def test_a_tick_analyses_each_new_commit_once_and_backs_off_what_fails(tmp_path, hub, blobs):
+    hub.publish("org/base", blobs[0])
+    old = hub.publish("org/tuned-a", blobs[1], tags=("v1",))
+    hub.publish("org/tuned-a", blobs[2], tags=("v2",))  # main and v2 point at one commit
+    hub.publish("org/tuned-a", blobs[4], branch="dev")  # not watched
+    hub.publish("org/tuned-b", blobs[5], private=True)  # listed, and read by the actors, only with the token
+    hub.publish("org/bad", blobs["bad"])
+    hub.publish("org/flaky", blobs[6])
     hub.fail("/api/models/org/flaky/refs")
     watch = load(_watch_file(tmp_path, '[[tuned]]\nrepo = "org/tuned-*"\ntags = ["v*"]\n'
                                        '[[tuned]]\nrepo = "org/bad"\n[[tuned]]\nrepo = "org/flaky"\n'))
-    clock, submit = _Clock(), _FakeSubmit({"org/bad"})
+    clock = _Clock()
 
-    r1 = tick(watch, submit=submit, clock=clock)
+    r1 = tick(watch, clock=clock)
     assert _summary(r1) == [
         ("analyse", "org/tuned-a", ("main", "v2"), "started", 1), ("analyse", "org/tuned-a", ("main", "v2"), "complete", 1),
         ("analyse", "org/tuned-a", ("v1",), "started", 1), ("analyse", "org/tuned-a", ("v1",), "complete", 1),
@@ -252,34 +255,37 @@ def test_a_tick_analyses_each_new_commit_once_and_backs_off_what_fails(tmp_path,
         ("analyse", "org/bad", ("main",), "started", 1), ("analyse", "org/bad", ("main",), "failed", 1),
         ("list", "org/flaky", None, "failed", 1)]
     base_sha = hub.repos["org/base"].branches["main"]
-    assert [c[1:] for c in submit.calls] == [
-        (f"org/tuned-a@{hub.repos['org/tuned-a'].branches['main']}", "tuned-a@main"),
-        (f"org/tuned-a@{old}", "tuned-a@v1"), (f"org/tuned-b@{hub.repos['org/tuned-b'].branches['main']}", "tuned-b@main"),
-        (f"org/bad@{hub.repos['org/bad'].branches['main']}", "bad@main")]
-    assert {c[0] for c in submit.calls} == {f"org/base@{base_sha}"}  # the base pinned to its commit
+    # each run is of the pinned commits, named after the branch or tag, and its counts are the
+    # rows the finetune moved (i rows of 16 entries, +1 each: every one changed)
+    assert _runs(tmp_path) == [
+        ("tuned-a@main", "org/tuned-a", hub.repos["org/tuned-a"].branches["main"], base_sha),
+        ("tuned-a@v1", "org/tuned-a", old, base_sha),
+        ("tuned-b@main", "org/tuned-b", hub.repos["org/tuned-b"].branches["main"], base_sha)]
+    _, changed = query(str(tmp_path / "store"), "SELECT name, changed FROM runs WHERE status = 'complete' ORDER BY name")
+    assert changed == [("tuned-a@main", 2 * 16), ("tuned-a@v1", 1 * 16), ("tuned-b@main", 5 * 16)]
     failed = [e for e in r1.events if e.outcome == "failed"]
     assert [e.retry_at for e in failed] == [T0 + dt.timedelta(minutes=1)] * 2
-    assert "503" in failed[1].error and TOKEN not in failed[1].error
+    assert "truncated" in failed[0].error and "503" in failed[1].error and TOKEN not in failed[1].error
 
     # same time again: nothing to do, the two failures wait for their back-off
-    r2 = tick(watch, submit=submit, clock=clock)
-    assert (r2.events, r2.up_to_date, len(submit.calls)) == ((), 3, 4)
+    r2 = tick(watch, clock=clock)
+    assert (r2.events, r2.up_to_date, len(_runs(tmp_path))) == ((), 3, 3)
     assert sorted((w.action, w.repo, w.failures) for w in r2.waiting) == [("analyse", "org/bad", 1), ("list", "org/flaky", 1)]
     assert next_tick(watch, r2, clock()) == T0 + dt.timedelta(minutes=1)  # before the 10 min schedule
 
     # one minute later the Hub answers again; org/bad fails a second time and waits twice as long
     hub.heal()
     clock.now = T0 + dt.timedelta(minutes=1)
-    r3 = tick(watch, submit=submit, clock=clock)
+    r3 = tick(watch, clock=clock)
     assert _summary(r3) == [("analyse", "org/bad", ("main",), "started", 2), ("analyse", "org/bad", ("main",), "failed", 2),
                             ("list", "org/flaky", None, "recovered", 2),
                             ("analyse", "org/flaky", ("main",), "started", 1), ("analyse", "org/flaky", ("main",), "complete", 1)]
     assert r3.events[1].retry_at == clock.now + dt.timedelta(minutes=2)
     clock.now += dt.timedelta(minutes=1)
-    assert tick(watch, submit=submit, clock=clock).events == ()
+    assert tick(watch, clock=clock).events == ()
     for _ in range(3):  # capped at retry.max = 3m
         clock.now += dt.timedelta(minutes=3)
-        r = tick(watch, submit=submit, clock=clock)
+        r = tick(watch, clock=clock)
         assert r.events[-1].retry_at - r.events[-1].recorded_at == dt.timedelta(minutes=3)
 
     # the events are in the store, one file each, and in the watch_events view
@@ -289,42 +295,44 @@ def test_a_tick_analyses_each_new_commit_once_and_backs_off_what_fails(tmp_path,
         ("started", n) if i % 2 == 0 else ("failed", n) for n in (3, 4, 5) for i in (0, 1)]
 
 
-def test_a_restart_or_lost_events_never_repeat_an_analysis(tmp_path, hub):
-    hub.publish("org/base", _blob(0))
-    hub.publish("org/tuned", _blob(1))
+def test_a_restart_or_lost_events_never_repeat_an_analysis(tmp_path, hub, blobs):
+    first_base = hub.publish("org/base", blobs[0])
+    hub.publish("org/tuned", blobs[1])
     watch = load(_watch_file(tmp_path, '[[tuned]]\nrepo = "org/tuned"\n'))
-    clock, submit = _Clock(), _FakeSubmit(set())
-    assert tick(watch, submit=submit, clock=clock).count("complete") == 1
+    clock = _Clock()
+    assert tick(watch, clock=clock).count("complete") == 1
     for f in (tmp_path / "store" / "watch").rglob("*.parquet"):
         f.unlink()  # "already analysed" comes from the runs, not from the log
-    assert tick(watch, submit=submit, clock=clock).up_to_date == 1
+    assert tick(watch, clock=clock).up_to_date == 1
     # published while nobody was watching: found by the next tick
-    hub.publish("org/tuned", _blob(2))
-    r = tick(watch, submit=submit, clock=clock)
-    assert (r.count("complete"), r.up_to_date, len(submit.calls)) == (1, 0, 2)
+    new = hub.publish("org/tuned", blobs[2])
+    r = tick(watch, clock=clock)
+    assert (r.count("complete"), r.up_to_date, len(_runs(tmp_path))) == (1, 0, 2)
+    assert _runs(tmp_path)[-1][2] == new
     # a new base commit makes every watched revision new again (runs are per base commit)
-    hub.publish("org/base", _blob(3))
-    assert tick(watch, submit=submit, clock=clock).count("complete") == 1
+    rebased = hub.publish("org/base", blobs[3])
+    assert tick(watch, clock=clock).count("complete") == 1
+    assert [r[3] for r in _runs(tmp_path)] == [first_base, first_base, rebased]
 
 
-def test_the_hub_down_is_recorded_once_per_tick_and_recovers(tmp_path, hub):
-    hub.publish("org/base", _blob(0))
-    hub.publish("org/tuned", _blob(1))
+def test_the_hub_down_is_recorded_once_per_tick_and_recovers(tmp_path, hub, blobs):
+    hub.publish("org/base", blobs[0])
+    hub.publish("org/tuned", blobs[1])
     watch = load(_watch_file(tmp_path, '[[tuned]]\nrepo = "org/tuned"\n'))
-    clock, submit = _Clock(), _FakeSubmit(set())
+    clock = _Clock()
     hub.fail("")
-    r = tick(watch, submit=submit, clock=clock)
+    r = tick(watch, clock=clock)
     assert _summary(r) == [("resolve_base", "org/base", None, "failed", 1)]
     assert "answered HTTP 503" in r.events[0].error
     hub.heal()
     clock.now += dt.timedelta(minutes=1)
-    assert _summary(tick(watch, submit=submit, clock=clock))[:2] == [
+    assert _summary(tick(watch, clock=clock))[:2] == [
         ("resolve_base", "org/base", None, "recovered", 2), ("analyse", "org/tuned", ("main",), "started", 1)]
 
 
-def test_run_forever_ticks_on_schedule_until_stopped(tmp_path, hub):
-    hub.publish("org/base", _blob(0))
-    hub.publish("org/tuned", _blob(1))
+def test_run_forever_ticks_on_schedule_until_stopped(tmp_path, hub, blobs):
+    hub.publish("org/base", blobs[0])
+    hub.publish("org/tuned", blobs[1])
     watch = load(_watch_file(tmp_path, '[[tuned]]\nrepo = "org/tuned"\n'))
     watch = dataclasses.replace(watch, schedule=Every(dt.timedelta(seconds=1)))
     stop, ticks = threading.Event(), []
@@ -335,9 +343,13 @@ def test_run_forever_ticks_on_schedule_until_stopped(tmp_path, hub):
             stop.set()
 
     t0 = time.monotonic()
-    run_forever(watch, on_tick=on_tick, stop=stop, submit=_FakeSubmit(set()))
-    assert ticks == [(1, 0, 1.0), (0, 1, 1.0)]
-    assert 0.9 < time.monotonic() - t0 < 10
+    run_forever(watch, on_tick=on_tick, stop=stop)
+    # the first tick analyses (seconds): the next is due 1 s after it began, or at once when
+    # it ran longer than that; the second finds nothing new and keeps the schedule
+    assert [t[:2] for t in ticks] == [(1, 0), (0, 1)]
+    assert 1.0 <= ticks[0][2] < 120 and ticks[1][2] == 1.0
+    assert 0.9 < time.monotonic() - t0 < 120
+    assert len(_runs(tmp_path)) == 1
 
 
 # ------------------------------------------------------------------ the command, end to end
