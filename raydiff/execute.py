@@ -19,12 +19,12 @@ from typing import TypeVar
 import numpy as np
 import torch
 
-from raydiff.checkpoint import TensorReader
+from raydiff.inputs.reader import TensorReader
 from raydiff.errors import RaydiffError, WorkFailed
 from raydiff.kernel import Criteria, decode, diff_unit, round_to
 from raydiff.plan import SpectrumTask, WorkUnit
 from raydiff.records import SpectrumRecord, UnitRecord
-from raydiff.remote import HubAccess, HubFiles
+from raydiff.inputs.remote import HubAccess, HubFiles
 from raydiff.spectrum import spectrum
 from raydiff.store import Store
 

@@ -24,7 +24,7 @@ from functools import cache
 
 import numpy as np
 
-from raydiff.checkpoint import DTYPES
+from raydiff.dtypes import DTYPES
 from raydiff.masks import encode_mask, encode_packed
 from raydiff.options import ATOL_LADDER
 

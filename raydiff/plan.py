@@ -11,7 +11,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from raydiff.checkpoint import DTYPES, Checkpoint, TensorInfo
+from raydiff.inputs.checkpoint import Checkpoint, TensorInfo
+from raydiff.dtypes import DTYPES
 from raydiff.errors import PlanProblem
 from raydiff.options import DiffOptions
 

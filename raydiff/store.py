@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from raydiff.checkpoint import DTYPES
+from raydiff.dtypes import DTYPES
 from raydiff.errors import StoreError
 from raydiff.plan import STATUS_OK, Plan
 from raydiff.records import (

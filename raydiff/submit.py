@@ -16,15 +16,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 
-from raydiff.checkpoint import Checkpoint
+from raydiff.inputs.checkpoint import Checkpoint
 from raydiff.execute import Done, RunContext
 from raydiff.kernel import Criteria
 from raydiff.options import SubmitOptions
 from raydiff.errors import PlanProblem
 from raydiff.plan import MATCH_EXACT, STATUS_OK, Plan, make_plan, summarize
 from raydiff.records import CommitRecord, PlanRecord, RunRecord, UnitRecord
-from raydiff.refs import Identity, resolve
-from raydiff.remote import HubAccess, is_remote
+from raydiff.inputs.refs import Identity, resolve
+from raydiff.inputs.remote import HubAccess, is_remote
 from raydiff.store import Store
 
 #: Bumped when a change to raydiff changes the results of an identical submission.
@@ -91,7 +91,7 @@ def run_id_for(base: Checkpoint | Identity, tuned: Checkpoint | Identity, option
     """Deterministic id of a (base, tuned, result-changing options) triple.
 
     Only ``ref``, ``revision`` and ``fingerprint`` of each side count, so an
-    :class:`~raydiff.refs.Identity` (no download) gives the id a submission would get.
+    :class:`~raydiff.inputs.refs.Identity` (no download) gives the id a submission would get.
     """
     ident = {
         "v": RESULTS_VERSION,
@@ -184,7 +184,7 @@ def submit(base: str, tuned: str, options: SubmitOptions | None = None,
     ))
     hub = None
     if any(is_remote(ck.root) for ck in (base_ck, tuned_ck)):
-        from raydiff.hub import _api
+        from raydiff.inputs.hub import _api
 
         hub = HubAccess(endpoint=_api().endpoint, fetch=options.cluster.hub_fetch)
     ctx = RunContext(run_id=run_id, store_root=store.root, criteria=Criteria(d.atol, d.rel_eta),

@@ -42,12 +42,12 @@ try:
 except ModuleNotFoundError:  # Python 3.10: the same parser, before it joined the standard library
     import tomli as tomllib  # type: ignore[no-redef]
 
-from raydiff.checkpoint import revision_fingerprint
+from raydiff.inputs.checkpoint import revision_fingerprint
 from raydiff.errors import InvalidOption, InvalidWatchList, RaydiffError
-from raydiff.hub import Revision, is_pattern, list_repos, list_revisions, redact
+from raydiff.inputs.hub import Revision, is_pattern, list_repos, list_revisions, redact
 from raydiff.options import ClusterOptions, DiffOptions, SubmitOptions, default_store
 from raydiff.records import WatchEventRecord
-from raydiff.refs import Identity, identify, parse_hub_id
+from raydiff.inputs.refs import Identity, identify, parse_hub_id
 from raydiff.schedule import Cron, Every, Schedule, parse_duration
 from raydiff.store import Store
 

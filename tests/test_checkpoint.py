@@ -9,9 +9,11 @@ import torch
 from safetensors import safe_open
 
 from builders import write_checkpoint
-from raydiff.checkpoint import TensorReader, load_checkpoint, parse_header
+from raydiff.inputs.checkpoint import load_checkpoint
+from raydiff.inputs.reader import TensorReader
+from raydiff.inputs.safetensors import parse_header
 from raydiff.errors import CheckpointNotFound, InvalidCheckpoint, UnsupportedFormat
-from raydiff.refs import parse_hub_id, resolve
+from raydiff.inputs.refs import parse_hub_id, resolve
 
 _NAMES = {torch.bfloat16: "BF16", torch.float32: "F32", torch.float16: "F16", torch.int64: "I64", torch.uint8: "U8"}
 

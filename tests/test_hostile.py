@@ -25,9 +25,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-import raydiff.checkpoint as checkpoint
+import raydiff.inputs.checkpoint as checkpoint
+import raydiff.inputs.safetensors as safetensors
 from builders import ref_diff, write_checkpoint
-from raydiff.checkpoint import DTYPES, ShardHeader, parse_header_bytes, parse_header
+from raydiff.inputs.safetensors import ShardHeader, parse_header, parse_header_bytes
+from raydiff.dtypes import DTYPES
 from raydiff.cli.main import app
 from raydiff.errors import InvalidCheckpoint
 from raydiff.views import query
@@ -498,7 +500,8 @@ def test_bad_checkpoint_is_one_named_error(tmp_path, monkeypatch, name):
         opened.append(os.path.realpath(file))
         return real_open(file, *args, **kwargs)
 
-    monkeypatch.setattr(checkpoint, "open", spy, raising=False)
+    for module in (checkpoint, safetensors):  # the modules that open checkpoint files
+        monkeypatch.setattr(module, "open", spy, raising=False)
     assert _cli_error(tmp_path, base, tuned) == f"Error: {expected}"
     # nothing was read outside the two checkpoints, and no pickle ran
     roots = [os.path.realpath(p if p.is_dir() else p.parent) for p in (Path(base), Path(tuned))]

@@ -27,7 +27,7 @@ _RESOLVE = r"""
 import json, os, sys
 from pathlib import Path
 from raydiff.errors import RaydiffError
-from raydiff.refs import identify, resolve
+from raydiff.inputs.refs import identify, resolve
 
 out = []
 for step in json.loads(sys.argv[1]):
@@ -166,7 +166,7 @@ def test_submit_hub_refs_records_commits_and_same_commit_same_run(tmp_path):
 
 
 def test_messages_are_scrubbed_of_tokens(monkeypatch):
-    from raydiff.hub import redact
+    from raydiff.inputs.hub import redact
 
     monkeypatch.setenv("HF_TOKEN", "short-but-in-use")
     assert redact(f"GET /x with Bearer {TOKEN} for short-but-in-use, using hf_transfer") == (

@@ -11,7 +11,7 @@ from raydiff.execute import Executor, RunContext
 from raydiff.kernel import Criteria
 from raydiff.options import DiffOptions
 from raydiff.plan import make_plan
-from raydiff.refs import resolve
+from raydiff.inputs.refs import resolve
 
 
 def test_unit_memory_is_bounded_by_chunk_not_tensor(tmp_path):

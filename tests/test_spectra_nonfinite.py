@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from builders import ref_diff, write_checkpoint
 from raydiff import actors
-from raydiff.checkpoint import load_checkpoint
+from raydiff.inputs.checkpoint import load_checkpoint
 from raydiff.cli.main import app
 from raydiff.errors import WorkFailed
 from raydiff.execute import Executor, RunContext

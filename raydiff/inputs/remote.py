@@ -28,7 +28,8 @@ import time
 from dataclasses import dataclass
 
 from raydiff.errors import HubError, InvalidCheckpoint
-from raydiff.hub import _transport_errors, hub_errors
+from raydiff.inputs.hub import _transport_errors, hub_errors
+from raydiff.inputs.safetensors import header_length
 from raydiff.options import HUB_FETCH
 
 #: Scheme of Hub file locations in :class:`~raydiff.checkpoint.TensorInfo`.
@@ -65,7 +66,7 @@ def is_remote(path: str) -> bool:
 def _api(endpoint: str | None):
     from huggingface_hub import HfApi
 
-    from raydiff import hub
+    from raydiff.inputs import hub
 
     return HfApi(endpoint=endpoint) if endpoint else hub._api()
 
@@ -157,7 +158,6 @@ def read_header_bytes(loc: str, endpoint: str | None = None, revision: str | Non
     size. Not one tensor byte is read (a larger first request, as ``huggingface_hub``'s
     ``get_safetensors_metadata`` makes, would save a round trip but read tensor data).
     """
-    from raydiff.checkpoint import header_length
 
     prefix, size = get_range(loc, 0, 8, endpoint, revision=revision)
     n = header_length(loc, size, bytes(prefix))

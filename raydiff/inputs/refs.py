@@ -1,4 +1,4 @@
-"""Checkpoint references → resolved :class:`~raydiff.checkpoint.Checkpoint` records.
+"""Checkpoint references → resolved :class:`~raydiff.inputs.checkpoint.Checkpoint` records.
 
 A reference is a local path (directory in Hugging Face layout, or one ``.safetensors``
 file) or a Hub id ``org/name[@revision]``. Local paths win when both readings are possible.
@@ -6,7 +6,7 @@ file) or a Hub id ``org/name[@revision]``. Local paths win when both readings ar
 A Hub checkpoint is planned from what the Hub says about one commit, reading no tensor
 byte: the file list (one API call, which also turns a branch or tag into the commit sha),
 the index and ``config.json`` (small files, through the standard cache), and each shard's
-header by HTTP range (:func:`raydiff.remote.read_header_bytes`). Its tensors are located
+header by HTTP range (:func:`raydiff.inputs.remote.read_header_bytes`). Its tensors are located
 at ``hf://org/name@<sha>/<shard>``; the actors fetch their own bytes from there. Under
 ``HF_HUB_OFFLINE`` the checkpoint is read from the local Hugging Face cache instead.
 """
@@ -20,20 +20,20 @@ from pathlib import Path
 
 from concurrent.futures import ThreadPoolExecutor
 
-from raydiff.checkpoint import (
+from raydiff.errors import CheckpointNotFound
+from raydiff.inputs.checkpoint import (
     INDEX_NAME,
     Checkpoint,
     _read_json,
     assemble,
     index_weight_map,
     load_checkpoint,
-    parse_header_bytes,
     revision_fingerprint,
     shard_names,
 )
-from raydiff.errors import CheckpointNotFound
-from raydiff.hub import _api, commit_files, hub_errors, resolve_sha
-from raydiff.remote import location, read_header_bytes
+from raydiff.inputs.hub import _api, commit_files, hub_errors, resolve_sha
+from raydiff.inputs.remote import location, read_header_bytes
+from raydiff.inputs.safetensors import parse_header_bytes
 
 _HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[\w./-]+))?$")
 #: Files taken from the cache for a Hub checkpoint offline: weights, index and config — never pickles.
@@ -45,7 +45,7 @@ HEADER_READERS = 8
 @dataclass(frozen=True)
 class Identity:
     """What a run records of a checkpoint: ``ref``, ``revision`` and ``fingerprint``, as in
-    :class:`~raydiff.checkpoint.Checkpoint` (which has the same three attributes)."""
+    :class:`~raydiff.inputs.checkpoint.Checkpoint` (which has the same three attributes)."""
 
     ref: str
     revision: str | None
