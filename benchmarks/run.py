@@ -114,7 +114,7 @@ def _bitwise_kernel():
     by the kernel's own block emitter."""
     from numba import njit
 
-    from raydiff._fused import _emit
+    from raydiff.kernel._fused import _emit
 
     @njit(nogil=True)
     def bits(a, b, hits, packed):
@@ -136,27 +136,24 @@ def _bitwise_kernel():
 
 
 def kernel() -> dict[str, float]:
-    from raydiff import _compact
-    from raydiff import kernel as k
-    from raydiff.kernel import Criteria, decode, diff_unit
-    from raydiff.masks import decode_packed, encode_packed
+    from raydiff.kernel import _compact
+    from raydiff.kernel.diff import Criteria, decode, diff_unit
+    from raydiff.kernel.masks import decode_packed, encode_packed
 
     rng = np.random.default_rng(0)
     n = 1 << 24  # one default unit: 16 Mi elements, 32 MiB per side
     base = ((rng.standard_normal(n, dtype=np.float32) * 0.02).view(np.uint32) >> 16).astype(np.uint16)
     out = {}
-    loops = [True, False] if _compact.available() else [False]  # the loop raydiff runs here first
-    for compact in loops:  # compile / load the cache
-        k.COMPACT = compact
-        diff_unit(base[:4096], base[:4096], "BF16", "BF16", "BF16", Criteria(), 64)
+    loops = ["compact", "portable"] if _compact.available() else ["portable"]  # what raydiff runs here first
+    for loop in loops:  # compile / load the cache
+        diff_unit(base[:4096], base[:4096], "BF16", "BF16", "BF16", Criteria(), 64, loop)
     print("kernel: this CPU runs the " + ("AVX-512 compacting loop (the portable one shown for comparison)"
                                           if len(loops) == 2 else "portable loop (no AVX-512 here)"))
     bits = _bitwise_kernel()
     hits, packed = np.zeros(4096 + 8, np.uint8), np.zeros(n // 8, np.uint8)
 
-    def full(compact):
-        k.COMPACT = compact
-        return diff_unit(base, tuned, "BF16", "BF16", "BF16", Criteria(), 4096)
+    def full(loop):
+        return diff_unit(base, tuned, "BF16", "BF16", "BF16", Criteria(), 4096, loop)
 
     for density in (0.0, 0.05, 0.2, 0.3, 0.5):
         tuned = base.copy()
@@ -191,7 +188,6 @@ def kernel() -> dict[str, float]:
                 np.abs(fb - fa) > np.float32(1e-3) * np.maximum(np.abs(fa), np.abs(fb))))
             print(f"kernel, density  20%: numpy per criterion, decoded to float32 first: abs tolerance "
                   f"{atol / GB:.2f} GB/s, relative {rel / GB:.2f} GB/s (each one criterion, no mask or stats)")
-    k.COMPACT = None  # back to what this CPU picks
     return out
 
 
@@ -290,7 +286,7 @@ def paper_baseline(work: Path, large_gb: float) -> float:
 def rank() -> None:
     import torch
 
-    from raydiff.spectrum import spectrum
+    from raydiff.kernel.spectrum import spectrum
 
     g = torch.Generator().manual_seed(0)
     m, n, r = 2048, 4096, 16
@@ -311,9 +307,9 @@ def gpu() -> None:
     exact vs sketch rank of a 4096×14336 update — the matrix that takes ~38 s on 2 CPU cores."""
     import torch
 
-    from raydiff.kernel import Criteria, diff_unit
-    from raydiff.kernel_torch import diff_unit_torch
-    from raydiff.spectrum import spectrum
+    from raydiff.kernel.diff import Criteria, diff_unit
+    from raydiff.kernel.torch_diff import diff_unit_torch
+    from raydiff.kernel.spectrum import spectrum
 
     if not torch.cuda.is_available():
         print("gpu: no CUDA device, skipped")
@@ -356,7 +352,7 @@ def gpu() -> None:
 
 
 def overlap() -> None:
-    from raydiff.masks import encode_mask
+    from raydiff.kernel.masks import encode_mask
     from raydiff.overlap import and_count
 
     rng = np.random.default_rng(1)

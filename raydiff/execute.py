@@ -21,11 +21,11 @@ import torch
 
 from raydiff.inputs.reader import TensorReader
 from raydiff.errors import RaydiffError, WorkFailed
-from raydiff.kernel import Criteria, decode, diff_unit, round_to
+from raydiff.kernel.diff import Criteria, decode, diff_unit, round_to
 from raydiff.plan import SpectrumTask, WorkUnit
 from raydiff.records import SpectrumRecord, UnitRecord
 from raydiff.inputs.remote import HubAccess, HubFiles
-from raydiff.spectrum import spectrum
+from raydiff.kernel.spectrum import spectrum
 from raydiff.store import Store
 
 
@@ -124,7 +124,7 @@ class Executor:
         base = self.reader.read(u.base, u.start, u.stop)
         tuned = self.reader.read(u.tuned, u.start, u.stop)
         if self.torch_kernel:
-            from raydiff.kernel_torch import diff_unit_torch
+            from raydiff.kernel.torch_diff import diff_unit_torch
 
             r = diff_unit_torch(base, tuned, u.base.dtype, u.tuned.dtype, u.compare_dtype, self.ctx.criteria,
                                 u.row_len, device=self.device)

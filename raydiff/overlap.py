@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from raydiff.masks import CODEC_EMPTY, decode_packed
+from raydiff.kernel.masks import CODEC_EMPTY, decode_packed
 
 #: Columns of the ``overlap`` / ``overlap_total`` macros after ``tensor``.
 OVERLAP_COLUMNS = ("numel", "changed_a", "changed_b", "changed_both", "o1", "o2", "jaccard",
@@ -21,7 +21,7 @@ def and_count(codec_a: str, mask_a: bytes, codec_b: str, mask_b: bytes, n: int) 
     """Number of elements set in both of two stored masks of ``n`` elements.
 
     Example:
-        >>> from raydiff.masks import encode_mask
+        >>> from raydiff.kernel.masks import encode_mask
         >>> a = encode_mask(np.array([1, 1, 0, 1], bool)); b = encode_mask(np.array([0, 1, 1, 1], bool))
         >>> and_count(*a, *b, 4)
         2

@@ -18,7 +18,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from raydiff.inputs.checkpoint import Checkpoint
 from raydiff.execute import Done, RunContext
-from raydiff.kernel import Criteria
+from raydiff.kernel.diff import Criteria
 from raydiff.options import SubmitOptions
 from raydiff.errors import PlanProblem
 from raydiff.plan import MATCH_EXACT, STATUS_OK, Plan, make_plan, summarize

@@ -17,7 +17,7 @@ import torch
 
 from builders import perturb, ref_diff, write_checkpoint
 from raydiff.errors import StoreError
-from raydiff.masks import decode_mask
+from raydiff.kernel.masks import decode_mask
 from raydiff.options import ClusterOptions, DiffOptions, SubmitOptions
 from raydiff.store import Store, redact
 from raydiff.submit import Progress, submit

@@ -9,9 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from builders import LADDER, SUM_REL, boundary_pair, ref_diff
-from raydiff.kernel import Criteria, decode, diff_unit
-from raydiff.masks import decode_mask
-from raydiff.spectrum import spectrum
+from raydiff.kernel.diff import Criteria, decode
+from raydiff.kernel.diff import diff_unit as _diff_unit
+from raydiff.kernel.masks import decode_mask
+from raydiff.kernel.spectrum import spectrum
 
 _TORCH = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
           "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
@@ -30,16 +31,27 @@ _ATOLS = st.sampled_from([1e-5, 1e-7, 0.0, 3e-6, 2e-4])
 @pytest.fixture(autouse=True, scope="module", params=["compact", "portable"])
 def fused_loop(request):
     """Every test here runs on both fused loops (on the same arrays, against the same
-    references): the AVX-512 one (:mod:`raydiff._compact`) where this CPU can run it, and
-    the portable one (:mod:`raydiff._fused`) that every other CPU takes."""
-    from raydiff import _compact, kernel
+    references): the AVX-512 one (:mod:`raydiff.kernel._compact`) where this CPU can run it, and
+    the portable one (:mod:`raydiff.kernel._fused`) that every other CPU takes."""
+    from raydiff.kernel import _compact
 
     if request.param == "compact" and not _compact.available():
         pytest.skip(f"this CPU lacks one of {', '.join(_compact.FEATURES)}: only the portable loop runs here")
-    saved = kernel.COMPACT
-    kernel.COMPACT = request.param == "compact"
-    yield request.param
-    kernel.COMPACT = saved
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def _loop(fused_loop):
+    global LOOP
+    LOOP = fused_loop
+
+
+LOOP = "portable"
+
+
+def diff_unit(*args, **kwargs):
+    """The kernel on this module's loop (the fixtures above run every test on both)."""
+    return _diff_unit(*args, loop=LOOP, **kwargs)
 
 
 def _check(base: torch.Tensor, tuned: torch.Tensor, bd: str, td: str, cd: str, row_len: int = 0,

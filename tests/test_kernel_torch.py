@@ -9,9 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from builders import LADDER, SUM_REL, boundary_pair, ref_diff
-from raydiff.kernel import Criteria, diff_unit
-from raydiff.kernel_torch import diff_unit_torch
-from raydiff.masks import decode_mask
+from raydiff.kernel.diff import Criteria, diff_unit
+from raydiff.kernel.torch_diff import diff_unit_torch
+from raydiff.kernel.masks import decode_mask
 
 #: The torch kernel runs on every device a GPU actor may have; "cuda" cases are reported as
 #: skipped, with the reason, where there is none.
@@ -91,7 +91,7 @@ def test_torch_kernel_cut_offs_match_torch_itself(device, dtype, atol):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_gpu_spectrum_matches_cpu():
-    from raydiff.spectrum import spectrum
+    from raydiff.kernel.spectrum import spectrum
 
     g = torch.Generator().manual_seed(0)
     d = torch.randn(512, 256, generator=g) @ torch.diag(torch.logspace(0, -6, 256))

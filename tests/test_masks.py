@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from raydiff.masks import (
+from raydiff.kernel.masks import (
     CODEC_EMPTY,
     CODEC_GAPS,
     CODEC_PACKBITS,

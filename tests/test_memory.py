@@ -8,7 +8,7 @@ import torch
 
 from builders import write_checkpoint
 from raydiff.execute import Executor, RunContext
-from raydiff.kernel import Criteria
+from raydiff.kernel.diff import Criteria
 from raydiff.options import DiffOptions
 from raydiff.plan import make_plan
 from raydiff.inputs.refs import resolve

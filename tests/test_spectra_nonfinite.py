@@ -23,7 +23,7 @@ from raydiff.inputs.checkpoint import load_checkpoint
 from raydiff.cli.main import app
 from raydiff.errors import WorkFailed
 from raydiff.execute import Executor, RunContext
-from raydiff.kernel import Criteria
+from raydiff.kernel.diff import Criteria
 from raydiff.options import ClusterOptions, DiffOptions, SubmitOptions
 from raydiff.plan import make_plan
 from raydiff.records import RunRecord

@@ -38,7 +38,7 @@ from typer.testing import CliRunner
 from builders import perturb, ref_diff, write_checkpoint
 from raydiff.cli.main import app
 from raydiff.errors import QueryError
-from raydiff.masks import decode_mask
+from raydiff.kernel.masks import decode_mask
 from raydiff.options import ClusterOptions, DiffOptions, SubmitOptions
 from raydiff.store import Store
 from raydiff.submit import SubmitResult, submit

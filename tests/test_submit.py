@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from builders import SUM_REL, perturb, ref_diff, write_checkpoint
 from raydiff.cli.main import app
-from raydiff.masks import decode_mask
+from raydiff.kernel.masks import decode_mask
 from raydiff.options import ClusterOptions, DiffOptions, SubmitOptions
 from raydiff.submit import submit
 from raydiff.views import query

@@ -1,7 +1,7 @@
 """The fused diff loop for AVX-512 CPUs: decode, compare and compact in one pass, then count.
 
 A drop-in for :func:`raydiff._fused.diff` — the same counts, mask, rows, columns and max,
-and sums equal to within float32 rounding — that :func:`raydiff.kernel.diff_unit` takes
+and sums equal to within float32 rounding — that :func:`raydiff.kernel.diff.diff_unit` takes
 where :func:`available` says the CPU can run it. The portable loop evaluates the ladder's
 five cut-offs, the Δ sums and the max on every entry of a block with any change, the
 unchanged ones too, masked out. Here a loop written in LLVM IR (:func:`_front`, 32 entries
@@ -30,7 +30,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
-from raydiff._fused import (
+from raydiff.kernel._fused import (
     _BLOCK, _FLAGS, _INF_BITS, _as_f32, _as_i32, _fold_block, _fold_run, _nonfinite, _skip_quiet, _value,
 )
 

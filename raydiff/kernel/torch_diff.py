@@ -1,7 +1,7 @@
 """The diff kernel in torch, for actors that hold a GPU: same inputs, same :class:`UnitDiff`.
 
-Semantics are those of :func:`raydiff.kernel.diff_unit` (whose docstring is the contract):
-the same thresholds through :func:`raydiff.kernel.cutoff`, the same masks, the same counts;
+Semantics are those of :func:`raydiff.kernel.diff.diff_unit` (whose docstring is the contract):
+the same thresholds through :func:`raydiff.kernel.diff.cutoff`, the same masks, the same counts;
 only the summation order of the float statistics differs. Same-dtype float pairs run on the
 device; mixed and integer pairs, rare in checkpoints, go to the CPU kernel. Runs on
 ``device="cpu"`` too, which is how the tests check it against the CPU kernel.
@@ -14,8 +14,8 @@ import warnings
 import numpy as np
 import torch
 
-from raydiff.kernel import Criteria, UnitDiff, cutoff, diff_unit
-from raydiff.masks import encode_packed
+from raydiff.kernel.diff import Criteria, UnitDiff, cutoff, diff_unit
+from raydiff.kernel.masks import encode_packed
 
 _TORCH_FLOAT = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
                 "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
@@ -41,7 +41,7 @@ def _packbits(mask: torch.Tensor) -> np.ndarray:
 def diff_unit_torch(base: np.ndarray, tuned: np.ndarray, base_dtype: str, tuned_dtype: str,
                     compare_dtype: str, criteria: Criteria, row_len: int = 0,
                     device: str = "cuda") -> UnitDiff:
-    """:func:`raydiff.kernel.diff_unit` on a torch device (``cuda``, ``cuda:1``, ``cpu``)."""
+    """:func:`raydiff.kernel.diff.diff_unit` on a torch device (``cuda``, ``cuda:1``, ``cpu``)."""
     if base_dtype != tuned_dtype or compare_dtype not in _TORCH_FLOAT:
         return diff_unit(base, tuned, base_dtype, tuned_dtype, compare_dtype, criteria, row_len)
     n = int(base.size)

@@ -1,10 +1,10 @@
 """The diff kernel: two arrays of stored bits in, one :class:`UnitDiff` record out.
 
 Pure: no I/O, no Ray, no globals beyond constant lookup tables and which loop this CPU
-runs. Same-dtype BF16, F16 and F32 pairs — nearly every tensor of a checkpoint — run in one
+can run. Same-dtype BF16, F16 and F32 pairs — nearly every tensor of a checkpoint — run in one
 fused, vectorised pass that skips blocks whose bits are all equal: on CPUs with AVX-512,
-one that compacts the changed entries before counting them (:mod:`raydiff._compact`), on
-others a portable one (:mod:`raydiff._fused`); both give the same results. Other pairs take numpy:
+one that compacts the changed entries before counting them (:mod:`raydiff.kernel._compact`), on
+others a portable one (:mod:`raydiff.kernel._fused`); both give the same results. Other pairs take numpy:
 one integer compare finds the entries whose stored bits differ, and only those are decoded
 to floats.
 
@@ -25,7 +25,7 @@ from functools import cache
 import numpy as np
 
 from raydiff.dtypes import DTYPES
-from raydiff.masks import encode_mask, encode_packed
+from raydiff.kernel.masks import encode_mask, encode_packed
 from raydiff.options import ATOL_LADDER
 
 _BASE_BLOCK = 1 << 16  # elements per block of the ‖W0‖F² pass, sized to stay in L2
@@ -68,7 +68,7 @@ class UnitDiff:
         rows_touched: rows (last-dim slices) with a changed entry; NULL for < 2-D.
         cols_bitmap: packed LSB-first bitmap of columns with a changed entry; NULL for < 2-D,
             empty bytes when nothing changed.
-        mask_codec, mask: the compressed ``changed`` mask (see :mod:`raydiff.masks`).
+        mask_codec, mask: the compressed ``changed`` mask (see :mod:`raydiff.kernel.masks`).
     """
 
     numel: int
@@ -176,6 +176,7 @@ def diff_unit(
     compare_dtype: str,
     criteria: Criteria,
     row_len: int = 0,
+    loop: str | None = None,
 ) -> UnitDiff:
     """Diff one unit: counts under every criterion, Δ statistics and the changed mask.
 
@@ -186,6 +187,10 @@ def diff_unit(
         compare_dtype: dtype to compare in (see :func:`raydiff.plan.compare_dtype`).
         criteria: thresholds.
         row_len: row length when the unit covers whole rows of a ≥ 2-D tensor, else 0.
+        loop: the fused loop of same-dtype BF16/F16/F32 pairs: ``"compact"`` (AVX-512,
+            :mod:`raydiff.kernel._compact`), ``"portable"`` (:mod:`raydiff.kernel._fused`),
+            or ``None`` for :func:`best_loop` (the results are the same; tests and the
+            benchmark run both).
 
     Returns:
         The unit's :class:`UnitDiff`.
@@ -204,8 +209,8 @@ def diff_unit(
     mixed = base_dtype != tuned_dtype
     # The fused loop compares float bits as integers: it needs thresholds >= 0 (options ensure it).
     fusable = criteria.rel_eta > 0 and min((criteria.atol, *criteria.ladder)) >= 0
-    if not mixed and compare_dtype in _FUSED and fusable:
-        return _diff_fused(base, tuned, compare_dtype, criteria, row_len)
+    if not mixed and compare_dtype in _FUSED and fusable and len(criteria.ladder) == _FUSED_LADDER:
+        return _diff_fused(base, tuned, compare_dtype, criteria, row_len, loop or best_loop())
     if mixed:
         # Widen both sides exactly, then treat the widened values' bits as stored bits.
         wide = np.float64 if compare_dtype == "F64" else np.float32
@@ -280,31 +285,33 @@ def _subprecision(wa: np.ndarray, wb: np.ndarray, base_dtype: str, tuned_dtype: 
 
 
 _FUSED = ("BF16", "F16", "F32")
-#: Which fused loop runs: ``None`` until first asked, then whether this CPU takes the
-#: AVX-512 one (:mod:`raydiff._compact`) over the portable one (:mod:`raydiff._fused`).
-#: Tests and ``benchmarks/run.py`` set it to run both on the same arrays.
-COMPACT: bool | None = None
+#: Ladder steps the fused loops are built for; another ladder runs the numpy path.
+_FUSED_LADDER = 5
+LOOPS = ("compact", "portable")
 
 
-def _compact_path() -> bool:
-    global COMPACT
-    if COMPACT is None:
-        from raydiff import _compact
+@cache
+def best_loop() -> str:
+    """The fused loop this CPU runs: ``"compact"`` where it has AVX-512 (and numba targets
+    the host), else ``"portable"``."""
+    from raydiff.kernel import _compact
 
-        COMPACT = _compact.available()
-    return COMPACT
+    return "compact" if _compact.available() else "portable"
 
 
-def _diff_fused(base: np.ndarray, tuned: np.ndarray, dtype: str, criteria: Criteria, row_len: int) -> UnitDiff:
+def _diff_fused(base: np.ndarray, tuned: np.ndarray, dtype: str, criteria: Criteria, row_len: int,
+                loop: str) -> UnitDiff:
     """BF16/F16/F32 pairs of one dtype: a single fused pass, by the AVX-512 loop
-    (:mod:`raydiff._compact`) where this CPU runs it, else the portable one (:mod:`raydiff._fused`)."""
-    from raydiff import _fused as f
+    (:mod:`raydiff.kernel._compact`) or the portable one (:mod:`raydiff.kernel._fused`)."""
+    from raydiff.kernel import _fused as f
 
     n = int(base.size)
     mask_cut = cutoff(criteria.atol, dtype)
     ladder = [cutoff(t, dtype) for t in criteria.ladder]
     assert len(ladder) + 1 == f.N_CUTS, "the fused loop takes the atol and a 5-step ladder"
-    compact = _compact_path()
+    if loop not in LOOPS:
+        raise ValueError(f"loop must be one of {', '.join(LOOPS)}, got {loop!r}")
+    compact = loop == "compact"
     # When the atol's cut-off is on the ladder (the default), the portable loop puts that
     # step first and lets its compare make the mask: one compare per entry fewer. (The
     # AVX-512 loop compares for the mask on every entry and for the ladder on changed ones.)
@@ -320,7 +327,7 @@ def _diff_fused(base: np.ndarray, tuned: np.ndarray, dtype: str, criteria: Crite
     eta = np.float32(criteria.rel_eta)
     lut = _lut(dtype) if dtype == "F16" else _NO_LUT  # BF16 and F32 decode by bit cast
     if compact:
-        from raydiff import _compact
+        from raydiff.kernel import _compact
 
         cols = np.zeros((row_len + 7) // 8, np.uint8)  # a bit per column, packed by the loop
         base, tuned = np.ascontiguousarray(base), np.ascontiguousarray(tuned)  # it reads by address

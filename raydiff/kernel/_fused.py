@@ -1,7 +1,7 @@
 """The portable fused diff loop (numba): one pass over both sides for 16- and 32-bit float pairs.
 
-Called by :func:`raydiff.kernel.diff_unit`, which owns the semantics, on CPUs that cannot
-run the AVX-512 loop of :mod:`raydiff._compact` (which borrows this module's helpers for
+Called by :func:`raydiff.kernel.diff.diff_unit`, which owns the semantics, on CPUs that cannot
+run the AVX-512 loop of :mod:`raydiff.kernel._compact` (which borrows this module's helpers for
 quiet blocks and non-finite values); this module only makes the common case — two BF16,
 F16 or F32 tensors of one dtype — a single memory pass instead of the ~20 array passes
 numpy needs. Thresholds arrive pre-converted by the kernel into float32 cut-offs on the

@@ -1,12 +1,12 @@
 """The ``gaps`` mask layout (numba): a sparse mask as the run lengths between its set bits.
 
-Called by :mod:`raydiff.masks`, which owns the format and picks it for sparse masks. The
+Called by :mod:`raydiff.kernel.masks`, which owns the format and picks it for sparse masks. The
 layout is one byte stream: for each set bit, in order, the number of clear bits before it
 (since the previous set bit, or the start), written as ``k`` bytes of 255 then one byte
 ``< 255`` (the gap is ``255·k + last byte``). A mask with ``m`` set bits among ``n`` takes
 ``m + n // 255`` bytes at most; zstd then brings it to ~1.0× the entropy of a random mask
 of that density, in a third of the time zstd takes on the packed bits themselves or less
-(see the table in :mod:`raydiff.masks`).
+(see the table in :mod:`raydiff.kernel.masks`).
 """
 
 from __future__ import annotations
