@@ -195,7 +195,7 @@ def end_to_end(work: Path, small_gb: float, large_gb: float) -> dict[str, float]
     import ray
 
     from raydiff.options import ClusterOptions, DiffOptions, SubmitOptions
-    from raydiff.submit import submit
+    from raydiff.run.submit import submit
 
     pairs = {}
     for label, gb in (("small", small_gb), ("large", large_gb)):
@@ -238,7 +238,7 @@ def end_to_end(work: Path, small_gb: float, large_gb: float) -> dict[str, float]
             store = work / f"store-{label}-{mode}"
             runs = [once(root, store, mode == "cold") for _ in range(3)]
             times[label], res = min(runs, key=lambda r: r[0])
-            from raydiff.views import query
+            from raydiff.query.views import query
 
             _, rows = query(str(store), f"SELECT max(rss_anon_bytes) FROM units WHERE run_id = '{res.run_id}'")
             rss[f"actor {label}"] = rows[0][0]
@@ -353,7 +353,7 @@ def gpu() -> None:
 
 def overlap() -> None:
     from raydiff.kernel.masks import encode_mask
-    from raydiff.overlap import and_count
+    from raydiff.query.overlap import and_count
 
     rng = np.random.default_rng(1)
     n = 1 << 27

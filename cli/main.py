@@ -111,7 +111,7 @@ class _Bar:
 
 
 def _submit(base: str, tuned: str, options: SubmitOptions):
-    from raydiff.submit import Progress, submit
+    from raydiff.run.submit import Progress, submit
 
     bar = _Bar()
 
@@ -187,7 +187,7 @@ def submit(
 @app.command()
 def runs(store: str | None = StoreOpt, fmt: str = FormatOpt) -> None:
     """List the runs in the store with their status and sparsity."""
-    from raydiff.views import query_table
+    from raydiff.query.views import query_table
 
     table = _call(lambda: query_table(_store(store), "SELECT run_id, name, status, numel, changed, sparsity, "
                                       "atol, rank_mode, base, tuned FROM runs ORDER BY created_at"))
@@ -201,7 +201,7 @@ def sql(
     fmt: str = FormatOpt,
 ) -> None:
     """Run a SQL query over the store with DuckDB (read-only) and print the result."""
-    from raydiff.views import query_table
+    from raydiff.query.views import query_table
 
     _show(_call(lambda: query_table(_store(store), query_text)), fmt)
 
@@ -214,8 +214,8 @@ def overlap(
     fmt: str = FormatOpt,
 ) -> None:
     """Subnetwork overlap o1/o2 (and Jaccard) of every pair of runs, against the random baseline."""
-    from raydiff.overlap import pairwise
-    from raydiff.views import arrow_result
+    from raydiff.query.overlap import pairwise
+    from raydiff.query.views import arrow_result
 
     if len(runs_) < 2 or (per_tensor and len(runs_) != 2):
         _fail("--per-tensor takes exactly two runs" if per_tensor else "overlap needs two or more runs")
@@ -234,7 +234,7 @@ def layers(
     fmt: str = FormatOpt,
 ) -> None:
     """Sparsity per transformer layer and module kind for one run (module '*' = whole layer)."""
-    from raydiff.views import query_table
+    from raydiff.query.views import query_table
 
     table = _call(lambda: query_table(_store(store), (
         "SELECT layer, module, n_tensors, numel, changed, sparsity_weighted, sparsity_mean, mean_rank_ratio "
@@ -249,7 +249,7 @@ def consensus(
     fmt: str = FormatOpt,
 ) -> None:
     """Per tensor, how many entries are changed in exactly k of the N runs (k = 0…N)."""
-    from raydiff.views import query_table
+    from raydiff.query.views import query_table
 
     if len(runs_) < 2:
         _fail("consensus needs two or more runs")
@@ -263,7 +263,7 @@ def report(
     store: str | None = StoreOpt,
 ) -> None:
     """Write a self-contained HTML report with plots (and each plot as a PNG) for runs."""
-    from raydiff.report import write_report
+    from raydiff.query.report import write_report
 
     path = _call(lambda: write_report(_store(store), runs_, out))
     typer.echo(str(path))
@@ -273,7 +273,7 @@ def _with_connection(store: str, fn: Callable[[Any], T]) -> T:
     import duckdb
 
     from raydiff.errors import QueryError
-    from raydiff.views import connect, one_line
+    from raydiff.query.views import connect, one_line
 
     con = connect(store)
     try:

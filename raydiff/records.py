@@ -28,6 +28,25 @@ from typing import Any
 import pyarrow as pa
 
 
+#: Tensor statuses, as stored in the ``status`` column of the ``tensors`` view.
+STATUS_OK = "ok"
+STATUS_ONLY_BASE = "only_in_base"
+STATUS_ONLY_TUNED = "only_in_tuned"
+STATUS_SHAPE = "shape_mismatch"
+STATUS_DTYPE = "dtype_mismatch"
+STATUS_ROWS_BASE = "rows_only_in_base"
+STATUS_ROWS_TUNED = "rows_only_in_tuned"
+
+#: How a compared pair was matched, as stored in the ``match`` column; several join with ``+``.
+MATCH_EXACT = "exact"  # same name, shape and dtype
+MATCH_WIDENED = "dtype_widened"  # dtypes differ; compared in the wider one
+MATCH_RENAMED = "renamed"  # paired after --rename rules changed a name
+MATCH_TIED_BASE = "tied_in_base"  # base has no lm_head; its tied embedding stands in
+MATCH_TIED_TUNED = "tied_in_tuned"
+MATCH_RESIZED = "resized_rows"  # first dimension differs; common rows compared
+MATCH_NONE = "none"  # not compared
+
+
 def _c(doc: str) -> Any:
     return field(metadata={"doc": doc})
 

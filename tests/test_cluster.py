@@ -20,8 +20,8 @@ from raydiff.errors import StoreError
 from raydiff.kernel.masks import decode_mask
 from raydiff.options import ClusterOptions, DiffOptions, SubmitOptions
 from raydiff.store import Store, redact
-from raydiff.submit import Progress, submit
-from raydiff.views import query
+from raydiff.run.submit import Progress, submit
+from raydiff.query.views import query
 
 
 def _pair(root, n_tensors=6, rows=256, cols=64, seed=0):
@@ -168,7 +168,7 @@ def test_more_workers_than_the_cluster_holds_runs_on_those_that_start(tmp_path):
 
 
 def test_a_run_waits_out_a_full_cluster_and_says_so(ray_cluster, tmp_path, monkeypatch):
-    from raydiff import actors
+    from raydiff.run import actors
     @ray_cluster.remote(num_cpus=2)
     class Blocker:  # another job's actor, holding every CPU of the session cluster
         def ready(self) -> None:

@@ -11,7 +11,7 @@ from safetensors import safe_open
 
 from raydiff.demo import MEMBERS, FamilyConfig, build_family, run_demo
 from raydiff.options import ClusterOptions
-from raydiff.views import query
+from raydiff.query.views import query
 
 LLAMA_NAMES = ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"] + [
     f"model.layers.{i}.{m}.weight" for i in range(2) for m in (

@@ -9,7 +9,7 @@ from pathlib import Path
 from typer.main import get_command
 
 from raydiff.cli.main import app
-from raydiff.views import connect
+from raydiff.query.views import connect
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()

@@ -32,7 +32,7 @@ from raydiff.inputs.safetensors import ShardHeader, parse_header, parse_header_b
 from raydiff.dtypes import DTYPES
 from raydiff.cli.main import app
 from raydiff.errors import InvalidCheckpoint
-from raydiff.views import query
+from raydiff.query.views import query
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 

@@ -18,7 +18,7 @@ import torch
 
 from builders import write_checkpoint
 from fake_hub import FakeHub, files_of
-from raydiff.views import query
+from raydiff.query.views import query
 
 TOKEN = "hf_RightTokenNeverLoggedAnywhere012"
 WRONG = "hf_WrongTokenNeverLoggedAnywhere345"

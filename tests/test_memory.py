@@ -7,7 +7,7 @@ import tracemalloc
 import torch
 
 from builders import write_checkpoint
-from raydiff.execute import Executor, RunContext
+from raydiff.run.execute import Executor, RunContext
 from raydiff.kernel.diff import Criteria
 from raydiff.options import DiffOptions
 from raydiff.plan import make_plan

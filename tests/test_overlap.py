@@ -18,9 +18,9 @@ from builders import write_checkpoint
 from raydiff.cli.main import app
 from raydiff.errors import QueryError
 from raydiff.options import DiffOptions, SubmitOptions
-from raydiff.report import write_report
-from raydiff.submit import submit
-from raydiff.views import query
+from raydiff.query.report import write_report
+from raydiff.run.submit import submit
+from raydiff.query.views import query
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 

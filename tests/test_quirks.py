@@ -14,8 +14,8 @@ from builders import ref_diff, write_checkpoint
 from raydiff.cli.main import app
 from raydiff.errors import PlanProblem
 from raydiff.options import DiffOptions, SubmitOptions
-from raydiff.submit import submit
-from raydiff.views import query
+from raydiff.run.submit import submit
+from raydiff.query.views import query
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 EMB, HEAD, Q = "model.embed_tokens.weight", "lm_head.weight", "model.layers.0.self_attn.q_proj.weight"

@@ -18,18 +18,18 @@ import torch
 from typer.testing import CliRunner
 
 from builders import ref_diff, write_checkpoint
-from raydiff import actors
+from raydiff.run import actors
 from raydiff.inputs.checkpoint import load_checkpoint
 from raydiff.cli.main import app
 from raydiff.errors import WorkFailed
-from raydiff.execute import Executor, RunContext
+from raydiff.run.execute import Executor, RunContext
 from raydiff.kernel.diff import Criteria
 from raydiff.options import ClusterOptions, DiffOptions, SubmitOptions
 from raydiff.plan import make_plan
 from raydiff.records import RunRecord
 from raydiff.store import Store
-from raydiff.submit import plan_records, run_id_for, submit
-from raydiff.views import query
+from raydiff.run.submit import plan_records, run_id_for, submit
+from raydiff.query.views import query
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
@@ -134,13 +134,14 @@ def test_the_torch_kernel_path_records_the_same(pair, tmp_path):
                        raydiff_version="test", atol=1e-5, rel_eta=1e-3, rank_mode="exact", top_k=32,
                        sketch_rank=128, chunk_elems=1024, n_tensors=len(plan.tensors), n_units=len(plan.units),
                        n_spectra=len(plan.spectra), input_bytes=plan.input_bytes)
-    store.begin_run(record, plan_records(run_id, plan))
+    planned = plan_records(run_id, plan)
+    store.begin_run(record, planned)
     ex = Executor(RunContext(run_id, store.root, Criteria(), "exact", 32, 128), device="cpu", torch_kernel=True)
     for u in plan.units:
         ex.unit(u)
     for s in plan.spectra:
         ex.spectrum(s)
-    store.commit(record, plan)
+    store.commit(record, planned)
     _check_run(store.root, run_id, pairs, "exact")
 
 

@@ -41,8 +41,8 @@ from raydiff.errors import QueryError
 from raydiff.kernel.masks import decode_mask
 from raydiff.options import ClusterOptions, DiffOptions, SubmitOptions
 from raydiff.store import Store
-from raydiff.submit import SubmitResult, submit
-from raydiff.views import query
+from raydiff.run.submit import SubmitResult, submit
+from raydiff.query.views import query
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
@@ -325,8 +325,8 @@ def _interrupted_then_resumed(v: _Victim, ref: _Reference, base: Path, tuned: Pa
     assert res.resumed is (len(done) > 0), v.point
     assert (res.commit.numel, res.commit.changed, res.commit.changed_bits, res.commit.n_units) == (
         ref.result.commit.numel, ref.result.commit.changed, ref.result.commit.changed_bits, n), v.point
-    _, rows = query(str(store), f"SELECT run_id, status, (SELECT count(*) FROM units), "
-                                f"(SELECT count(DISTINCT unit_id) FROM units) FROM runs")
+    _, rows = query(str(store), "SELECT run_id, status, (SELECT count(*) FROM units), "
+                                "(SELECT count(DISTINCT unit_id) FROM units) FROM runs")
     assert rows == [(run_id, "complete", n, n)], v.point
     assert _results(store, run_id) == ref.results, v.point
     assert set(_unit_ids(store, run_id)) == set(range(n)), v.point

@@ -17,8 +17,8 @@ from builders import SUM_REL, perturb, ref_diff, write_checkpoint
 from raydiff.cli.main import app
 from raydiff.kernel.masks import decode_mask
 from raydiff.options import ClusterOptions, DiffOptions, SubmitOptions
-from raydiff.submit import submit
-from raydiff.views import query
+from raydiff.run.submit import submit
+from raydiff.query.views import query
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 

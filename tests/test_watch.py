@@ -27,8 +27,8 @@ from hypothesis import strategies as st
 from builders import write_checkpoint
 from fake_hub import WORKER_TOKEN, FakeHub, files_of
 from raydiff.errors import InvalidWatchList
-from raydiff.schedule import Cron, Every, format_duration, parse_duration
-from raydiff.views import query
+from raydiff.watch.schedule import Cron, Every, format_duration, parse_duration
+from raydiff.query.views import query
 from raydiff.watch import Retry, load, next_tick, run_forever, tick
 
 TOKEN = WORKER_TOKEN  # the shared cluster's workers hold it (conftest.py): they read private repos with it

@@ -6,7 +6,7 @@ process with ``ClusterOptions.keep_actors``. The driver waits for the actors the
 hold to start (up to 30 s), then hands out work largest-first to started actors only — an
 actor Ray cannot place yet joins when it starts instead of sitting on work — keeps two items
 in flight per actor so none idles between items, and receives only small
-:class:`~raydiff.execute.Done` records: results go from the actors to the store directly.
+:class:`~raydiff.run.execute.Done` records: results go from the actors to the store directly.
 
 Fault tolerance lives here too: actors restart when their process dies
 (``max_restarts``) and the unit in flight is retried (``max_task_retries``). A retried unit
@@ -25,7 +25,7 @@ import ray
 from ray.exceptions import RayActorError, RayError, RayTaskError
 
 from raydiff.errors import RaydiffError, WorkFailed
-from raydiff.execute import Done, Executor, RunContext
+from raydiff.run.execute import Done, Executor, RunContext
 from raydiff.options import ClusterOptions
 from raydiff.plan import SpectrumTask, WorkUnit
 

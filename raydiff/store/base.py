@@ -33,8 +33,8 @@ import pyarrow.parquet as pq
 
 from raydiff.dtypes import DTYPES
 from raydiff.errors import StoreError
-from raydiff.plan import STATUS_OK, Plan
 from raydiff.records import (
+    STATUS_OK,
     CommitRecord,
     PlanRecord,
     RunRecord,
@@ -235,34 +235,37 @@ class Store:
         events = from_table(table, WatchEventRecord) if table is not None else []
         return sorted(events, key=lambda e: (e.recorded_at, e.event_id))
 
-    def commit(self, run: RunRecord, plan: Plan, written: Mapping[int, UnitRecord] | None = None) -> CommitRecord:
+    def commit(self, run: RunRecord, plan: list[PlanRecord],
+               written: Mapping[int, UnitRecord] | None = None) -> CommitRecord:
         """Aggregate a run's units and spectra per tensor and mark the run complete.
 
-        ``written`` holds unit records (masks left out) that this process saw written, by
-        unit id; only the other units' files are read back. Every unit file must exist.
+        ``plan`` is the run's plan (one :class:`PlanRecord` per tensor); ``written`` holds unit
+        records (masks left out) that this process saw written, by unit id; only the other
+        units' files are read back. Every unit file must exist.
 
         Raises:
             StoreError: a unit or spectrum of the plan is missing (the run stays incomplete).
         """
         d = self.run_dir(run.run_id)
+        unit_ids = [u for p in plan for u in range(p.first_unit, p.first_unit + p.n_units)]
+        spectra_of = [p for p in plan if p.has_spectrum]
         done = self.done_units(run.run_id)
-        missing = [u.unit_id for u in plan.units if u.unit_id not in done]
+        missing = [u for u in unit_ids if u not in done]
         if missing:
             raise StoreError(f"run {run.run_id}: {len(missing)} units not written (first: {missing[0]}); "
                              "submit again to resume")
         spec_done = self.done_spectra(run.run_id)
-        missing_s = [s.tensor for s in plan.spectra if s.tensor_index not in spec_done]
+        missing_s = [p.tensor for p in spectra_of if p.tensor_index not in spec_done]
         if missing_s:
             raise StoreError(f"run {run.run_id}: spectrum of {missing_s[0]!r} not written; submit again to resume")
         unit_cols = [f.name for f in dataclasses.fields(UnitRecord) if f.name != "mask"]
         written = written or {}
-        known = [written[u.unit_id] for u in plan.units if u.unit_id in written]
+        known = [written[u] for u in unit_ids if u in written]
         parts = [to_table(known, UnitRecord).select(unit_cols)] if known else []
-        read = self.read_many([f"{d}/units/u{u.unit_id:08d}.parquet" for u in plan.units
-                               if u.unit_id not in written], unit_cols)
+        read = self.read_many([f"{d}/units/u{u:08d}.parquet" for u in unit_ids if u not in written], unit_cols)
         parts += [read] if read is not None else []
         units = pa.concat_tables(parts) if parts else None
-        spectra = self.read_many([f"{d}/spectra/s{s.tensor_index:08d}.parquet" for s in plan.spectra])
+        spectra = self.read_many([f"{d}/spectra/s{p.tensor_index:08d}.parquet" for p in spectra_of])
         tensors = _aggregate(run.run_id, plan, units, spectra)
         self.write(f"{d}/tensors.parquet", tensors, TensorRecord)
         ok = [t for t in tensors if t.status == STATUS_OK]
@@ -272,8 +275,8 @@ class Store:
             numel=sum(t.numel for t in ok),
             changed=sum(t.changed or 0 for t in ok),
             changed_bits=sum(t.changed_bits or 0 for t in ok),
-            n_units=len(plan.units),
-            n_spectra=len(plan.spectra),
+            n_units=len(unit_ids),
+            n_spectra=len(spectra_of),
             n_mismatched=len(tensors) - len(ok),
             n_spectra_skipped=sum(1 for r in (spectra.to_pylist() if spectra is not None else []) if r.get("note")),
         )
@@ -286,7 +289,7 @@ _SUMMED = ("changed", "changed_bits", "changed_1e8", "changed_1e7", "changed_1e6
 _SUMMED_OPTIONAL = ("changed_subprecision",)  # NULL unless some unit has a value
 
 
-def _aggregate(run_id: str, plan: Plan, units: pa.Table | None,
+def _aggregate(run_id: str, plan: list[PlanRecord], units: pa.Table | None,
                spectra: pa.Table | None) -> list[TensorRecord]:
     by_tensor: dict[int, list[dict]] = {}
     if units is not None:
@@ -294,19 +297,19 @@ def _aggregate(run_id: str, plan: Plan, units: pa.Table | None,
             by_tensor.setdefault(row["tensor_index"], []).append(row)
     spec = {row["tensor_index"]: row for row in (spectra.to_pylist() if spectra is not None else [])}
     out = []
-    for tp in plan.tensors:
-        info = tp.base or tp.tuned
-        assert info is not None
-        shape = info.shape
+    for tp in plan:
+        shape = tp.base_shape if tp.base_shape is not None else tp.tuned_shape
+        dtype = tp.base_dtype or tp.tuned_dtype
+        assert shape is not None and dtype is not None
         rows = cols = None
         if len(shape) >= 2:
             cols = shape[-1]
-            rows = info.numel // cols if cols else 0
+            rows = tp.numel // cols if cols else 0
         agg: dict[str, object] = {k: None for k in _SUMMED + _SUMMED_OPTIONAL}
         stats: dict[str, object] = dict(max_abs_delta=None, mean_abs_delta=None, delta_fro=None,
                                         base_fro=None, rows_touched=None, cols_touched=None)
         if tp.status == STATUS_OK:
-            rs = sorted(by_tensor.get(tp.index, []), key=lambda r: r["unit_id"])
+            rs = sorted(by_tensor.get(tp.tensor_index, []), key=lambda r: r["unit_id"])
             for k in _SUMMED:
                 agg[k] = sum(r[k] for r in rs)
             for k in _SUMMED_OPTIONAL:
@@ -315,7 +318,7 @@ def _aggregate(run_id: str, plan: Plan, units: pa.Table | None,
             if tp.compare_dtype and DTYPES[tp.compare_dtype].is_float:
                 stats["max_abs_delta"] = max((r["max_abs_delta"] for r in rs), default=0.0)
                 sum_abs = sum(r["sum_abs_delta"] for r in rs)
-                stats["mean_abs_delta"] = sum_abs / info.numel if info.numel else None
+                stats["mean_abs_delta"] = sum_abs / tp.numel if tp.numel else None
                 stats["delta_fro"] = float(np.sqrt(sum(r["sum_sq_delta"] for r in rs)))
                 stats["base_fro"] = float(np.sqrt(sum(r["sum_sq_base"] for r in rs)))
             if rows is not None:
@@ -325,16 +328,15 @@ def _aggregate(run_id: str, plan: Plan, units: pa.Table | None,
                     if r["cols_bitmap"]:
                         acc |= np.frombuffer(r["cols_bitmap"], np.uint8)
                 stats["cols_touched"] = int(np.bitwise_count(acc).sum())
-        s = spec.get(tp.index)
+        s = spec.get(tp.tensor_index)
         note = tp.note
         if s and s.get("note"):  # recorded, not computed: the rank columns stay NULL
             note = "; ".join(x for x in (note, f"spectrum not computed: {s['note']}") if x)
             s = None
         out.append(TensorRecord(
-            run_id=run_id, tensor_index=tp.index, tensor=tp.name, status=tp.status, match=tp.match, note=note,
-            dtype=info.dtype, compare_dtype=tp.compare_dtype, shape=shape,
-            base_shape=tp.base.shape if tp.base else None, tuned_shape=tp.tuned.shape if tp.tuned else None,
-            numel=info.numel, **agg, **stats, rows=rows, cols=cols,  # type: ignore[arg-type]
+            run_id=run_id, tensor_index=tp.tensor_index, tensor=tp.tensor, status=tp.status, match=tp.match,
+            note=note, dtype=dtype, compare_dtype=tp.compare_dtype, shape=shape, base_shape=tp.base_shape,
+            tuned_shape=tp.tuned_shape, numel=tp.numel, **agg, **stats, rows=rows, cols=cols,  # type: ignore[arg-type]
             rank=s["rank"] if s else None, max_rank=s["max_rank"] if s else (min(shape) if len(shape) == 2 else None),
             rank_method=s["method"] if s else None, stable_rank=s["stable_rank"] if s else None,
             effective_rank=s["effective_rank"] if s else None, rank_1e1=s["rank_1e1"] if s else None,

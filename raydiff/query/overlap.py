@@ -1,7 +1,7 @@
 """Intersections of stored change masks, vectorised per unit (never a Python loop per bit).
 
 Registered with DuckDB as ``mask_and_count(codec_a, mask_a, codec_b, mask_b, numel)`` by
-:mod:`raydiff.views`; the SQL macros in ``queries/30_overlap.sql`` build the paper's
+:mod:`raydiff.query.views`; the SQL macros in ``queries/30_overlap.sql`` build the paper's
 overlap, Jaccard and random baselines on top of it.
 """
 
@@ -60,7 +60,7 @@ def histogram_arrow(codecs: pa.Array, masks: pa.Array, numel: pa.Array) -> pa.Ar
 
 
 def pairwise(con, runs: list[str]) -> pa.Table:
-    """Global overlap of every pair of runs (names or ids) on a :func:`raydiff.views.connect`
+    """Global overlap of every pair of runs (names or ids) on a :func:`raydiff.query.views.connect`
     connection: one row per pair ``(run_a, run_b, numel, …, jaccard_random)``."""
     parts = []
     for i, a in enumerate(runs):

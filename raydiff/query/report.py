@@ -15,9 +15,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from raydiff.errors import QueryError, RunNotFound
-from raydiff.overlap import pairwise
+from raydiff.query.overlap import pairwise
 from raydiff.store import redact
-from raydiff.views import connect
+from raydiff.query.views import connect
 
 MODULE_ORDER = ("embed", "q", "k", "v", "o", "gate", "up", "down", "norm", "lm_head", "other")
 

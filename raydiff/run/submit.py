@@ -1,7 +1,7 @@
 """``submit``: resolve references → plan → run actors → commit. The one path data takes.
 
 Example:
-    >>> from raydiff.submit import submit
+    >>> from raydiff.run.submit import submit
     >>> result = submit("base/", "tuned/")  # doctest: +SKIP
     >>> result.run_id, result.commit.changed  # doctest: +SKIP
 """
@@ -12,12 +12,11 @@ import datetime as dt
 import hashlib
 import json
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 
 from raydiff.inputs.checkpoint import Checkpoint
-from raydiff.execute import Done, RunContext
+from raydiff.run.execute import Done, RunContext
 from raydiff.kernel.diff import Criteria
 from raydiff.options import SubmitOptions
 from raydiff.errors import PlanProblem
@@ -169,7 +168,8 @@ def submit(base: str, tuned: str, options: SubmitOptions | None = None,
         n_spectra=len(plan.spectra), input_bytes=plan.input_bytes,
     )
     store = Store(options.store)
-    record = store.begin_run(record, plan_records(run_id, plan))
+    planned = plan_records(run_id, plan)
+    record = store.begin_run(record, planned)
     commit = store.commit_record(run_id)
     if commit is not None:
         return SubmitResult(record, commit, resumed=False, already_complete=True, matching=summarize(plan))
@@ -189,7 +189,7 @@ def submit(base: str, tuned: str, options: SubmitOptions | None = None,
         hub = HubAccess(endpoint=_api().endpoint, fetch=options.cluster.hub_fetch)
     ctx = RunContext(run_id=run_id, store_root=store.root, criteria=Criteria(d.atol, d.rel_eta),
                      rank_mode=d.rank, top_k=d.top_k, sketch_rank=d.sketch_rank, hub=hub)
-    from raydiff import actors  # Ray is imported only when there is work for it
+    from raydiff.run import actors  # Ray is imported only when there is work for it
 
     written: dict[int, UnitRecord] = {}  # this submission's units, as their actors wrote them
 
@@ -199,6 +199,6 @@ def submit(base: str, tuned: str, options: SubmitOptions | None = None,
         progress.advanced(done)
 
     actors.run_work(ctx, units, spectra, options.cluster, advanced, progress.note)
-    commit = store.commit(record, plan, written)
+    commit = store.commit(record, planned, written)
     resumed = bool(done_units or done_spectra)
     return SubmitResult(record, commit, resumed=resumed, already_complete=False, matching=summarize(plan))

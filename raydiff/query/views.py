@@ -19,9 +19,9 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
 from raydiff.errors import QueryError
-from raydiff.overlap import and_count_arrow, histogram_arrow
+from raydiff.query.overlap import and_count_arrow, histogram_arrow
 from raydiff.records import RECORD_KINDS, schema
-from raydiff.store import EVENT_FILE, Store
+from raydiff.store.base import EVENT_FILE, Store
 
 #: raw table name → (record kind, pattern of its files relative to ``runs/``)
 _RAW = {

@@ -1,0 +1,6 @@
+"""Stage 6 — questions: DuckDB over a store, mask intersections, reports.
+
+- :mod:`~raydiff.query.views`: the connection, its views and macros (``queries/*.sql``);
+- :mod:`~raydiff.query.overlap`: intersections of stored masks, as DuckDB functions;
+- :mod:`~raydiff.query.report`: the demo's text report and the HTML/PNG report.
+"""

@@ -1,0 +1,6 @@
+"""Stage 4 — a run: resolve → plan → actors → commit (:func:`~raydiff.run.submit.submit`).
+
+- :mod:`~raydiff.run.submit`: the driver, the one path data takes;
+- :mod:`~raydiff.run.execute`: what an actor does with one unit or one matrix, without Ray;
+- :mod:`~raydiff.run.actors`: the Ray actor pool, the only module that imports Ray.
+"""
