@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import typer
 
 from raydiff.errors import RaydiffError
-from raydiff.options import ClusterOptions, DiffOptions, SubmitOptions, default_store
+from raydiff.options import ClusterOptions, DiffOptions, SubmitOptions, default_store, parse_rename
 
 app = typer.Typer(
     name="raydiff",
@@ -50,8 +50,13 @@ def _call(fn: Callable[[], T]) -> T:
             if getattr(e, "detail", ""):  # the traceback of the actor the error came from
                 typer.echo(f"In the actor:\n{e.detail}", err=True)
             raise
-        typer.echo(f"Error: {e}", err=True)
+        typer.echo(f"Error: {_flagged(e)}", err=True)
         raise typer.Exit(1) from None
+
+
+def _flagged(e: RaydiffError) -> str:
+    """A library message with the option it names called by its flag (``atol`` → ``--atol``)."""
+    return e.for_option("--" + e.option.replace("_", "-")) if e.option else str(e)
 
 
 def _fail(message: str) -> None:
@@ -158,16 +163,10 @@ def submit(
     Resubmitting the same pair with the same options resumes an interrupted run instead of
     starting over, and returns a complete run unchanged.
     """
-    rules = []
-    for r in rename:
-        old, sep, new = r.partition("=")
-        if not sep or not old:
-            _fail(f"--rename takes OLD=NEW with a non-empty OLD prefix, got {r!r}")
-        rules.append((old, new))
     options = _call(lambda: SubmitOptions(
         store=_store(store), name=name, strict=strict,
         diff=DiffOptions(atol=atol, rel_eta=rel_eta, rank=rank, top_k=top_k,  # type: ignore[arg-type]
-                         sketch_rank=sketch_rank, chunk_elems=chunk_elems, rename=tuple(rules)),
+                         sketch_rank=sketch_rank, chunk_elems=chunk_elems, rename=parse_rename(rename)),
         cluster=ClusterOptions(address=address, workers=workers, gpus_per_actor=gpus_per_actor, hub_fetch=hub_fetch),
     ))
     result = _call(lambda: _submit(base, tuned, options))

@@ -9,7 +9,39 @@ from __future__ import annotations
 
 
 class RaydiffError(Exception):
-    """Base class of all user-facing raydiff errors."""
+    """Base class of all user-facing raydiff errors.
+
+    ``option`` names the option at fault, when one is: a field of :mod:`raydiff.options`
+    (``atol``, ``rename``, ``strict``…). The message then begins with that name, in the
+    library's words (``atol must be a finite number >= 0``), and the CLI and the watch file
+    put their own name for it in its place (``--atol``, ``options.atol``):
+    :meth:`for_option`.
+    """
+
+    def __init__(self, message: str = "", *, option: str | None = None) -> None:
+        super().__init__(message)
+        self.option = option
+
+    def __reduce__(self):  # keep ``option`` across processes
+        return (_rebuild, (type(self), str(self), self.option))
+
+    def for_option(self, name: str) -> str:
+        """The message, with the option it begins with called ``name``.
+
+        Example:
+            >>> InvalidOption("atol must be >= 0", option="atol").for_option("--atol")
+            '--atol must be >= 0'
+        """
+        text = str(self)
+        if self.option and text.startswith(self.option):
+            return name + text[len(self.option):]
+        return text
+
+
+def _rebuild(kind: type, message: str, option: str | None) -> RaydiffError:
+    e = kind.__new__(kind)
+    RaydiffError.__init__(e, message, option=option)
+    return e
 
 
 class InvalidOption(RaydiffError):

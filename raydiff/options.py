@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -66,27 +67,45 @@ class DiffOptions:
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.atol) and self.atol >= 0):
-            raise InvalidOption(f"--atol must be a finite number >= 0, got {self.atol!r}")
+            raise InvalidOption(f"atol must be a finite number >= 0, got {self.atol!r}", option="atol")
         if not (math.isfinite(self.rel_eta) and 0 < self.rel_eta < 1):
-            raise InvalidOption(f"--rel-eta must be in (0, 1), got {self.rel_eta!r}")
+            raise InvalidOption(f"rel_eta must be in (0, 1), got {self.rel_eta!r}", option="rel_eta")
         if self.rank not in RANK_MODES:
-            raise InvalidOption(f"--rank must be one of {', '.join(RANK_MODES)}, got {self.rank!r}")
+            raise InvalidOption(f"rank must be one of {', '.join(RANK_MODES)}, got {self.rank!r}", option="rank")
         if not 1 <= self.top_k <= 4096:
-            raise InvalidOption(f"--top-k must be between 1 and 4096, got {self.top_k}")
+            raise InvalidOption(f"top_k must be between 1 and 4096, got {self.top_k}", option="top_k")
         if not 1 <= self.sketch_rank <= 8192:
-            raise InvalidOption(f"--sketch-rank must be between 1 and 8192, got {self.sketch_rank}")
+            raise InvalidOption(f"sketch_rank must be between 1 and 8192, got {self.sketch_rank}", option="sketch_rank")
         if not 1024 <= self.chunk_elems <= 1 << 31:
-            raise InvalidOption(
-                f"--chunk-elems must be between 1024 and 2^31, got {self.chunk_elems}"
-            )
+            raise InvalidOption(f"chunk_elems must be between 1024 and 2^31, got {self.chunk_elems}", option="chunk_elems")
 
         for rule in self.rename:
             if len(rule) != 2 or not rule[0]:
-                raise InvalidOption(f"--rename rules are OLD=NEW with a non-empty OLD prefix, got {rule!r}")
+                raise InvalidOption(f"rename rules are OLD=NEW with a non-empty OLD prefix, got {rule!r}",
+                                    option="rename")
 
     def identity(self) -> dict[str, object]:
         """The fields that define a run's results, for hashing into its run id."""
         return asdict(self)
+
+
+def parse_rename(rules: Sequence[str]) -> tuple[tuple[str, str], ...]:
+    """``OLD=NEW`` rules (``--rename``, a watch file's ``rename``) as ``(old, new)`` pairs.
+
+    Raises:
+        InvalidOption: a rule without ``=`` or with an empty OLD prefix.
+
+    Example:
+        >>> parse_rename(["model.language_model.=model."])
+        (('model.language_model.', 'model.'),)
+    """
+    out = []
+    for rule in rules:
+        old, sep, new = rule.partition("=") if isinstance(rule, str) else ("", "", "")
+        if not sep or not old:
+            raise InvalidOption(f"rename rules are OLD=NEW with a non-empty OLD prefix, got {rule!r}", option="rename")
+        out.append((old, new))
+    return tuple(out)
 
 
 #: How actors read Hub files (see :attr:`ClusterOptions.hub_fetch`).
@@ -118,11 +137,11 @@ class ClusterOptions:
 
     def __post_init__(self) -> None:
         if self.workers is not None and not 1 <= self.workers <= 4096:
-            raise InvalidOption(f"--workers must be between 1 and 4096, got {self.workers}")
+            raise InvalidOption(f"workers must be between 1 and 4096, got {self.workers}", option="workers")
         if not 0 < self.gpus_per_actor <= 8:
-            raise InvalidOption(f"--gpus-per-actor must be in (0, 8], got {self.gpus_per_actor}")
+            raise InvalidOption(f"gpus_per_actor must be in (0, 8], got {self.gpus_per_actor}", option="gpus_per_actor")
         if self.hub_fetch not in HUB_FETCH:
-            raise InvalidOption(f"--hub-fetch must be one of {', '.join(HUB_FETCH)}, got {self.hub_fetch!r}")
+            raise InvalidOption(f"hub_fetch must be one of {', '.join(HUB_FETCH)}, got {self.hub_fetch!r}", option="hub_fetch")
 
 
 @dataclass(frozen=True)

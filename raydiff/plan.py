@@ -177,8 +177,8 @@ def _renamed(tensors: Mapping[str, TensorInfo], rules: tuple[tuple[str, str], ..
                 break
         if new in out:
             other = out[new][0].name
-            raise PlanProblem(f"--rename maps both {other!r} and {name!r} of {side} to {new!r}; "
-                              "make the rules more specific")
+            raise PlanProblem(f"rename maps both {other!r} and {name!r} of {side} to {new!r}; "
+                              "make the rules more specific", option="rename")
         out[new] = (info, new != name)
     return out
 

@@ -122,8 +122,15 @@ def test_renamed_prefixes_pair_with_rename_rules(tmp_path):
 
 def test_rename_collisions_are_refused(tmp_path):
     write_checkpoint(tmp_path / "b", {"a.x": torch.zeros(4), "b.x": torch.zeros(4)})
-    with pytest.raises(PlanProblem, match="--rename maps both 'a.x' and 'b.x' of base to 'c.x'"):
+    with pytest.raises(PlanProblem, match="^rename maps both 'a.x' and 'b.x' of base to 'c.x'") as e:
         submit(str(tmp_path / "b"), str(tmp_path / "b"), _opts(tmp_path, rename=(("a.", "c."), ("b.", "c."))))
+    assert e.value.for_option("--rename").startswith("--rename maps both")  # as the CLI says it
+    r = CliRunner().invoke(app, ["submit", str(tmp_path / "b"), str(tmp_path / "b"), "--store", str(tmp_path / "s"),
+                                 "--rename", "a.=c.", "--rename", "b.=c."])
+    assert r.exit_code == 1 and r.stderr.startswith("Error: --rename maps both 'a.x' and 'b.x' of base to 'c.x'")
+    r = CliRunner().invoke(app, ["submit", "a", "b", "--rename", "nothing"])
+    assert r.exit_code == 1 and r.stderr.strip() == (
+        "Error: --rename rules are OLD=NEW with a non-empty OLD prefix, got 'nothing'")
 
 
 def test_fp32_finetune_of_bf16_base_separates_storage_noise(tmp_path):
@@ -152,7 +159,7 @@ def test_strict_refuses_any_decision(tmp_path):
     emb = torch.randn(10, 4, generator=_g()).bfloat16()
     write_checkpoint(tmp_path / "b", {EMB: emb})
     write_checkpoint(tmp_path / "t", {EMB: emb.float()})
-    with pytest.raises(PlanProblem, match=r"--strict: 1 tensors are not matched exactly: model.embed_tokens.weight "
+    with pytest.raises(PlanProblem, match=r"^strict: 1 tensors are not matched exactly: model.embed_tokens.weight "
                                           r"\(dtype_widened: BF16 vs F32, compared in F32\)"):
         submit(str(tmp_path / "b"), str(tmp_path / "t"), SubmitOptions(store=str(tmp_path / "s"), strict=True))
     r = CliRunner().invoke(app, ["submit", str(tmp_path / "b"), str(tmp_path / "t"), "--strict", "--store", str(tmp_path / "s")])

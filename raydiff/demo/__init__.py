@@ -41,7 +41,8 @@ def run_demo(store: str, family_dir: str | None, cluster, log: Callable[[str], N
     fam_root = family_dir or (store.rstrip("/") + "/demo-family" if "://" not in store else None)
     if fam_root is None:
         from raydiff.errors import InvalidOption
-        raise InvalidOption("with an object-store --store, give a local --family-dir for the demo checkpoints")
+        raise InvalidOption("family_dir must be a local directory for the demo checkpoints when the store is an "
+                            "object store", option="family_dir")
     fam = build_family(fam_root, config, log)
     cluster = dataclasses.replace(cluster, keep_actors=True)  # seven submissions in a row
     run_ids = {}

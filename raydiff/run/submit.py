@@ -128,8 +128,8 @@ def _check_strict(plan: Plan) -> None:
     if odd:
         shown = "; ".join(f"{t.name} ({t.status if t.status != STATUS_OK else t.match}: {t.note})" for t in odd[:3])
         more = f"; … {len(odd) - 3} more" if len(odd) > 3 else ""
-        raise PlanProblem(f"--strict: {len(odd)} tensors are not matched exactly: {shown}{more}. "
-                          "Drop --strict to analyse them with these decisions recorded")
+        raise PlanProblem(f"strict: {len(odd)} tensors are not matched exactly: {shown}{more}. "
+                          "Without strict they are analysed with these decisions recorded", option="strict")
 
 
 def submit(base: str, tuned: str, options: SubmitOptions | None = None,

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,7 @@ except ModuleNotFoundError:  # Python 3.10: the same parser, before it joined th
 from raydiff.errors import InvalidOption, InvalidWatchList
 from raydiff.inputs.hub import is_pattern
 from raydiff.inputs.refs import parse_hub_id
-from raydiff.options import ClusterOptions, DiffOptions, SubmitOptions, default_store
+from raydiff.options import ClusterOptions, DiffOptions, SubmitOptions, default_store, parse_rename
 from raydiff.watch.schedule import Cron, Every, Schedule, parse_duration
 
 
@@ -85,7 +84,6 @@ _DIFF_KEYS = {"atol": float, "rel_eta": float, "rank": str, "top_k": int, "sketc
               "chunk_elems": int, "rename": list}
 _CLUSTER_KEYS = {"address": str, "workers": int, "gpus_per_actor": float, "hub_fetch": str}
 _OPTION_KEYS = {**_DIFF_KEYS, **_CLUSTER_KEYS, "strict": bool}
-_FLAG = re.compile(r"--([a-z][a-z-]*)")
 
 
 class _Reader:
@@ -199,22 +197,16 @@ def parse(doc: dict[str, Any], path: str = "watch.toml", store: str | None = Non
     opts = r.typed(doc.get("options", {}), dict, "options")
     r.keys(opts, _OPTION_KEYS, "options.")
     values = {k: r.typed(v, _OPTION_KEYS[k], f"options.{k}") for k, v in opts.items()}
-    rules = []
-    for rule in values.pop("rename", []):
-        old, sep, new = rule.partition("=") if isinstance(rule, str) else ("", "", "")
-        if not sep or not old:
-            raise r.fail("options.rename", f"rules are \"OLD=NEW\" with a non-empty OLD prefix, got {rule!r}")
-        rules.append((old, new))
     try:
         options = SubmitOptions(
             store=store or r.typed(doc.get("store", default_store()), str, "store"),
             strict=values.pop("strict", False),
-            diff=DiffOptions(rename=tuple(rules), **{k: v for k, v in values.items() if k in _DIFF_KEYS}),
+            diff=DiffOptions(rename=parse_rename(values.pop("rename", [])),
+                             **{k: v for k, v in values.items() if k in _DIFF_KEYS}),
             cluster=ClusterOptions(**{k: v for k, v in values.items() if k in _CLUSTER_KEYS}),
         )
-    except InvalidOption as e:
-        # the message names the flag (`--top-k`); the file's key is `top_k`
-        raise r.fail("options", _FLAG.sub(lambda m: m[1].replace("-", "_"), str(e))) from None
+    except InvalidOption as e:  # `top_k must be …`: the file's key is `options.top_k`
+        raise r.fail(f"options.{e.option}", e.for_option("").lstrip(": ")) from None
     return WatchList(path=path, name=name, base=base, tuned=tuned, schedule=schedule, options=options, retry=retry)
 
 
