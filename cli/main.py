@@ -6,9 +6,6 @@ and exit code 1; ``--debug`` shows the traceback instead.
 
 from __future__ import annotations
 
-import contextlib
-import datetime as dt
-import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -78,67 +75,6 @@ def _show(table: Any, fmt: str) -> None:
     typer.echo(render(table, fmt))
 
 
-class _Bar:
-    """A rich progress bar on stderr (tensor units, bytes, rate, ETA); silent when not a TTY."""
-
-    def __init__(self) -> None:
-        from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
-                                   TimeRemainingColumn, TransferSpeedColumn)
-        from rich.console import Console
-
-        self.enabled = sys.stderr.isatty()
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                            TransferSpeedColumn(), TextColumn("{task.fields[items]}"), TimeRemainingColumn(),
-                            console=Console(stderr=True), disable=not self.enabled, transient=True)
-        self.task = None
-        self.items = (0, 0)
-
-    def planned(self, p: Any) -> None:
-        self.items = (p.units_total - p.units_todo + p.spectra_total - p.spectra_todo,
-                      p.units_total + p.spectra_total)
-        self.bar.start()
-        self.task = self.bar.add_task(f"diff {p.run.name}", total=p.bytes_total + 0,
-                                      completed=p.bytes_total - p.bytes_todo, items=self._items())
-
-    def _items(self) -> str:
-        return f"{self.items[0]}/{self.items[1]} items"
-
-    def advanced(self, done: Any) -> None:
-        self.items = (self.items[0] + 1, self.items[1])
-        if self.task is not None:
-            self.bar.update(self.task, advance=done.nbytes if done.kind == "unit" else 0, items=self._items())
-
-    def note(self, message: str) -> None:
-        self.bar.console.print(f"note: {message}", markup=False, highlight=False, soft_wrap=True)
-
-    def stop(self) -> None:
-        self.bar.stop()
-
-
-def _submit(base: str, tuned: str, options: SubmitOptions):
-    from raydiff.run.submit import Progress, submit
-
-    bar = _Bar()
-
-    class _P(Progress):
-        def planned(self, p):  # noqa: ANN001
-            bar.planned(p)
-
-        def advanced(self, done):  # noqa: ANN001
-            bar.advanced(done)
-
-        def note(self, message):  # noqa: ANN001
-            bar.note(message)
-
-    try:
-        # stdout carries the run id alone; Ray prints its own notices (task retries after a
-        # lost worker…) on the driver's stdout, so they go to stderr while the run lasts.
-        with contextlib.redirect_stdout(sys.stderr):
-            return submit(base, tuned, options, _P())
-    finally:
-        bar.stop()
-
-
 @app.command()
 def submit(
     base: str = typer.Argument(..., help="Base checkpoint: local dir/file or org/name[@revision]."),
@@ -169,7 +105,9 @@ def submit(
                          sketch_rank=sketch_rank, chunk_elems=chunk_elems, rename=parse_rename(rename)),
         cluster=ClusterOptions(address=address, workers=workers, gpus_per_actor=gpus_per_actor, hub_fetch=hub_fetch),
     ))
-    result = _call(lambda: _submit(base, tuned, options))
+    from raydiff.cli.progress import submit_with_progress
+
+    result = _call(lambda: submit_with_progress(base, tuned, options))
     c = result.commit
     state = "already complete" if result.already_complete else ("resumed, complete" if result.resumed else "complete")
     sparsity = 1 - c.changed / c.numel if c.numel else float("nan")
@@ -297,29 +235,6 @@ def demo(
     typer.echo(report)
 
 
-def _when(t: dt.datetime) -> str:
-    return t.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _watch_line(e: Any) -> str:
-    """One line per watch event: what, which commit, outcome, the run or the error."""
-    if e.action == "analyse":
-        what = f"{e.repo}@{','.join(e.refs or ())} {e.revision[:12]}"
-    else:
-        what = f"{'base' if e.action == 'resolve_base' else 'list'} {e.repo}"
-    if e.outcome == "failed":
-        return f"{what}: failed (attempt {e.attempt}, retry after {_when(e.retry_at)}): {e.error}"
-    return f"{what}: {e.outcome}" + (f" run {e.run_id}" if e.run_id else "")
-
-
-def _tick_line(report: Any, due: dt.datetime | None) -> str:
-    parts = [f"{report.count('complete')} analysed", f"{report.count('failed')} failed",
-             f"{report.up_to_date} up to date"]
-    if report.waiting:
-        parts.append(f"{len(report.waiting)} backing off until {_when(min(w.retry_at for w in report.waiting))}")
-    return f"tick {_when(report.started_at)}: " + ", ".join(parts) + (f"; next tick {_when(due)}" if due else "")
-
-
 @app.command()
 def watch(
     file: str = typer.Argument(..., metavar="WATCH_TOML", help="Watch list: base, tuned repos or patterns, branches/tags, options, schedule."),
@@ -333,45 +248,15 @@ def watch(
     recorded and retried with back-off. Without --once it ticks until SIGTERM or Ctrl-C; a
     restart repeats nothing and misses nothing.
     """
-    import signal
-
     from raydiff import watch as w
+    from raydiff.cli.watching import event_line, follow, tick_line
 
     wl = _call(lambda: w.load(file, store))
-    on_event = lambda e: typer.echo(_watch_line(e))  # noqa: E731
     if once:
-        report = _call(lambda: w.tick(wl, on_event=on_event))
-        typer.echo(_tick_line(report, None))
+        report = _call(lambda: w.tick(wl, on_event=lambda e: typer.echo(event_line(e))))
+        typer.echo(tick_line(report, None))
         return
-
-    def _stop(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    def _trap() -> None:
-        # ray.init (in a tick's first submit) puts Ray's own SIGTERM handlers in front of
-        # ours; taking SIGTERM back after every tick keeps the sleep between ticks — where a
-        # watcher spends nearly all its time — stopping cleanly instead of through Ray's.
-        signal.signal(signal.SIGTERM, _stop)
-
-    def _ticked(report: Any, due: Any) -> None:
-        _trap()
-        typer.echo(_tick_line(report, due))
-
-    def _failed(e: Exception, due: Any) -> None:
-        _trap()
-        typer.echo(f"tick failed: {e}; retry {_when(due)}", err=True)
-
-    _trap()
-    typer.echo(f"watching {len(wl.tuned)} entr{'y' if len(wl.tuned) == 1 else 'ies'} of {wl.path} ({wl.schedule}); "
-               "SIGTERM or Ctrl-C stops", err=True)
-    try:
-        _call(lambda: w.run_forever(wl, on_event=on_event, on_tick=_ticked, on_error=_failed))
-    except KeyboardInterrupt:
-        pass
-    except SystemExit as e:  # Ray's own SIGTERM handler (installed by ray.init) exits with the signal number
-        if e.code != signal.SIGTERM:
-            raise
-    typer.echo("watch: stopped", err=True)
+    _call(lambda: follow(wl))
 
 
 def main() -> None:
