@@ -16,6 +16,7 @@ SELECT
     1 - c.changed_bits / NULLIF(c.numel, 0) AS sparsity_bits,
     r.atol,
     r.rel_eta,
+    r.ladder,
     r.rank_mode,
     r.chunk_elems,
     r.n_tensors,

@@ -1,6 +1,15 @@
 -- tensors: one row per tensor name of either side, for complete runs.
 -- Every sparsity is 1 - changed / numel under one criterion (NULL for mismatched tensors).
+-- A line ending in `-- {ladder}` stands for one line per step of the tolerance ladder
+-- (raydiff.options.ATOL_LADDER): {name} is the step's column suffix (1e8), {t} its value.
 CREATE OR REPLACE VIEW tensors AS
+WITH t AS (
+    SELECT t.*,
+        t.changed_ladder[list_position(r.ladder, {t})] AS changed_{name},  -- {ladder}
+    FROM raw_tensor AS t
+    JOIN raw_commit AS c ON c.run_id = t.run_id
+    JOIN raw_run AS r ON r.run_id = t.run_id
+)
 SELECT
     t.run_id,
     t.tensor,
@@ -17,17 +26,9 @@ SELECT
     t.changed_bits,
     1 - t.changed / NULLIF(t.numel, 0) AS sparsity,
     1 - t.changed_bits / NULLIF(t.numel, 0) AS sparsity_bits,
-    1 - t.changed_1e8 / NULLIF(t.numel, 0) AS sparsity_1e8,
-    1 - t.changed_1e7 / NULLIF(t.numel, 0) AS sparsity_1e7,
-    1 - t.changed_1e6 / NULLIF(t.numel, 0) AS sparsity_1e6,
-    1 - t.changed_1e5 / NULLIF(t.numel, 0) AS sparsity_1e5,
-    1 - t.changed_1e4 / NULLIF(t.numel, 0) AS sparsity_1e4,
+    1 - t.changed_{name} / NULLIF(t.numel, 0) AS sparsity_{name},  -- {ladder}
     1 - t.changed_rel / NULLIF(t.numel, 0) AS sparsity_rel,
-    t.changed_1e8,
-    t.changed_1e7,
-    t.changed_1e6,
-    t.changed_1e5,
-    t.changed_1e4,
+    t.changed_{name},  -- {ladder}
     t.changed_rel,
     t.changed_subprecision,
     t.nonfinite,
@@ -51,5 +52,4 @@ SELECT
     t.rank_1e3,
     t.top_sv,
     t.tensor_index
-FROM raw_tensor AS t
-JOIN raw_commit AS c ON c.run_id = t.run_id;
+FROM t;

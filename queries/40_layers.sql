@@ -34,11 +34,7 @@ SELECT
     1 - sum(changed) / NULLIF(sum(numel), 0) AS sparsity_weighted,
     avg(sparsity) AS sparsity_mean,
     1 - sum(changed_bits) / NULLIF(sum(numel), 0) AS sparsity_bits_weighted,
-    1 - sum(changed_1e8) / NULLIF(sum(numel), 0) AS sparsity_1e8_weighted,
-    1 - sum(changed_1e7) / NULLIF(sum(numel), 0) AS sparsity_1e7_weighted,
-    1 - sum(changed_1e6) / NULLIF(sum(numel), 0) AS sparsity_1e6_weighted,
-    1 - sum(changed_1e5) / NULLIF(sum(numel), 0) AS sparsity_1e5_weighted,
-    1 - sum(changed_1e4) / NULLIF(sum(numel), 0) AS sparsity_1e4_weighted,
+    1 - sum(changed_{name}) / NULLIF(sum(numel), 0) AS sparsity_{name}_weighted,  -- {ladder}
     1 - sum(changed_rel) / NULLIF(sum(numel), 0) AS sparsity_rel_weighted,
     avg(rank_ratio) AS mean_rank_ratio,
     sqrt(sum(delta_fro * delta_fro)) / NULLIF(sqrt(sum(base_fro * base_fro)), 0) AS rel_delta_fro
@@ -51,24 +47,18 @@ ORDER BY run_id, layer NULLS FIRST, module;
 -- criterion: 'bits' (stored bits differ), 'atol=1e-08' … 'atol=0.0001' (the ladder),
 -- 'rel' (|Δ| > η·max(|w|,|ŵ|)); `threshold` is the tolerance (NULL for bits and rel).
 CREATE OR REPLACE VIEW sparsity_by_tolerance AS
-WITH c AS (
-    SELECT run_id, numel, sparsity_bits, sparsity_1e8, sparsity_1e7, sparsity_1e6, sparsity_1e5,
-           sparsity_1e4, sparsity_rel,
-           [changed_bits, changed_1e8, changed_1e7, changed_1e6, changed_1e5, changed_1e4, changed_rel] AS counts,
-           [sparsity_bits, sparsity_1e8, sparsity_1e7, sparsity_1e6, sparsity_1e5, sparsity_1e4, sparsity_rel] AS sp
-    FROM tensors WHERE status = 'ok'
-),
-k AS (
-    SELECT * FROM (VALUES
-        (1, 'bits', NULL::DOUBLE), (2, 'atol=1e-08', 1e-8), (3, 'atol=1e-07', 1e-7), (4, 'atol=1e-06', 1e-6),
-        (5, 'atol=1e-05', 1e-5), (6, 'atol=0.0001', 1e-4), (7, 'rel', NULL::DOUBLE)
-    ) AS v(pos, criterion, threshold)
+WITH ok AS (SELECT * FROM tensors WHERE status = 'ok'),
+c AS (
+    SELECT run_id, numel, 1 AS pos, 'bits' AS criterion, NULL::DOUBLE AS threshold, changed_bits AS changed,
+           sparsity_bits AS sparsity FROM ok
+    UNION ALL SELECT run_id, numel, 1 + {i}, 'atol={label}', {t}, changed_{name}, sparsity_{name} FROM ok  -- {ladder}
+    UNION ALL SELECT run_id, numel, 2 + {steps}, 'rel', NULL, changed_rel, sparsity_rel FROM ok
 )
-SELECT c.run_id, k.pos, k.criterion, k.threshold,
-       sum(c.counts[k.pos]) AS changed,
-       sum(c.numel) AS numel,
-       1 - sum(c.counts[k.pos]) / NULLIF(sum(c.numel), 0) AS sparsity_weighted,
-       avg(c.sp[k.pos]) AS sparsity_mean
-FROM c, k
-GROUP BY c.run_id, k.pos, k.criterion, k.threshold
-ORDER BY c.run_id, k.pos;
+SELECT run_id, pos, criterion, threshold,
+       sum(changed) AS changed,
+       sum(numel) AS numel,
+       1 - sum(changed) / NULLIF(sum(numel), 0) AS sparsity_weighted,
+       avg(sparsity) AS sparsity_mean
+FROM c
+GROUP BY run_id, pos, criterion, threshold
+ORDER BY run_id, pos;

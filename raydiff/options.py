@@ -19,8 +19,22 @@ RankMode = Literal["exact", "sketch", "off"]
 RANK_MODES: tuple[str, ...] = ("exact", "sketch", "off")
 
 #: Absolute tolerances whose change counts are stored for every run (the paper's ladder),
-#: so SQL can compare criteria without re-running. Column ``changed_1e8`` is for 1e-8, etc.
+#: so SQL can compare criteria without re-running. The one definition: records store a run's
+#: counts as a list in this order, and the views name a column per step (``changed_1e8`` for
+#: 1e-8, see :func:`ladder_name`) — adding a step here adds its columns everywhere.
 ATOL_LADDER: tuple[float, ...] = (1e-8, 1e-7, 1e-6, 1e-5, 1e-4)
+
+
+def ladder_name(t: float) -> str:
+    """The suffix of a ladder step's columns: ``1e-8`` → ``1e8``, ``2.5e-5`` → ``2p5e5``.
+
+    Example:
+        >>> [ladder_name(t) for t in ATOL_LADDER]
+        ['1e8', '1e7', '1e6', '1e5', '1e4']
+    """
+    mantissa, exp = f"{t:e}".split("e")
+    mantissa = mantissa.rstrip("0").rstrip(".").replace(".", "p")
+    return f"{mantissa}e{abs(int(exp))}" if int(exp) < 0 else f"{mantissa}e_{int(exp)}"
 
 #: Relative cut-offs at which the rank of an update is also reported (σ_i > c · σ_1).
 RANK_CUTOFFS: tuple[float, ...] = (1e-1, 1e-2, 1e-3)
@@ -51,6 +65,8 @@ class DiffOptions:
             whole rows. Masks of runs line up only when their chunk sizes are equal.
         rename: prefix rules ``(old, new)`` applied to tensor names of both sides before
             pairing (first match wins), e.g. ``(("model.language_model.", "model."),)``.
+        ladder: the absolute tolerances counted besides ``atol`` (default
+            :data:`ATOL_LADDER`; no CLI flag: the views name their columns after it).
 
     Example:
         >>> DiffOptions(atol=1e-6, rank="sketch").rank
@@ -64,6 +80,7 @@ class DiffOptions:
     sketch_rank: int = 128
     chunk_elems: int = DEFAULT_CHUNK_ELEMS
     rename: tuple[tuple[str, str], ...] = ()
+    ladder: tuple[float, ...] = ATOL_LADDER
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.atol) and self.atol >= 0):
@@ -79,14 +96,22 @@ class DiffOptions:
         if not 1024 <= self.chunk_elems <= 1 << 31:
             raise InvalidOption(f"chunk_elems must be between 1024 and 2^31, got {self.chunk_elems}", option="chunk_elems")
 
+        if not self.ladder or any(not (math.isfinite(t) and t > 0) for t in self.ladder) or \
+                list(self.ladder) != sorted(set(self.ladder)):
+            raise InvalidOption(f"ladder must be increasing finite tolerances > 0, got {self.ladder!r}",
+                                option="ladder")
         for rule in self.rename:
             if len(rule) != 2 or not rule[0]:
                 raise InvalidOption(f"rename rules are OLD=NEW with a non-empty OLD prefix, got {rule!r}",
                                     option="rename")
 
     def identity(self) -> dict[str, object]:
-        """The fields that define a run's results, for hashing into its run id."""
-        return asdict(self)
+        """The fields that define a run's results, for hashing into its run id (the default
+        ladder left out, so runs of releases before it was an option keep their ids)."""
+        out = asdict(self)
+        if self.ladder == ATOL_LADDER:
+            del out["ladder"]
+        return out
 
 
 def parse_rename(rules: Sequence[str]) -> tuple[tuple[str, str], ...]:

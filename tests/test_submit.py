@@ -260,3 +260,37 @@ def test_a_user_atol_and_rel_eta_are_used_end_to_end_and_make_another_run(tmp_pa
         np.testing.assert_array_equal(masks[name], ref["mask"], err_msg=name)
         checked += (ref["changed"], ref["changed_rel"]) != (default["changed"], default["changed_rel"])
     assert checked >= 3  # the options really change the counts of most tensors
+
+
+def test_a_ladder_step_is_one_definition_away(tmp_path):
+    """The ladder is one tuple (raydiff.options.ATOL_LADDER): a run counted under a longer one
+    stores the extra step, and views built for that ladder grow its columns — changed_1e3,
+    sparsity_1e3, layers' sparsity_1e3_weighted and a sparsity_by_tolerance row — whose
+    counts are torch's; views built for the default ladder leave it out."""
+    from raydiff.options import ATOL_LADDER
+    from raydiff.query.views import connect
+
+    b, t, base, tuned = _pair(tmp_path)
+    longer = ATOL_LADDER + (1e-3,)
+    store = str(tmp_path / "store")
+    run = submit(str(b), str(t), SubmitOptions(store=store, diff=DiffOptions(ladder=longer, rank="off")))
+    default = submit(str(b), str(t), SubmitOptions(store=store, diff=DiffOptions(rank="off")))
+    assert run.run_id != default.run_id and run.run.ladder == longer
+    con = connect(store, ladder=longer)
+    rows = con.execute("SELECT tensor, changed_1e4, changed_1e3, sparsity_1e3, numel FROM tensors "
+                       "WHERE run_id = ? AND status = 'ok'", [run.run_id]).fetchall()
+    assert rows
+    total = 0
+    for tensor, c4, c3, s3, numel in rows:
+        ref = ref_diff(base[tensor], tuned[tensor], atol=1e-3)
+        assert (c4, c3) == (ref_diff(base[tensor], tuned[tensor])["changed_1e4"], ref["changed"]), tensor
+        assert s3 == pytest.approx(1 - c3 / numel) if numel else s3 is None
+        total += c3
+    assert con.execute("SELECT changed FROM sparsity_by_tolerance WHERE run_id = ? AND criterion = 'atol=0.001'",
+                       [run.run_id]).fetchall() == [(total,)]
+    assert "sparsity_1e3_weighted" in [c for (c, *_r) in con.execute("DESCRIBE layers").fetchall()]
+    # the default run has no such step: NULL, not a wrong number
+    assert {r[0] for r in con.execute("SELECT changed_1e3 FROM tensors WHERE run_id = ?",
+                                      [default.run_id]).fetchall()} == {None}
+    cols = [c for (c, *_r) in connect(store).execute("DESCRIBE tensors").fetchall()]
+    assert "changed_1e4" in cols and "changed_1e3" not in cols

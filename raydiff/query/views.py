@@ -19,6 +19,7 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
 from raydiff.errors import QueryError
+from raydiff.options import ATOL_LADDER, ladder_name
 from raydiff.query.overlap import and_count_arrow, histogram_arrow
 from raydiff.records import RECORD_KINDS, schema
 from raydiff.store.base import EVENT_FILE, Store
@@ -39,14 +40,44 @@ _RAW_ELSEWHERE = {
 }
 
 
-def sql_files() -> list[tuple[str, str]]:
-    """``(file name, SQL text)`` of every view definition shipped with raydiff, in order."""
+def sql_files(ladder: tuple[float, ...] = ATOL_LADDER) -> list[tuple[str, str]]:
+    """``(file name, SQL text)`` of every view definition shipped with raydiff, in order, with
+    the ladder's lines expanded (:func:`expand_ladder`)."""
     root = files("raydiff.queries")
-    return sorted((p.name, p.read_text(encoding="utf-8")) for p in root.iterdir() if p.name.endswith(".sql"))
+    return sorted((p.name, expand_ladder(p.read_text(encoding="utf-8"), ladder))
+                  for p in root.iterdir() if p.name.endswith(".sql"))
 
 
-def connect(store: Store | str) -> duckdb.DuckDBPyConnection:
+_LADDER_LINE = "-- {ladder}"
+
+
+def expand_ladder(sql: str, ladder: tuple[float, ...]) -> str:
+    """A view definition with each line ending in ``-- {ladder}`` written once per step of
+    ``ladder``: ``{name}`` is the step's column suffix (:func:`raydiff.options.ladder_name`),
+    ``{t}`` its value, ``{label}`` its shortest text, ``{i}`` its position from 1;
+    ``{steps}`` anywhere is the number of steps.
+
+    Example:
+        >>> expand_ladder("x_{name} AS y,  -- {ladder}", (1e-8, 1e-4))
+        'x_1e8 AS y,\nx_1e4 AS y,'
+    """
+    out = []
+    for line in sql.splitlines():
+        if line.rstrip().endswith(_LADDER_LINE):
+            body = line.rstrip()[: -len(_LADDER_LINE)].rstrip()
+            for i, t in enumerate(ladder, 1):
+                out.append(body.replace("{name}", ladder_name(t)).replace("{t}", repr(float(t)))
+                           .replace("{label}", f"{t:g}").replace("{i}", str(i)))
+        else:
+            out.append(line)
+    return "\n".join(out).replace("{steps}", str(len(ladder)))
+
+
+def connect(store: Store | str, ladder: tuple[float, ...] = ATOL_LADDER) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB connection with the store's tables and views, read-only.
+
+    ``ladder`` names the views' per-tolerance columns (``changed_1e8`` …): a run's counts are
+    looked up by value in its own ladder, NULL for a step it did not count.
 
     Example:
         >>> con = connect("./raydiff-store")  # doctest: +SKIP
@@ -79,7 +110,7 @@ def connect(store: Store | str) -> duckdb.DuckDBPyConnection:
     con.create_function("mask_and_count", and_count_arrow,
                         ["VARCHAR", "BLOB", "VARCHAR", "BLOB", "BIGINT"], "BIGINT", type="arrow")
     con.create_function("mask_histogram", histogram_arrow, ["VARCHAR[]", "BLOB[]", "BIGINT"], "BIGINT[]", type="arrow")
-    for fname, text in sql_files():
+    for fname, text in sql_files(ladder):
         try:
             con.execute(text)
         except duckdb.Error as e:  # a broken shipped view is a bug, but say which file

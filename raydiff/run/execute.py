@@ -131,13 +131,11 @@ class Executor:
         else:
             r = diff_unit(base, tuned, u.base.dtype, u.tuned.dtype, u.compare_dtype, self.ctx.criteria, u.row_len)
         rss_anon = _rss_anon()
-        ladder = dict(zip(("changed_1e8", "changed_1e7", "changed_1e6", "changed_1e5", "changed_1e4"),
-                          r.changed_ladder))
         seconds = time.perf_counter() - t0
         rec = UnitRecord(
             run_id=self.ctx.run_id, unit_id=u.unit_id, tensor_index=u.tensor_index, tensor=u.tensor,
             start=u.start, stop=u.stop, numel=r.numel, changed=r.changed, changed_bits=r.changed_bits,
-            **ladder, changed_rel=r.changed_rel, changed_subprecision=r.changed_subprecision,
+            changed_ladder=r.changed_ladder, changed_rel=r.changed_rel, changed_subprecision=r.changed_subprecision,
             nonfinite=r.nonfinite, max_abs_delta=r.max_abs_delta,
             sum_abs_delta=r.sum_abs_delta, sum_sq_delta=r.sum_sq_delta, sum_sq_base=r.sum_sq_base,
             rows_touched=r.rows_touched, cols_bitmap=r.cols_bitmap, mask_codec=r.mask_codec, mask=r.mask,

@@ -163,7 +163,7 @@ def submit(base: str, tuned: str, options: SubmitOptions | None = None,
         base=base_ck.ref, base_revision=base_ck.revision, base_fingerprint=base_ck.fingerprint,
         tuned=tuned_ck.ref, tuned_revision=tuned_ck.revision, tuned_fingerprint=tuned_ck.fingerprint,
         created_at=dt.datetime.now(dt.timezone.utc), raydiff_version=raydiff_version(),
-        atol=d.atol, rel_eta=d.rel_eta, rank_mode=d.rank, top_k=d.top_k, sketch_rank=d.sketch_rank,
+        atol=d.atol, rel_eta=d.rel_eta, ladder=d.ladder, rank_mode=d.rank, top_k=d.top_k, sketch_rank=d.sketch_rank,
         chunk_elems=d.chunk_elems, n_tensors=len(plan.tensors), n_units=len(plan.units),
         n_spectra=len(plan.spectra), input_bytes=plan.input_bytes,
     )
@@ -187,7 +187,7 @@ def submit(base: str, tuned: str, options: SubmitOptions | None = None,
         from raydiff.inputs.hub import _api
 
         hub = HubAccess(endpoint=_api().endpoint, fetch=options.cluster.hub_fetch)
-    ctx = RunContext(run_id=run_id, store_root=store.root, criteria=Criteria(d.atol, d.rel_eta),
+    ctx = RunContext(run_id=run_id, store_root=store.root, criteria=Criteria(d.atol, d.rel_eta, d.ladder),
                      rank_mode=d.rank, top_k=d.top_k, sketch_rank=d.sketch_rank, hub=hub)
     from raydiff.run import actors  # Ray is imported only when there is work for it
 

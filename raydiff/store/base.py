@@ -266,7 +266,7 @@ class Store:
         parts += [read] if read is not None else []
         units = pa.concat_tables(parts) if parts else None
         spectra = self.read_many([f"{d}/spectra/s{p.tensor_index:08d}.parquet" for p in spectra_of])
-        tensors = _aggregate(run.run_id, plan, units, spectra)
+        tensors = _aggregate(run.run_id, plan, units, spectra, len(run.ladder))
         self.write(f"{d}/tensors.parquet", tensors, TensorRecord)
         ok = [t for t in tensors if t.status == STATUS_OK]
         commit = CommitRecord(
@@ -284,13 +284,13 @@ class Store:
         return commit
 
 
-_SUMMED = ("changed", "changed_bits", "changed_1e8", "changed_1e7", "changed_1e6", "changed_1e5",
-           "changed_1e4", "changed_rel", "nonfinite")
+_SUMMED = ("changed", "changed_bits", "changed_rel", "nonfinite")
 _SUMMED_OPTIONAL = ("changed_subprecision",)  # NULL unless some unit has a value
 
 
 def _aggregate(run_id: str, plan: list[PlanRecord], units: pa.Table | None,
-               spectra: pa.Table | None) -> list[TensorRecord]:
+               spectra: pa.Table | None, steps: int) -> list[TensorRecord]:
+    """Per-tensor totals from unit rows (``steps``: the run's ladder length)."""
     by_tensor: dict[int, list[dict]] = {}
     if units is not None:
         for row in units.to_pylist():
@@ -305,13 +305,15 @@ def _aggregate(run_id: str, plan: list[PlanRecord], units: pa.Table | None,
         if len(shape) >= 2:
             cols = shape[-1]
             rows = tp.numel // cols if cols else 0
-        agg: dict[str, object] = {k: None for k in _SUMMED + _SUMMED_OPTIONAL}
+        agg: dict[str, object] = {k: None for k in _SUMMED + _SUMMED_OPTIONAL + ("changed_ladder",)}
         stats: dict[str, object] = dict(max_abs_delta=None, mean_abs_delta=None, delta_fro=None,
                                         base_fro=None, rows_touched=None, cols_touched=None)
         if tp.status == STATUS_OK:
             rs = sorted(by_tensor.get(tp.tensor_index, []), key=lambda r: r["unit_id"])
             for k in _SUMMED:
                 agg[k] = sum(r[k] for r in rs)
+            agg["changed_ladder"] = tuple(int(x) for x in np.sum(
+                [r["changed_ladder"] for r in rs] or [(0,) * steps], axis=0, dtype=np.int64))
             for k in _SUMMED_OPTIONAL:
                 vals = [r[k] for r in rs if r[k] is not None]
                 agg[k] = sum(vals) if vals else None
