@@ -259,6 +259,29 @@ def watch(
     _call(lambda: follow(wl))
 
 
+store_app = typer.Typer(help="Maintain a store: convert one written by an earlier raydiff to the current layout.",
+                        no_args_is_help=True)
+app.add_typer(store_app, name="store")
+
+
+@store_app.command("upgrade")
+def store_upgrade(store: str | None = StoreOpt) -> None:
+    """Convert a store of an earlier layout in place (repeat it to finish one cut short).
+
+    A store written before the catalog (layout 1) is refused by every other command until
+    converted: each complete run is folded into one file per run and entered in the catalog,
+    each incomplete run stays resumable.
+    """
+    from raydiff.store.upgrade import upgrade
+
+    done = _call(lambda: upgrade(_store(store), note=lambda m: typer.echo(m, err=True)))
+    if done.already:
+        typer.echo(f"store {_store(store)}: already of the current layout; nothing to do")
+    else:
+        typer.echo(f"store {_store(store)}: upgraded: {done.complete} complete runs, {done.incomplete} incomplete, "
+                   f"{done.events} watch events")
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

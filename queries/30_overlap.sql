@@ -1,12 +1,7 @@
 -- run_ref(x): the run id of a complete run given by id or by name (a name means the most
--- recently completed run of that name). Errors when nothing matches.
-CREATE OR REPLACE MACRO run_ref(x) AS (
-    SELECT coalesce(
-        first(run_id ORDER BY (run_id = x) DESC, completed_at DESC),
-        error('no complete run has id or name ''' || x || '''; see `raydiff runs`'))
-    FROM runs
-    WHERE status = 'complete' AND (run_id = x OR name = x)
-);
+-- recently completed run of that name); an error when nothing matches. A Python function of
+-- the connection (raydiff.query.views), which DuckDB folds into a constant: a filter such as
+-- `WHERE run_id = run_ref('name')` reads only that run's files.
 
 -- _pair_problem(a, b): why two runs' masks do not line up element for element (different
 -- bases or different chunk layouts), or NULL when they do. It returns text rather than
@@ -34,17 +29,13 @@ CREATE OR REPLACE MACRO _pair_check(a, b) AS (
 -- independent masks with the same densities: o1_random = density of b, o2_random = density of a.
 CREATE OR REPLACE MACRO _overlap_rows(run_a, run_b) AS TABLE
 WITH ids AS (SELECT run_ref(run_a) AS a, run_ref(run_b) AS b),
-ok AS (SELECT _pair_check(a, b) AS ok FROM ids),
-u AS (
-    SELECT ua.tensor, ua.numel, ua.changed AS ca, ub.changed AS cb,
-           mask_and_count(ua.mask_codec, ua.mask, ub.mask_codec, ub.mask, ua.numel) AS cab
-    FROM ids, ok, raw_unit ua
-    JOIN raw_unit ub ON ub.tensor = ua.tensor AND ub."start" = ua."start" AND ub."stop" = ua."stop"
-    WHERE ok.ok AND ua.run_id = ids.a AND ub.run_id = ids.b
-),
+ok AS (SELECT a, b, _pair_check(a, b) AS ok FROM ids),
+-- mask_overlap(a, b): per tensor compared in both runs, from their masks (raydiff.query.overlap)
+u AS (SELECT unnest(mask_overlap(a, b), recursive := true) FROM ok WHERE ok.ok),
 t AS (
     SELECT grouping(tensor) = 1 AS is_total, CASE WHEN grouping(tensor) = 1 THEN '*' ELSE tensor END AS tensor,
-           sum(numel) AS numel, sum(ca) AS changed_a, sum(cb) AS changed_b, sum(cab) AS changed_both
+           sum(numel) AS numel, sum(changed_a) AS changed_a, sum(changed_b) AS changed_b,
+           sum(changed_both) AS changed_both
     FROM u GROUP BY GROUPING SETS ((tensor), ())
 )
 SELECT is_total, tensor, numel, changed_a, changed_b, changed_both,

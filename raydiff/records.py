@@ -273,6 +273,41 @@ def to_table(records: list[Any], kind: type) -> pa.Table:
     return pa.Table.from_pydict(cols, schema=s)
 
 
+#: Ladder columns of store layout 1 (before the ladder was one list), in the ladder's order.
+_V1_LADDER = ("changed_1e8", "changed_1e7", "changed_1e6", "changed_1e5", "changed_1e4")
+_V1_LADDER_VALUES = (1e-8, 1e-7, 1e-6, 1e-5, 1e-4)
+
+
+def conform(table: pa.Table, kind: type) -> pa.Table:
+    """A table read from a file of ``kind`` in the current schema: columns in order, cast,
+    and what an older release's file lacks filled in — the ladder's five columns of store
+    layout 1 become ``changed_ladder`` (and a layout-1 run's ``ladder`` the five values it
+    counted), a column added since is NULL.
+
+    Raises:
+        ValueError: a column the file lacks cannot be NULL.
+    """
+    s = schema(kind)
+    if table.schema.equals(s, check_metadata=False):
+        return table
+    cols = []
+    names = set(table.column_names)
+    for f in s:
+        if f.name in names:
+            col = table.column(f.name)
+        elif f.name == "changed_ladder" and set(_V1_LADDER) <= names:
+            steps = [table.column(n).to_pylist() for n in _V1_LADDER]
+            col = pa.array([None if v[0] is None else list(v) for v in zip(*steps)], f.type)
+        elif f.name == "ladder" and kind is RunRecord:
+            col = pa.array([list(_V1_LADDER_VALUES)] * table.num_rows, f.type)
+        elif f.nullable:
+            col = pa.nulls(table.num_rows, f.type)
+        else:
+            raise ValueError(f"a {kind.__name__} file lacks the column {f.name}")
+        cols.append(col.cast(f.type) if col.type != f.type else col)
+    return pa.Table.from_arrays(cols, schema=s)
+
+
 def from_table(table: pa.Table, kind: type) -> list[Any]:
     """An Arrow table with a record's columns → records (lists become tuples)."""
     names = [f.name for f in dataclasses.fields(kind)]

@@ -175,3 +175,81 @@ def boundary_pair(tuned_dtype: torch.dtype, tols, base_dtype: torch.dtype | None
         base, tuned = base + tuned, tuned + base
     return (torch.tensor(base, dtype=torch.float64).to(base_dtype),
             torch.tensor(tuned, dtype=torch.float64).to(tuned_dtype))
+
+
+# -- stores ------------------------------------------------------------------------------------
+
+
+def clone_run(store, run_id: str, new_id: str, name: str | None = None) -> None:
+    """A copy of a complete run under another id — every file's ``run_id`` rewritten, row groups
+    kept, entered in the catalog: how a benchmark or a test grows a store to many runs."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from raydiff.records import CommitRecord, RunRecord, UnitRecord, from_table
+    from raydiff.store import layout
+    from raydiff.store.catalog import Catalog
+
+    def renamed(t: pa.Table) -> pa.Table:
+        t = t.set_column(t.schema.get_field_index("run_id"), t.schema.field("run_id"),
+                         pa.array([new_id] * t.num_rows, pa.string()))
+        if name is not None and "name" in t.column_names:
+            t = t.set_column(t.schema.get_field_index("name"), t.schema.field("name"), pa.array([name] * t.num_rows))
+        return t
+
+    for rel in (layout.plan_file, layout.tensors_file, layout.spectra_file, layout.commit_file, layout.run_file):
+        if store.exists(rel(run_id)):
+            store.write_table(rel(new_id), renamed(pq.read_table(store.path(rel(run_id)), filesystem=store.fs)))
+    src = pq.ParquetFile(store.path(layout.units_file(run_id)), filesystem=store.fs)
+    with store.writer(layout.units_file(new_id), UnitRecord) as w:
+        for g in range(src.num_row_groups):
+            part = renamed(src.read_row_group(g))
+            w.write_table(part, row_group_size=max(1, part.num_rows))
+    catalog = Catalog(store)
+    (run,) = from_table(store.read(layout.run_file(new_id), RunRecord), RunRecord)
+    (commit,) = from_table(store.read(layout.commit_file(new_id), CommitRecord), CommitRecord)
+    catalog.add_run(run)
+    catalog.add_commit(commit)
+
+
+def started_run(b, t, opts):
+    """A run begun as ``submit`` begins it — resolved, planned, its record and plan in the
+    store — and not run. Returns ``(store, plan, run record, plan records, run context)``."""
+    import datetime as dt
+
+    from raydiff.inputs.refs import resolve
+    from raydiff.kernel.diff import Criteria
+    from raydiff.plan import make_plan
+    from raydiff.records import RunRecord
+    from raydiff.run.execute import RunContext
+    from raydiff.run.submit import plan_records, raydiff_version, run_id_for
+    from raydiff.store import Store
+
+    bc, tc = resolve(str(b)), resolve(str(t))
+    plan = make_plan(bc, tc, opts.diff)
+    run_id = run_id_for(bc, tc, opts)
+    d = opts.diff
+    record = RunRecord(run_id=run_id, name=opts.name or "t", base=bc.ref, base_revision=bc.revision,
+                       base_fingerprint=bc.fingerprint, tuned=tc.ref, tuned_revision=tc.revision,
+                       tuned_fingerprint=tc.fingerprint, created_at=dt.datetime.now(dt.timezone.utc),
+                       raydiff_version=raydiff_version(), atol=d.atol, rel_eta=d.rel_eta, ladder=d.ladder,
+                       rank_mode=d.rank, top_k=d.top_k, sketch_rank=d.sketch_rank, chunk_elems=d.chunk_elems,
+                       n_tensors=len(plan.tensors), n_units=len(plan.units), n_spectra=len(plan.spectra),
+                       input_bytes=plan.input_bytes)
+    store = Store(opts.store)
+    planned = plan_records(run_id, plan)
+    store.begin_run(record, planned)
+    ctx = RunContext(run_id, store.root, Criteria(d.atol, d.rel_eta, d.ladder), d.rank, d.top_k, d.sketch_rank)
+    return store, plan, record, planned, ctx
+
+
+def interrupted_run(b, t, opts, every: int = 2) -> tuple[str, int]:
+    """A run cut short as a killed driver leaves it: started, and every ``every``-th unit
+    done by the real actors (on the session's Ray cluster), then nothing — no commit.
+    Returns ``(run id, units in its plan)``."""
+    from raydiff.options import ClusterOptions
+    from raydiff.run import actors
+
+    store, plan, record, _, ctx = started_run(b, t, opts)
+    actors.run_work(ctx, plan.units[::every], [], ClusterOptions())
+    return record.run_id, len(plan.units)

@@ -43,8 +43,8 @@ _KNOWN = "F64, F32, F16, BF16, F8_E4M3, F8_E5M2, I64, I32, I16, I8, U64, U32, U1
 _COUNTS = ("numel", "changed", "changed_bits", "changed_1e8", "changed_1e7", "changed_1e6",
            "changed_1e5", "changed_1e4", "changed_rel")
 # Everything a run may leave in a store: names of tensors never reach a path.
-_STORE_FILE = re.compile(r"^runs/[0-9a-f]{20}/((run|plan|tensors|commit)\.parquet|units/u\d{8}\.parquet"
-                         r"|spectra/s\d{8}\.parquet)$")
+_STORE_FILE = re.compile(r"^(runs/[0-9a-f]{20}/(run|plan|tensors|commit|units|spectra)\.parquet"
+                         r"|catalog/(runs|commits)/[es]-\d{8}T\d{12}Z-[0-9a-f]{32}\.parquet|raydiff-store\.json)$")
 
 
 # ---------------------------------------------------------------------------- builders

@@ -10,14 +10,13 @@ tensors the test wrote, the paper's way (Δ in the stored dtype; fp8 decoded to 
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import re
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
-from builders import ref_diff, write_checkpoint
+from builders import ref_diff, started_run, write_checkpoint
 from raydiff.run import actors
 from raydiff.inputs.checkpoint import load_checkpoint
 from raydiff.cli.main import app
@@ -26,9 +25,8 @@ from raydiff.run.execute import Executor, RunContext
 from raydiff.kernel.diff import Criteria
 from raydiff.options import ClusterOptions, DiffOptions, SubmitOptions
 from raydiff.plan import make_plan
-from raydiff.records import RunRecord
 from raydiff.store import Store
-from raydiff.run.submit import plan_records, run_id_for, submit
+from raydiff.run.submit import submit
 from raydiff.query.views import query
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
@@ -123,26 +121,15 @@ def test_the_torch_kernel_path_records_the_same(pair, tmp_path):
     """What a GPU actor runs — the torch element kernel and the spectra on the actor's torch
     device — here on ``device="cpu"``, unit by unit through the executor, then committed."""
     _, b, t, pairs = pair
-    store = Store(str(tmp_path / "store"))
-    opts = SubmitOptions(store=store.root, diff=DiffOptions(chunk_elems=1024))
-    base, tuned = load_checkpoint(b), load_checkpoint(t)
-    plan = make_plan(base, tuned, opts.diff)
-    run_id = run_id_for(base, tuned, opts)
-    record = RunRecord(run_id=run_id, name="torch-path", base=base.ref, base_revision=None,
-                       base_fingerprint=base.fingerprint, tuned=tuned.ref, tuned_revision=None,
-                       tuned_fingerprint=tuned.fingerprint, created_at=dt.datetime.now(dt.timezone.utc),
-                       raydiff_version="test", atol=1e-5, rel_eta=1e-3, rank_mode="exact", top_k=32,
-                       sketch_rank=128, chunk_elems=1024, n_tensors=len(plan.tensors), n_units=len(plan.units),
-                       n_spectra=len(plan.spectra), input_bytes=plan.input_bytes)
-    planned = plan_records(run_id, plan)
-    store.begin_run(record, planned)
-    ex = Executor(RunContext(run_id, store.root, Criteria(), "exact", 32, 128), device="cpu", torch_kernel=True)
+    opts = SubmitOptions(store=str(tmp_path / "store"), diff=DiffOptions(chunk_elems=1024))
+    store, plan, record, planned, ctx = started_run(b, t, opts)
+    ex = Executor(ctx, device="cpu", torch_kernel=True)
     for u in plan.units:
         ex.unit(u)
     for s in plan.spectra:
         ex.spectrum(s)
     store.commit(record, planned)
-    _check_run(store.root, run_id, pairs, "exact")
+    _check_run(store.root, record.run_id, pairs, "exact")
 
 
 def test_an_unforeseen_error_in_an_actor_is_one_line_naming_the_run_tensor_and_unit(pair, tmp_path):

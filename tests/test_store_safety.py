@@ -14,8 +14,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import io
 import os
 import re
 import shutil
@@ -40,6 +42,7 @@ from raydiff.cli.main import app
 from raydiff.errors import QueryError
 from raydiff.kernel.masks import decode_mask
 from raydiff.options import ClusterOptions, DiffOptions, SubmitOptions
+from raydiff.records import RunRecord, from_table
 from raydiff.store import Store
 from raydiff.run.submit import SubmitResult, submit
 from raydiff.query.views import query
@@ -47,8 +50,9 @@ from raydiff.query.views import query
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
 #: Every finished file a run may leave in a store.
-_STORE_FILE = re.compile(r"^runs/[0-9a-f]{20}/((run|plan|tensors|commit)\.parquet|units/u\d{8}\.parquet"
-                         r"|spectra/s\d{8}\.parquet)$")
+_STORE_FILE = re.compile(r"^(runs/[0-9a-f]{20}/((run|plan|tensors|commit|units|spectra)\.parquet"
+                         r"|units/u\d{8}\.parquet|spectra/s\d{8}\.parquet)"
+                         r"|catalog/(runs|commits)/[es]-\d{8}T\d{12}Z-[0-9a-f]{32}\.parquet|raydiff-store\.json)$")
 #: What ``Store.write`` names a file before renaming it into place.
 _TEMP_SUFFIX = re.compile(r"\.tmp-[0-9a-f]{32}$")
 _UNIT_NAME = re.compile(r"^u(\d{8})\.parquet$")
@@ -140,6 +144,8 @@ def _check_files_whole(store: Path, run_ids: set[str]) -> list[str]:
             temps.append(rel)
             continue
         assert _STORE_FILE.match(rel), f"unexpected file in the store: {rel}"
+        if rel.endswith(".json"):
+            continue
         table = pq.ParquetFile(store / rel).read()  # raises on a torn or truncated file
         assert table.num_rows >= 1, rel
         assert set(table.column("run_id").to_pylist()) <= run_ids, rel
@@ -147,6 +153,17 @@ def _check_files_whole(store: Path, run_ids: set[str]) -> list[str]:
         if m := _UNIT_NAME.match(name):
             assert table.column("unit_id").to_pylist() == [int(m.group(1))], rel
     return temps
+
+
+def _unit_file_of(ref: _Reference, unit_id: int) -> bytes:
+    """What the unit's own file held, made from the reference run's folded units.parquet:
+    the same record (timings and pids aside), written as an actor writes one unit."""
+    table = pq.read_table(ref.store / "runs" / ref.result.run_id / "units.parquet",
+                          filters=[("unit_id", "=", unit_id)])
+    assert table.num_rows == 1
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="none", use_dictionary=False)
+    return buf.getvalue()
 
 
 def _unit_ids(store: Path, run_id: str) -> list[int]:
@@ -285,7 +302,7 @@ def _interrupted_then_resumed(v: _Victim, ref: _Reference, base: Path, tuned: Pa
         for i in sorted(set(range(n)) - set(_unit_ids(store, run_id))):
             rel = f"units/u{i:08d}.parquet"
             tmp = d / f"{rel}.tmp-{uuid.uuid4().hex}"
-            tmp.write_bytes((ref.store / "runs" / run_id / rel).read_bytes())
+            tmp.write_bytes(_unit_file_of(ref, i))
             os.replace(tmp, d / rel)
         assert len(_unit_ids(store, run_id)) == n
     # Interrupted: incomplete, no commit record, no results in any view.
@@ -308,7 +325,8 @@ def _interrupted_then_resumed(v: _Victim, ref: _Reference, base: Path, tuned: Pa
     torn = [f"units/u{todo[-1]:08d}.parquet"] if len(todo) > 1 else []
     planted = set()
     for rel in whole + torn:
-        data = (ref.store / "runs" / run_id / rel).read_bytes()
+        data = (_unit_file_of(ref, int(rel[7:15])) if rel.startswith("units/")
+                else (ref.store / "runs" / run_id / rel).read_bytes())
         tmp = d / f"{rel}.tmp-{uuid.uuid4().hex}"
         tmp.parent.mkdir(exist_ok=True)
         tmp.write_bytes(data if rel in whole else data[: len(data) // 2])
@@ -329,7 +347,9 @@ def _interrupted_then_resumed(v: _Victim, ref: _Reference, base: Path, tuned: Pa
                                 "(SELECT count(DISTINCT unit_id) FROM units) FROM runs")
     assert rows == [(run_id, "complete", n, n)], v.point
     assert _results(store, run_id) == ref.results, v.point
-    assert set(_unit_ids(store, run_id)) == set(range(n)), v.point
+    # folded into the run's own file; the per-unit files are gone, the planted temporaries too
+    assert _unit_ids(store, run_id) == [] and (d / "units.parquet").exists(), v.point
+    assert pq.ParquetFile(d / "units.parquet").metadata.num_rows == n, v.point
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the killed run's processes through /proc")
@@ -380,29 +400,70 @@ class _Crash(BaseException):
     """Stands for the process dying: not an Exception, so nothing on the way catches it."""
 
 
-def test_crash_between_tensors_and_commit_shows_nothing(big_pair, big_reference, tmp_path, monkeypatch):
-    # The one gap polling cannot hit: tensors.parquet is in place, commit.parquet is not.
+#: Each step of a commit that makes something visible, in order: the driver dies just
+#: before it. (Polling cannot hit these gaps, milliseconds wide; the kill test above covers
+#: everything before the commit.)
+_COMMIT_STEPS = [("write", "units.parquet"), ("write", "tensors.parquet"), ("write", "commit.parquet"),
+                 ("write", "catalog/commits/"), ("delete", "/units")]
+
+
+@pytest.mark.parametrize("step", _COMMIT_STEPS, ids=[s[1].strip("/") for s in _COMMIT_STEPS])
+def test_a_driver_dying_at_any_step_of_the_commit_leaves_one_whole_run(big_pair, big_reference, tmp_path,
+                                                                       monkeypatch, step):
+    """Killed at each step of folding and committing: the run is either incomplete — no view
+    shows a result, its units counted once, from their own files — and the next submission
+    completes it, or complete and whole, never counted twice, and the next submission only
+    clears what the kill left (once commit.parquet exists, the next submission finishes the
+    commit instead of redoing it). The failure is injected where the store's files are written."""
+    from raydiff.store.files import Files
+
     base, tuned = big_pair
     ref = big_reference
+    n = ref.result.run.n_units
     store = tmp_path / "store"
-    write = Store.write
+    action, target = step
+    real = {"write": (Files.write_table, Files.writer), "delete": Files.delete_dir}
 
-    def dying_write(self, rel, *args, **kwargs):
-        if rel.endswith("/commit.parquet"):
+    def dying_write_table(self, rel, *args, **kwargs):
+        if target in rel:
             raise _Crash(rel)
-        return write(self, rel, *args, **kwargs)
+        return real["write"][0](self, rel, *args, **kwargs)
 
-    monkeypatch.setattr(Store, "write", dying_write)
+    @contextlib.contextmanager
+    def dying_writer(self, rel, kind):
+        with real["write"][1](self, rel, kind) as w:
+            yield w
+            if target in rel:  # written whole, not yet moved into place
+                raise _Crash(rel)
+
+    def dying_delete_dir(self, rel):
+        if target in rel:
+            raise _Crash(rel)
+        return real["delete"](self, rel)
+
+    if action == "write":
+        monkeypatch.setattr(Files, "write_table", dying_write_table)
+        monkeypatch.setattr(Files, "writer", dying_writer)
+    else:
+        monkeypatch.setattr(Files, "delete_dir", dying_delete_dir)
     with pytest.raises(_Crash):
         submit(str(base), str(tuned), SubmitOptions(store=str(store), diff=_KILL_DIFF))
     monkeypatch.undo()
     d = store / "runs" / ref.result.run_id
-    assert (d / "tensors.parquet").exists() and not (d / "commit.parquet").exists()
-    _, rows = query(str(store), "SELECT status, (SELECT count(*) FROM tensors) FROM runs")
-    assert rows == [("incomplete", 0)]
+    complete = action == "delete"  # only the cleanup comes after the catalog's commit entry
+    _, rows = query(str(store), "SELECT status, (SELECT count(*) FROM tensors), (SELECT count(*) FROM units), "
+                                "(SELECT count(DISTINCT unit_id) FROM units) FROM runs")
+    assert rows == [("complete" if complete else "incomplete", len(ref.results[0]) if complete else 0, n, n)], step
+    if complete:
+        assert _results(store, ref.result.run_id) == ref.results
+    assert _check_files_whole(store, {ref.result.run_id}) == []  # nothing torn, no temporary
+    assert len(_unit_ids(store, ref.result.run_id)) == n  # the per-unit files outlive any crash
     res = submit(str(base), str(tuned), SubmitOptions(store=str(store), diff=_KILL_DIFF))
-    assert res.resumed and not res.already_complete
+    # after commit.parquet the next submission only finishes the commit: catalog, cleanup
+    committed = _COMMIT_STEPS.index(step) >= _COMMIT_STEPS.index(("write", "catalog/commits/"))
+    assert (res.already_complete, res.resumed) == (committed, not committed), step
     assert _results(store, res.run_id) == ref.results
+    assert _unit_ids(store, ref.result.run_id) == [] and (d / "units.parquet").exists()
 
 
 # ------------------------------------------------------------- 2. two writers, one store
@@ -473,7 +534,7 @@ def test_concurrent_submits_of_one_run(small_pairs, small_references, tmp_path, 
     # One run record is kept, and it is one of the two the submissions report. (Both may have
     # written it: when they start within the same few milliseconds, the other one reports a
     # created_at the store does not keep.)
-    (stored,) = [r for r, _ in Store(str(store)).runs()]
+    (stored,) = from_table(Store(str(store)).catalog().runs, RunRecord)
     assert stored in [r.run for r in results]
     assert all(dataclasses.replace(r.run, created_at=stored.created_at) == stored for r in results)
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from builders import SUM_REL, perturb, ref_diff, write_checkpoint
+from builders import SUM_REL, interrupted_run, perturb, ref_diff, write_checkpoint
 from raydiff.cli.main import app
 from raydiff.kernel.masks import decode_mask
 from raydiff.options import ClusterOptions, DiffOptions, SubmitOptions
@@ -148,35 +148,29 @@ def test_results_do_not_depend_on_chunking_or_workers(tmp_path, chunk, workers):
 def test_resubmit_resumes_and_never_duplicates(tmp_path):
     b, t, _, _ = _pair(tmp_path)
     opts = _opts(tmp_path, chunk_elems=1024)
-    first = submit(str(b), str(t), opts)
-    store = tmp_path / "store" / "runs" / first.run_id
-    expected = _tensors(str(tmp_path / "store"), first.run_id)
-    again = submit(str(b), str(t), opts)
-    assert again.already_complete and again.run_id == first.run_id
-    # simulate a run interrupted after some units: drop the commit and half the units
-    (store / "commit.parquet").unlink()
-    (store / "tensors.parquet").unlink()
-    units = sorted((store / "units").iterdir())
-    for u in units[::2]:
-        u.unlink()
-    cols, rows = query(str(tmp_path / "store"), f"SELECT status FROM runs WHERE run_id = '{first.run_id}'")
+    reference = submit(str(b), str(t), _opts(tmp_path / "ref", chunk_elems=1024))
+    expected = _tensors(str(tmp_path / "ref" / "store"), reference.run_id)
+    run_id, n_units = interrupted_run(b, t, opts)
+    assert run_id == reference.run_id
+    store = str(tmp_path / "store")
+    cols, rows = query(store, "SELECT status FROM runs WHERE run_id = ?", [run_id])
     assert rows == [("incomplete",)]
-    assert _tensors(str(tmp_path / "store"), first.run_id) == {}  # incomplete runs expose no results
-    kept = dict(query(str(tmp_path / "store"), "SELECT unit_id, finished_at FROM units WHERE run_id = ?",
-                      [first.run_id])[1])
-    assert len(kept) == len(units) - len(units[::2])
+    assert _tensors(store, run_id) == {}  # incomplete runs expose no results
+    kept = dict(query(store, "SELECT unit_id, finished_at FROM units WHERE run_id = ?", [run_id])[1])
+    assert len(kept) == len(range(0, n_units, 2)) > 1
     resumed = submit(str(b), str(t), opts)
-    assert resumed.resumed and not resumed.already_complete
-    assert _tensors(str(tmp_path / "store"), first.run_id) == expected
+    assert resumed.resumed and not resumed.already_complete and resumed.run_id == run_id
+    assert _tensors(store, run_id) == expected
     # the units that were in the store were not computed again: same write time, and only
     # the missing ones are new
-    after = dict(query(str(tmp_path / "store"), "SELECT unit_id, finished_at FROM units WHERE run_id = ?",
-                       [first.run_id])[1])
+    after = dict(query(store, "SELECT unit_id, finished_at FROM units WHERE run_id = ?", [run_id])[1])
     assert {u: after[u] for u in kept} == kept
-    assert all(after[u] > max(kept.values()) for u in set(after) - set(kept)) and len(after) == len(units)
-    cols, rows = query(str(tmp_path / "store"), "SELECT count(*), count(DISTINCT run_id) FROM runs")
+    assert all(after[u] > max(kept.values()) for u in set(after) - set(kept)) and len(after) == n_units
+    cols, rows = query(store, "SELECT count(*), count(DISTINCT run_id) FROM runs")
     assert rows == [(1, 1)]
-    assert len(list((store / "units").iterdir())) == len(units)
+    again = submit(str(b), str(t), opts)
+    assert again.already_complete and again.run_id == run_id
+    assert _tensors(store, run_id) == expected
 
 
 def test_cli_submit_sql_runs(tmp_path):

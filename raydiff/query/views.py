@@ -1,43 +1,34 @@
-"""DuckDB over a store: the raw Parquet files registered as tables, the views on top.
+"""DuckDB over a store: the catalog and the files of its runs as tables, the views on top.
 
-The store's files are registered as Arrow datasets (``raw_run``, ``raw_plan``, ``raw_unit``,
-``raw_spectrum``, ``raw_tensor``, ``raw_commit``), which works for local and object-store
-roots alike; the views (``runs``, ``tensors``, ``units``, ``masks``, ``spectra``, ``plan``…)
-come from the ``.sql`` files shipped in ``raydiff.queries``, run in file-name order. After
-setup the connection cannot touch files: external access is disabled and the
-configuration locked, so ``raydiff sql`` is read-only whatever the query says.
+Opening a store reads its catalog (:mod:`raydiff.store.catalog`: a listing and a few small
+files) and registers each kind of record as an Arrow dataset whose files are named from the
+catalog, each tagged with its run (``raw_run``, ``raw_commit``, ``raw_plan``, ``raw_unit``,
+``raw_spectrum``, ``raw_tensor``, ``raw_watch_event``): nothing under ``runs/`` is listed or
+opened until a query reads it, and a query that names its runs (``WHERE run_id = …``, or
+``run_ref('name')``, which DuckDB folds into a constant) opens only their files. A complete
+run is read from its folded files, an incomplete one from its per-unit files.
+
+The views (``runs``, ``tensors``, ``units``, ``masks``…) come from the ``.sql`` files shipped
+in ``raydiff.queries``, run in file-name order. After setup the connection cannot touch
+files: external access is disabled and the configuration locked, so ``raydiff sql`` is
+read-only whatever the query says.
 """
 
 from __future__ import annotations
 
 import re
+import time
 from importlib.resources import files
 
 import duckdb
 import pyarrow as pa
 import pyarrow.dataset as pads
-import pyarrow.fs as pafs
 
-from raydiff.errors import QueryError
+from raydiff.errors import QueryError, RaydiffError, RunNotFound
 from raydiff.options import ATOL_LADDER, ladder_name
-from raydiff.query.overlap import and_count_arrow, histogram_arrow
-from raydiff.records import RECORD_KINDS, schema
-from raydiff.store.base import EVENT_FILE, Store
-
-#: raw table name → (record kind, pattern of its files relative to ``runs/``)
-_RAW = {
-    "raw_run": ("run", re.compile(r"^[0-9a-f]+/run\.parquet$")),
-    "raw_plan": ("plan", re.compile(r"^[0-9a-f]+/plan\.parquet$")),
-    "raw_unit": ("unit", re.compile(r"^[0-9a-f]+/units/u\d+\.parquet$")),
-    "raw_spectrum": ("spectrum", re.compile(r"^[0-9a-f]+/spectra/s\d+\.parquet$")),
-    "raw_tensor": ("tensor", re.compile(r"^[0-9a-f]+/tensors\.parquet$")),
-    "raw_commit": ("commit", re.compile(r"^[0-9a-f]+/commit\.parquet$")),
-}
-#: raw tables whose files live outside ``runs/`` (``raw_watch_event``: ``raydiff watch``'s log):
-#: name → (record kind, folder under the root, file-name pattern)
-_RAW_ELSEWHERE = {
-    "raw_watch_event": ("watch_event", "watch/events", EVENT_FILE),
-}
+from raydiff.query.overlap import CONSENSUS_TYPE, OVERLAP_TYPE, consensus_units, overlap_units
+from raydiff.records import PlanRecord, SpectrumRecord, TensorRecord, UnitRecord, WatchEventRecord, schema
+from raydiff.store import Store, layout
 
 
 def sql_files(ladder: tuple[float, ...] = ATOL_LADDER) -> list[tuple[str, str]]:
@@ -79,37 +70,34 @@ def connect(store: Store | str, ladder: tuple[float, ...] = ATOL_LADDER) -> duck
     ``ladder`` names the views' per-tolerance columns (``changed_1e8`` …): a run's counts are
     looked up by value in its own ladder, NULL for a step it did not count.
 
+    Raises:
+        StoreError: the store is unreadable, or of a layout to upgrade first.
+
     Example:
         >>> con = connect("./raydiff-store")  # doctest: +SKIP
         >>> con.sql("SELECT name, sparsity FROM runs").fetchall()  # doctest: +SKIP
     """
     store = Store(store) if isinstance(store, str) else store
-    fs = store.fs
-    runs_dir = store.path("runs")
-    sel = pafs.FileSelector(runs_dir, recursive=True, allow_not_found=True)
-    found: dict[str, list[str]] = {name: [] for name in _RAW}
-    for info in fs.get_file_info(sel):
-        if info.type != pafs.FileType.File:
-            continue
-        rel = info.path[len(runs_dir):].lstrip("/")
-        for name, (_, pattern) in _RAW.items():
-            if pattern.match(rel):
-                found[name].append(info.path)
+    store.check_layout()
+    cat = store.catalog()
+    complete = cat.complete
+    incomplete = [r for r in cat.run_ids if r not in complete]
+    has_spectra = {r for r, n in zip(cat.commits.column("run_id").to_pylist(),
+                                      cat.commits.column("n_spectra").to_pylist()) if n}
     con = duckdb.connect(":memory:")
-    for name, (kind, _) in _RAW.items():
-        s = schema(RECORD_KINDS[kind])
-        paths = sorted(found[name])
-        source = pads.dataset(paths, schema=s, format="parquet", filesystem=fs) if paths else s.empty_table()
-        con.register(name, source)
-    for name, (kind, folder, pattern) in _RAW_ELSEWHERE.items():
-        s = schema(RECORD_KINDS[kind])
-        sel = pafs.FileSelector(store.path(folder), allow_not_found=True)
-        paths = sorted(i.path for i in fs.get_file_info(sel)
-                       if i.type == pafs.FileType.File and pattern.match(i.base_name))
-        con.register(name, pads.dataset(paths, schema=s, format="parquet", filesystem=fs) if paths else s.empty_table())
-    con.create_function("mask_and_count", and_count_arrow,
-                        ["VARCHAR", "BLOB", "VARCHAR", "BLOB", "BIGINT"], "BIGINT", type="arrow")
-    con.create_function("mask_histogram", histogram_arrow, ["VARCHAR[]", "BLOB[]", "BIGINT"], "BIGINT[]", type="arrow")
+    con.register("raw_run", cat.runs)
+    con.register("raw_commit", cat.commits)
+    con.register("raw_plan", _dataset(store, PlanRecord, [(r, layout.plan_file(r)) for r in cat.run_ids]))
+    con.register("raw_tensor", _dataset(store, TensorRecord, [(r, layout.tensors_file(r)) for r in sorted(complete)]))
+    con.register("raw_unit", _dataset(store, UnitRecord, [(r, layout.units_file(r)) for r in sorted(complete)]
+                                      + _parts(store, incomplete, layout.units_dir)))
+    con.register("raw_spectrum", _dataset(store, SpectrumRecord,
+                                          [(r, layout.spectra_file(r)) for r in sorted(has_spectra)]
+                                          + _parts(store, incomplete, layout.spectra_dir)))
+    events = store.events()
+    con.register("raw_watch_event", _dataset(store, WatchEventRecord,
+                                             [(None, f"{layout.WATCH_EVENTS}/{n}") for n in events.names()]))
+    _functions(con, store, cat)
     for fname, text in sql_files(ladder):
         try:
             con.execute(text)
@@ -120,10 +108,98 @@ def connect(store: Store | str, ladder: tuple[float, ...] = ATOL_LADDER) -> duck
     return con
 
 
+def _dataset(store: Store, kind: type, files_of: list[tuple[str | None, str]]) -> pads.Dataset | pa.Table:
+    """Files of one record kind as a dataset that opens none of them until scanned; each
+    file tagged with its run, so a filter on ``run_id`` skips the other runs' files unread."""
+    s = schema(kind)
+    if not files_of:
+        return s.empty_table()
+    parts = [pads.field("run_id") == r if r is not None else pads.scalar(True) for r, _ in files_of]
+    return pads.FileSystemDataset.from_paths([store.path(rel) for _, rel in files_of], schema=s,
+                                             format=pads.ParquetFileFormat(), filesystem=store.fs, partitions=parts)
+
+
+def _parts(store: Store, run_ids: list[str], folder) -> list[tuple[str, str]]:
+    """The per-unit (or per-spectrum) files of incomplete runs: one listing per run."""
+    out = []
+    for r in run_ids:
+        d = folder(r)
+        out += [(r, f"{d}/{n}") for n in store.list_dir(d)]
+    return out
+
+
+def _functions(con: duckdb.DuckDBPyConnection, store: Store, cat) -> None:
+    """The store's Python functions: ``run_ref`` (folded into a constant by DuckDB, so a
+    filter on it opens one run's files) and the mask intersections behind the macros."""
+    complete = cat.complete
+    latest: dict[str, tuple[object, str]] = {}
+    names = dict(zip(cat.runs.column("run_id").to_pylist(), cat.runs.column("name").to_pylist()))
+    for run_id, done in zip(cat.commits.column("run_id").to_pylist(), cat.commits.column("completed_at").to_pylist()):
+        name = names.get(run_id)
+        if name is not None and (name not in latest or latest[name][0] < done):
+            latest[name] = (done, run_id)
+
+    def run_ref(x: str) -> str:
+        if x in complete:
+            return x
+        if x in latest:
+            return latest[x][1]
+        raise RunNotFound(f"no complete run has id or name {x!r}; see `raydiff runs`")
+
+    memo: dict[tuple, list] = {}
+
+    def mask_overlap(a: str, b: str) -> list:
+        if (a, b) not in memo:
+            memo[(a, b)] = overlap_units(store, a, b)
+        return memo[(a, b)]
+
+    def mask_consensus(ids: list[str]) -> list:
+        key = tuple(ids)
+        if key not in memo:
+            memo[key] = consensus_units(store, ids)
+        return memo[key]
+
+    con.create_function("run_ref", run_ref, ["VARCHAR"], "VARCHAR", side_effects=False)
+    con.create_function("mask_overlap", mask_overlap, ["VARCHAR", "VARCHAR"], OVERLAP_TYPE, side_effects=False)
+    con.create_function("mask_consensus", mask_consensus, ["VARCHAR[]"], CONSENSUS_TYPE, side_effects=False)
+
+
+_UDF_ERROR = re.compile(r"^.*?Python exception occurred while executing the UDF: (\w+): ")
+
+
 def one_line(e: BaseException) -> str:
-    """DuckDB's message without its ``LINE 1:`` excerpt and caret: errors stay one line."""
+    """DuckDB's message without its ``LINE 1:`` excerpt and caret: errors stay one line. An
+    error raised by raydiff inside one of its functions keeps its own message."""
     text = str(e).strip()
-    return " ".join(part.strip() for part in text.split("\n\n", 1)[0].splitlines() if part.strip())
+    text = " ".join(part.strip() for part in text.split("\n\n", 1)[0].splitlines() if part.strip())
+    m = _UDF_ERROR.match(text)
+    if m and m.group(1) in _RAYDIFF_ERRORS:
+        text = text[m.end():]
+    return text
+
+
+_RAYDIFF_ERRORS = {c.__name__ for c in (RaydiffError, *RaydiffError.__subclasses__())}
+
+
+def _vanished(e: BaseException) -> bool:
+    text = str(e).lower()
+    return "no such file" in text or "not exist" in text or "not found" in text and "file" in text
+
+
+def _retrying(store: Store | str, fn):
+    """Run ``fn(connection)``; once more on a fresh connection when a file it was about to read
+    vanished (a run committed meanwhile folds and removes its per-unit files)."""
+    for attempt in range(3):
+        con = connect(store)
+        try:
+            return fn(con)
+        except duckdb.Error as e:
+            if attempt == 2 or not _vanished(e):
+                raise QueryError(one_line(e)) from None
+        finally:
+            con.close()
+        time.sleep(0.05)
+    raise AssertionError("unreachable")
 
 
 def query(store: Store | str, sql: str, params: list | None = None) -> tuple[list[str], list[tuple]]:
@@ -134,16 +210,12 @@ def query(store: Store | str, sql: str, params: list | None = None) -> tuple[lis
     Raises:
         QueryError: the SQL is invalid or fails (the message is DuckDB's).
     """
-    con = connect(store)
-    try:
+    def run(con):
         rel = con.execute(sql, params or [])
         cols = [d[0] for d in rel.description] if rel.description else []
-        rows = rel.fetchall() if rel.description else []
-    except duckdb.Error as e:
-        raise QueryError(one_line(e)) from None
-    finally:
-        con.close()
-    return cols, rows
+        return cols, (rel.fetchall() if rel.description else [])
+
+    return _retrying(store, run)
 
 
 def query_table(store: Store | str, sql: str, params: list | None = None) -> pa.Table:
@@ -152,11 +224,11 @@ def query_table(store: Store | str, sql: str, params: list | None = None) -> pa.
     Raises:
         QueryError: the SQL is invalid or fails (the message is DuckDB's).
     """
-    con = connect(store)
-    try:
-        return arrow_result(con, sql, params)
-    finally:
-        con.close()
+    def run(con):
+        rel = con.sql(sql, params=params or None)
+        return rel.to_arrow_table() if rel is not None else pa.table({})
+
+    return _retrying(store, run)
 
 
 def arrow_result(con: duckdb.DuckDBPyConnection, sql: str, params: list | None = None) -> pa.Table:

@@ -7,7 +7,6 @@ only a few numbers go back to the driver for progress.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import os
 import time
@@ -60,14 +59,12 @@ class RunContext:
 
 @dataclass(frozen=True)
 class Done:
-    """What goes back to the driver: which item finished, bytes read, how long it took and,
-    for a unit, its stored record less the mask (so the commit need not read it back)."""
+    """What goes back to the driver: which item finished, the bytes it read and how long it took."""
 
     kind: str  # "unit" or "spectrum"
     key: int
     nbytes: int
     seconds: float
-    record: UnitRecord | None = None
 
 
 T = TypeVar("T")
@@ -143,7 +140,7 @@ class Executor:
             finished_at=dt.datetime.now(dt.timezone.utc),
         )
         self.store.write_unit(rec)
-        return Done("unit", u.unit_id, u.nbytes, time.perf_counter() - t0, dataclasses.replace(rec, mask=b""))
+        return Done("unit", u.unit_id, u.nbytes, time.perf_counter() - t0)
 
     def delta_matrix(self, s: SpectrumTask) -> torch.Tensor:
         """ΔW of a 2-D tensor as float32, taken in the compared dtype as the paper does."""

@@ -21,7 +21,7 @@ from raydiff.kernel.diff import Criteria
 from raydiff.options import SubmitOptions
 from raydiff.errors import PlanProblem
 from raydiff.plan import MATCH_EXACT, STATUS_OK, Plan, make_plan, summarize
-from raydiff.records import CommitRecord, PlanRecord, RunRecord, UnitRecord
+from raydiff.records import CommitRecord, PlanRecord, RunRecord
 from raydiff.inputs.refs import Identity, resolve
 from raydiff.inputs.remote import HubAccess, is_remote
 from raydiff.store import Store
@@ -172,6 +172,7 @@ def submit(base: str, tuned: str, options: SubmitOptions | None = None,
     record = store.begin_run(record, planned)
     commit = store.commit_record(run_id)
     if commit is not None:
+        store.finish(commit)  # a commit cut short before its catalog entry or its cleanup
         return SubmitResult(record, commit, resumed=False, already_complete=True, matching=summarize(plan))
 
     done_units = store.done_units(run_id)
@@ -191,14 +192,7 @@ def submit(base: str, tuned: str, options: SubmitOptions | None = None,
                      rank_mode=d.rank, top_k=d.top_k, sketch_rank=d.sketch_rank, hub=hub)
     from raydiff.run import actors  # Ray is imported only when there is work for it
 
-    written: dict[int, UnitRecord] = {}  # this submission's units, as their actors wrote them
-
-    def advanced(done: Done) -> None:
-        if done.record is not None:
-            written[done.key] = done.record
-        progress.advanced(done)
-
-    actors.run_work(ctx, units, spectra, options.cluster, advanced, progress.note)
-    commit = store.commit(record, planned, written)
+    actors.run_work(ctx, units, spectra, options.cluster, progress.advanced, progress.note)
+    commit = store.commit(record, planned)
     resumed = bool(done_units or done_spectra)
     return SubmitResult(record, commit, resumed=resumed, already_complete=False, matching=summarize(plan))

@@ -1,0 +1,110 @@
+"""A run's commit: its units folded into one file per run, its totals per tensor.
+
+:func:`compact` streams the per-unit files of a finished run into ``units.parquet`` (one
+row group per tensor, masks included, written whole or not at all) and the spectra into
+``spectra.parquet``, returning the unit rows less their masks; :func:`aggregate` turns
+those into one :class:`~raydiff.records.TensorRecord` per tensor of the plan. Memory stays
+bounded by one tensor's units, not by the model.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from raydiff.dtypes import DTYPES
+from raydiff.records import STATUS_OK, PlanRecord, SpectrumRecord, TensorRecord, UnitRecord
+from raydiff.store import layout
+from raydiff.store.files import Files
+
+
+def compact(files: Files, run_id: str, plan: list[PlanRecord]) -> tuple[pa.Table | None, pa.Table | None]:
+    """Write a run's ``units.parquet`` and ``spectra.parquet`` from its per-unit files.
+
+    Returns:
+        ``(units, spectra)``: every unit row less ``mask`` (``None`` for a run without
+        units), and every spectrum row (``None`` without spectra).
+
+    Raises:
+        StoreError: a unit or spectrum file is missing or unreadable (nothing is replaced).
+    """
+    groups = [(p.tensor_index, range(p.first_unit, p.first_unit + p.n_units)) for p in plan if p.n_units]
+    parts = []
+    if groups:
+        with files.writer(layout.units_file(run_id), UnitRecord) as w:
+            for _, ids in groups:
+                table = files.read_many([layout.unit_file(run_id, u) for u in ids], UnitRecord)
+                assert table is not None
+                table = table.sort_by("unit_id")
+                w.write_table(table, row_group_size=max(1, table.num_rows))  # one row group per tensor
+                parts.append(table.drop_columns(["mask"]))
+    spectra = files.read_many([layout.spectrum_file(run_id, p.tensor_index) for p in plan if p.has_spectrum],
+                              SpectrumRecord)
+    if spectra is not None:
+        with files.writer(layout.spectra_file(run_id), SpectrumRecord) as w:
+            w.write_table(spectra.sort_by("tensor_index"))
+    return (pa.concat_tables(parts) if parts else None), spectra
+
+
+_SUMMED = ("changed", "changed_bits", "changed_rel", "nonfinite")
+_SUMMED_OPTIONAL = ("changed_subprecision",)  # NULL unless some unit has a value
+
+
+def aggregate(run_id: str, plan: list[PlanRecord], units: pa.Table | None,
+               spectra: pa.Table | None, steps: int) -> list[TensorRecord]:
+    """Per-tensor totals from unit rows (``steps``: the run's ladder length)."""
+    by_tensor: dict[int, list[dict]] = {}
+    if units is not None:
+        for row in units.to_pylist():
+            by_tensor.setdefault(row["tensor_index"], []).append(row)
+    spec = {row["tensor_index"]: row for row in (spectra.to_pylist() if spectra is not None else [])}
+    out = []
+    for tp in plan:
+        shape = tp.base_shape if tp.base_shape is not None else tp.tuned_shape
+        dtype = tp.base_dtype or tp.tuned_dtype
+        assert shape is not None and dtype is not None
+        rows = cols = None
+        if len(shape) >= 2:
+            cols = shape[-1]
+            rows = tp.numel // cols if cols else 0
+        agg: dict[str, object] = {k: None for k in _SUMMED + _SUMMED_OPTIONAL + ("changed_ladder",)}
+        stats: dict[str, object] = dict(max_abs_delta=None, mean_abs_delta=None, delta_fro=None,
+                                        base_fro=None, rows_touched=None, cols_touched=None)
+        if tp.status == STATUS_OK:
+            rs = sorted(by_tensor.get(tp.tensor_index, []), key=lambda r: r["unit_id"])
+            for k in _SUMMED:
+                agg[k] = sum(r[k] for r in rs)
+            agg["changed_ladder"] = tuple(int(x) for x in np.sum(
+                [r["changed_ladder"] for r in rs] or [(0,) * steps], axis=0, dtype=np.int64))
+            for k in _SUMMED_OPTIONAL:
+                vals = [r[k] for r in rs if r[k] is not None]
+                agg[k] = sum(vals) if vals else None
+            if tp.compare_dtype and DTYPES[tp.compare_dtype].is_float:
+                stats["max_abs_delta"] = max((r["max_abs_delta"] for r in rs), default=0.0)
+                sum_abs = sum(r["sum_abs_delta"] for r in rs)
+                stats["mean_abs_delta"] = sum_abs / tp.numel if tp.numel else None
+                stats["delta_fro"] = float(np.sqrt(sum(r["sum_sq_delta"] for r in rs)))
+                stats["base_fro"] = float(np.sqrt(sum(r["sum_sq_base"] for r in rs)))
+            if rows is not None:
+                stats["rows_touched"] = sum(r["rows_touched"] for r in rs)
+                acc = np.zeros((cols + 7) // 8, np.uint8)
+                for r in rs:
+                    if r["cols_bitmap"]:
+                        acc |= np.frombuffer(r["cols_bitmap"], np.uint8)
+                stats["cols_touched"] = int(np.bitwise_count(acc).sum())
+        s = spec.get(tp.tensor_index)
+        note = tp.note
+        if s and s.get("note"):  # recorded, not computed: the rank columns stay NULL
+            note = "; ".join(x for x in (note, f"spectrum not computed: {s['note']}") if x)
+            s = None
+        out.append(TensorRecord(
+            run_id=run_id, tensor_index=tp.tensor_index, tensor=tp.tensor, status=tp.status, match=tp.match,
+            note=note, dtype=dtype, compare_dtype=tp.compare_dtype, shape=shape, base_shape=tp.base_shape,
+            tuned_shape=tp.tuned_shape, numel=tp.numel, **agg, **stats, rows=rows, cols=cols,  # type: ignore[arg-type]
+            rank=s["rank"] if s else None, max_rank=s["max_rank"] if s else (min(shape) if len(shape) == 2 else None),
+            rank_method=s["method"] if s else None, stable_rank=s["stable_rank"] if s else None,
+            effective_rank=s["effective_rank"] if s else None, rank_1e1=s["rank_1e1"] if s else None,
+            rank_1e2=s["rank_1e2"] if s else None, rank_1e3=s["rank_1e3"] if s else None,
+            top_sv=tuple(s["top_sv"]) if s else None,
+        ))
+    return out
