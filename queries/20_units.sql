@@ -1,4 +1,4 @@
--- units: per work unit results (complete and in-progress runs), without the mask bytes.
+-- units: per work unit results of complete runs, without the mask bytes.
 CREATE OR REPLACE VIEW units AS
 SELECT * EXCLUDE (mask, cols_bitmap) FROM raw_unit;
 
@@ -14,3 +14,10 @@ SELECT * FROM raw_spectrum;
 -- plan: what each run was asked to do, tensor by tensor (also for incomplete runs).
 CREATE OR REPLACE VIEW plan AS
 SELECT * FROM raw_plan;
+
+-- progress: how far each incomplete run got (units and spectra written so far).
+CREATE OR REPLACE VIEW progress AS
+SELECT r.run_id, r.name, p.units_done, r.n_units, p.spectra_done, r.n_spectra,
+       (p.units_done + p.spectra_done) / NULLIF(r.n_units + r.n_spectra, 0) AS fraction
+FROM raw_progress AS p
+JOIN raw_run AS r ON r.run_id = p.run_id;

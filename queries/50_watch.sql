@@ -21,5 +21,5 @@ SELECT
     e.base_revision,
     e.tick_id,
     e.event_id
-FROM (SELECT DISTINCT ON (event_id) * FROM raw_watch_event) AS e  -- an event may be in an entry and a snapshot
+FROM raw_watch_event AS e
 LEFT JOIN runs AS r ON r.run_id = e.run_id;

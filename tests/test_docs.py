@@ -54,7 +54,7 @@ def test_every_submit_option_is_in_the_options_table():
 
 
 #: Every view and table macro a user queries, with arguments that bind on an empty store.
-VIEWS = ("runs", "tensors", "units", "masks", "spectra", "plan", "tensor_modules", "layers",
+VIEWS = ("runs", "tensors", "units", "masks", "spectra", "plan", "progress", "tensor_modules", "layers",
          "sparsity_by_tolerance", "watch_events")
 MACROS = ("overlap('a', 'b')", "overlap_total('a', 'b')", "consensus(['a', 'b'])")
 

@@ -28,6 +28,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -39,13 +40,13 @@ from typer.testing import CliRunner
 
 from builders import perturb, ref_diff, write_checkpoint
 from raydiff.cli.main import app
-from raydiff.errors import QueryError
+from raydiff.errors import QueryError, StoreError
 from raydiff.kernel.masks import decode_mask
 from raydiff.options import ClusterOptions, DiffOptions, SubmitOptions
 from raydiff.records import RunRecord, from_table
 from raydiff.store import Store
 from raydiff.run.submit import SubmitResult, submit
-from raydiff.query.views import query
+from raydiff.query.views import connect, query
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
@@ -332,8 +333,8 @@ def _interrupted_then_resumed(v: _Victim, ref: _Reference, base: Path, tuned: Pa
         tmp.write_bytes(data if rel in whole else data[: len(data) // 2])
         planted.add(tmp.relative_to(store).as_posix())
     _, rows = query(str(store), "SELECT status, (SELECT count(*) FROM tensors), (SELECT count(*) FROM units), "
-                                "(SELECT count(DISTINCT unit_id) FROM masks) FROM runs")
-    assert rows == [("incomplete", 0, len(done), len(done))], v.point
+                                "(SELECT units_done FROM progress) FROM runs")
+    assert rows == [("incomplete", 0, 0, len(done))], v.point
     # Nothing of the killed process is still writing: the store holds what it held after the kill.
     assert {k: h for k, h in _files(store).items() if k not in planted} == before, v.point
 
@@ -452,8 +453,10 @@ def test_a_driver_dying_at_any_step_of_the_commit_leaves_one_whole_run(big_pair,
     d = store / "runs" / ref.result.run_id
     complete = action == "delete"  # only the cleanup comes after the catalog's commit entry
     _, rows = query(str(store), "SELECT status, (SELECT count(*) FROM tensors), (SELECT count(*) FROM units), "
-                                "(SELECT count(DISTINCT unit_id) FROM units) FROM runs")
-    assert rows == [("complete" if complete else "incomplete", len(ref.results[0]) if complete else 0, n, n)], step
+                                "(SELECT count(DISTINCT unit_id) FROM units), (SELECT units_done FROM progress) "
+                                "FROM runs")
+    expect = ("complete", len(ref.results[0]), n, n, None) if complete else ("incomplete", 0, 0, 0, n)
+    assert rows == [expect], step
     if complete:
         assert _results(store, ref.result.run_id) == ref.results
     assert _check_files_whole(store, {ref.result.run_id}) == []  # nothing torn, no temporary
@@ -657,3 +660,78 @@ def test_sql_cannot_touch_files(big_reference, tmp_path, monkeypatch):
     _, rows = query(str(store), "SELECT status, changed FROM runs")
     assert rows == [("complete", big_reference.result.commit.changed)]
     assert _results(store, run_id) == big_reference.results
+
+
+# ------------------------------------------- 4. writers and readers of one store at once
+
+
+def test_queries_during_two_submits_and_a_watch_never_see_a_half_written_run(small_pairs, small_references,
+                                                                            tmp_path):
+    """Two submissions (threads on the shared cluster) and a `raydiff watch --once` (a process
+    with its own cluster, analysing a finetune published on the local fake Hub) write one
+    store while a reader queries it without pause: every run a query sees complete is whole
+    (all its tensors, all its units, totals that add up), an incomplete one shows no results,
+    and at the end each run equals its reference."""
+    from fake_hub import FakeHub, files_of
+
+    base, t1, t2 = small_pairs
+    store = tmp_path / "store"
+    diff = DiffOptions(chunk_elems=1024)
+    stop, seen, problems = threading.Event(), Counter(), []
+
+    def reader() -> None:
+        while not stop.is_set():
+            try:
+                con = connect(str(store))
+            except StoreError:  # nothing written yet
+                continue
+            try:
+                runs = con.execute("SELECT run_id, status, n_tensors, n_units, changed FROM runs").fetchall()
+                for run_id, status, n_tensors, n_units, changed in runs:
+                    t, c, u = con.execute("SELECT count(*), sum(changed) FILTER (status = 'ok'), "
+                                          "(SELECT count(DISTINCT unit_id) FROM units WHERE run_id = ?) "
+                                          "FROM tensors WHERE run_id = ?", [run_id, run_id]).fetchone()
+                    seen[status] += 1
+                    if status == "complete" and (t, c, u) != (n_tensors, changed, n_units):
+                        problems.append(("complete but not whole", run_id, t, c, u, n_tensors, changed, n_units))
+                    if status == "incomplete" and t:
+                        problems.append(("results of an incomplete run", run_id, t))
+                done = [r[0] for r in runs if r[1] == "complete"]
+                if len(done) >= 2:
+                    con.execute("SELECT * FROM overlap_total(?, ?)", done[:2]).fetchall()
+                    seen["overlap"] += 1
+            except duckdb.Error as e:  # the only acceptable failure: none
+                problems.append(("query failed", str(e)[:300]))
+            finally:
+                con.close()
+
+    with FakeHub("hf_token_for_this_test_000000000000") as hub:
+        hub.publish("org/tuned", files_of(t2))
+        watch = tmp_path / "watch.toml"
+        watch.write_text(f'base = "{base}"\nstore = "{store}"\nevery = "1h"\n[options]\nchunk_elems = 1024\n'
+                         'workers = 1\n[[tuned]]\nrepo = "org/tuned"\n')
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "RAY_ADDRESS"))}
+        env.update(HF_ENDPOINT=hub.url, HF_HUB_CACHE=str(tmp_path / "cache"), RAY_TMPDIR=tempfile.mkdtemp(dir="/tmp"))
+        q = threading.Thread(target=reader, daemon=True)
+        q.start()
+        proc = subprocess.Popen([sys.executable, "-m", "raydiff.cli.main", "watch", str(watch), "--once"], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            r1, r2 = _together(lambda: submit(str(base), str(t1), SubmitOptions(store=str(store), diff=diff)),
+                               lambda: submit(str(base), str(t2), SubmitOptions(store=str(store), diff=diff)))
+            out, err = proc.communicate(timeout=300)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            stop.set()
+            q.join(60)
+            shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
+    assert proc.returncode == 0 and "1 analysed, 0 failed" in out, (out, err)
+    assert problems == []
+    assert seen["complete"] and seen["incomplete"] and seen["overlap"], seen  # the reader saw every stage
+    _, rows = query(str(store), "SELECT name, status FROM runs ORDER BY name")
+    assert [s for _, s in rows] == ["complete"] * 3
+    for res, ref in ((r1, small_references[0]), (r2, small_references[1])):
+        assert _results(store, res.run_id) == ref.results
+    (hub_run,) = [r for r, in query(str(store), "SELECT run_id FROM runs WHERE name LIKE 'tuned@%'")[1]]
+    assert _results(store, hub_run) == small_references[1].results  # the same pair, read from the Hub

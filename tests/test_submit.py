@@ -9,6 +9,7 @@ import dataclasses
 import json
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -156,8 +157,12 @@ def test_resubmit_resumes_and_never_duplicates(tmp_path):
     cols, rows = query(store, "SELECT status FROM runs WHERE run_id = ?", [run_id])
     assert rows == [("incomplete",)]
     assert _tensors(store, run_id) == {}  # incomplete runs expose no results
-    kept = dict(query(store, "SELECT unit_id, finished_at FROM units WHERE run_id = ?", [run_id])[1])
+    # what the interrupted run wrote, read from its unit files (plain Parquet)
+    kept = {r["unit_id"]: r["finished_at"] for f in (tmp_path / "store" / "runs" / run_id / "units").iterdir()
+            for r in pq.read_table(f, columns=["unit_id", "finished_at"]).to_pylist()}
     assert len(kept) == len(range(0, n_units, 2)) > 1
+    assert query(store, "SELECT units_done, n_units FROM progress WHERE run_id = ?", [run_id])[1] == [
+        (len(kept), n_units)]
     resumed = submit(str(b), str(t), opts)
     assert resumed.resumed and not resumed.already_complete and resumed.run_id == run_id
     assert _tensors(store, run_id) == expected

@@ -2,11 +2,14 @@
 
 Opening a store reads its catalog (:mod:`raydiff.store.catalog`: a listing and a few small
 files) and registers each kind of record as an Arrow dataset whose files are named from the
-catalog, each tagged with its run (``raw_run``, ``raw_commit``, ``raw_plan``, ``raw_unit``,
-``raw_spectrum``, ``raw_tensor``, ``raw_watch_event``): nothing under ``runs/`` is listed or
-opened until a query reads it, and a query that names its runs (``WHERE run_id = …``, or
-``run_ref('name')``, which DuckDB folds into a constant) opens only their files. A complete
-run is read from its folded files, an incomplete one from its per-unit files.
+catalog, each tagged with its run (``raw_plan``, ``raw_tensor``, ``raw_unit``,
+``raw_spectrum``): nothing under ``runs/`` is opened until a query reads it, and a query that
+names its runs (``WHERE run_id = …``, or ``run_ref('name')``, which DuckDB folds into a
+constant) opens only their files. Those files are written once and never removed, so a
+connection never finds one gone: results are those of complete runs, and an incomplete run
+shows how far it got (``raw_progress``, from listing its unit files). The catalog
+(``raw_run``, ``raw_commit``) and ``raydiff watch``'s events (``raw_watch_event``) are read
+when the store is opened.
 
 The views (``runs``, ``tensors``, ``units``, ``masks``…) come from the ``.sql`` files shipped
 in ``raydiff.queries``, run in file-name order. After setup the connection cannot touch
@@ -17,7 +20,6 @@ read-only whatever the query says.
 from __future__ import annotations
 
 import re
-import time
 from importlib.resources import files
 
 import duckdb
@@ -27,7 +29,7 @@ import pyarrow.dataset as pads
 from raydiff.errors import QueryError, RaydiffError, RunNotFound
 from raydiff.options import ATOL_LADDER, ladder_name
 from raydiff.query.overlap import CONSENSUS_TYPE, OVERLAP_TYPE, consensus_units, overlap_units
-from raydiff.records import PlanRecord, SpectrumRecord, TensorRecord, UnitRecord, WatchEventRecord, schema
+from raydiff.records import PlanRecord, SpectrumRecord, TensorRecord, UnitRecord, schema
 from raydiff.store import Store, layout
 
 
@@ -89,14 +91,11 @@ def connect(store: Store | str, ladder: tuple[float, ...] = ATOL_LADDER) -> duck
     con.register("raw_commit", cat.commits)
     con.register("raw_plan", _dataset(store, PlanRecord, [(r, layout.plan_file(r)) for r in cat.run_ids]))
     con.register("raw_tensor", _dataset(store, TensorRecord, [(r, layout.tensors_file(r)) for r in sorted(complete)]))
-    con.register("raw_unit", _dataset(store, UnitRecord, [(r, layout.units_file(r)) for r in sorted(complete)]
-                                      + _parts(store, incomplete, layout.units_dir)))
+    con.register("raw_unit", _dataset(store, UnitRecord, [(r, layout.units_file(r)) for r in sorted(complete)]))
     con.register("raw_spectrum", _dataset(store, SpectrumRecord,
-                                          [(r, layout.spectra_file(r)) for r in sorted(has_spectra)]
-                                          + _parts(store, incomplete, layout.spectra_dir)))
-    events = store.events()
-    con.register("raw_watch_event", _dataset(store, WatchEventRecord,
-                                             [(None, f"{layout.WATCH_EVENTS}/{n}") for n in events.names()]))
+                                          [(r, layout.spectra_file(r)) for r in sorted(has_spectra)]))
+    con.register("raw_progress", _progress(store, incomplete))
+    con.register("raw_watch_event", store.events().read())
     _functions(con, store, cat)
     for fname, text in sql_files(ladder):
         try:
@@ -119,13 +118,13 @@ def _dataset(store: Store, kind: type, files_of: list[tuple[str | None, str]]) -
                                              format=pads.ParquetFileFormat(), filesystem=store.fs, partitions=parts)
 
 
-def _parts(store: Store, run_ids: list[str], folder) -> list[tuple[str, str]]:
-    """The per-unit (or per-spectrum) files of incomplete runs: one listing per run."""
-    out = []
-    for r in run_ids:
-        d = folder(r)
-        out += [(r, f"{d}/{n}") for n in store.list_dir(d)]
-    return out
+def _progress(store: Store, run_ids: list[str]) -> pa.Table:
+    """How far each incomplete run got: its unit and spectrum files, counted by listing them
+    (one listing each, no file opened: a run committed meanwhile cannot fail a query)."""
+    rows = [(r, len(store.done_units(r)), len(store.done_spectra(r))) for r in run_ids]
+    return pa.table({"run_id": pa.array([r[0] for r in rows], pa.string()),
+                     "units_done": pa.array([r[1] for r in rows], pa.int64()),
+                     "spectra_done": pa.array([r[2] for r in rows], pa.int64())})
 
 
 def _functions(con: duckdb.DuckDBPyConnection, store: Store, cat) -> None:
@@ -181,27 +180,6 @@ def one_line(e: BaseException) -> str:
 _RAYDIFF_ERRORS = {c.__name__ for c in (RaydiffError, *RaydiffError.__subclasses__())}
 
 
-def _vanished(e: BaseException) -> bool:
-    text = str(e).lower()
-    return "no such file" in text or "not exist" in text or "not found" in text and "file" in text
-
-
-def _retrying(store: Store | str, fn):
-    """Run ``fn(connection)``; once more on a fresh connection when a file it was about to read
-    vanished (a run committed meanwhile folds and removes its per-unit files)."""
-    for attempt in range(3):
-        con = connect(store)
-        try:
-            return fn(con)
-        except duckdb.Error as e:
-            if attempt == 2 or not _vanished(e):
-                raise QueryError(one_line(e)) from None
-        finally:
-            con.close()
-        time.sleep(0.05)
-    raise AssertionError("unreachable")
-
-
 def query(store: Store | str, sql: str, params: list | None = None) -> tuple[list[str], list[tuple]]:
     """Run one SQL statement over a store; returns ``(column names, rows)``.
 
@@ -210,12 +188,15 @@ def query(store: Store | str, sql: str, params: list | None = None) -> tuple[lis
     Raises:
         QueryError: the SQL is invalid or fails (the message is DuckDB's).
     """
-    def run(con):
+    con = connect(store)
+    try:
         rel = con.execute(sql, params or [])
         cols = [d[0] for d in rel.description] if rel.description else []
         return cols, (rel.fetchall() if rel.description else [])
-
-    return _retrying(store, run)
+    except duckdb.Error as e:
+        raise QueryError(one_line(e)) from None
+    finally:
+        con.close()
 
 
 def query_table(store: Store | str, sql: str, params: list | None = None) -> pa.Table:
@@ -224,11 +205,11 @@ def query_table(store: Store | str, sql: str, params: list | None = None) -> pa.
     Raises:
         QueryError: the SQL is invalid or fails (the message is DuckDB's).
     """
-    def run(con):
-        rel = con.sql(sql, params=params or None)
-        return rel.to_arrow_table() if rel is not None else pa.table({})
-
-    return _retrying(store, run)
+    con = connect(store)
+    try:
+        return arrow_result(con, sql, params)
+    finally:
+        con.close()
 
 
 def arrow_result(con: duckdb.DuckDBPyConnection, sql: str, params: list | None = None) -> pa.Table:
