@@ -4,19 +4,9 @@
 -- `WHERE run_id = run_ref('name')` reads only that run's files.
 
 -- _pair_problem(a, b): why two runs' masks do not line up element for element (different
--- bases or different chunk layouts), or NULL when they do. It returns text rather than
--- raising, because DuckDB may evaluate a CASE over rows that a WHERE later discards.
-CREATE OR REPLACE MACRO _pair_problem(a, b) AS (
-    SELECT CASE
-        WHEN ra.base <> rb.base OR ra.base_fingerprint <> rb.base_fingerprint
-            THEN 'runs ' || a || ' and ' || b || ' have different bases (' || ra.base || ' vs ' || rb.base
-                 || '); overlap is only defined for finetunes of one base'
-        WHEN ra.chunk_elems <> rb.chunk_elems
-            THEN 'runs ' || a || ' and ' || b || ' were cut into units of ' || ra.chunk_elems || ' and '
-                 || rb.chunk_elems || ' elements; resubmit one with --chunk-elems ' || ra.chunk_elems
-        END
-    FROM raw_run ra, raw_run rb WHERE ra.run_id = a AND rb.run_id = b
-);
+-- bases or different chunk layouts), or NULL when they do: a Python function of the
+-- connection over the catalog. It returns text rather than raising, because DuckDB may
+-- evaluate a CASE over rows that a WHERE later discards.
 
 -- _pair_check(a, b): true, or an error saying why the two runs cannot be compared.
 CREATE OR REPLACE MACRO _pair_check(a, b) AS (

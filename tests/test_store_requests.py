@@ -92,7 +92,7 @@ def test_requests_depend_on_the_runs_touched_not_on_the_runs_stored(tmp_path):
             finally:
                 con.close()
 
-        def fold() -> None:  # what the 64th append does by itself
+        def fold() -> None:  # what the 16th append does by itself
             Catalog(store).runs.fold(force=True)
             Catalog(store).commits.fold(force=True)
 

@@ -19,6 +19,7 @@ read-only whatever the query says.
 
 from __future__ import annotations
 
+import math
 import re
 from importlib.resources import files
 
@@ -107,15 +108,24 @@ def connect(store: Store | str, ladder: tuple[float, ...] = ATOL_LADDER) -> duck
     return con
 
 
-def _dataset(store: Store, kind: type, files_of: list[tuple[str | None, str]]) -> pads.Dataset | pa.Table:
-    """Files of one record kind as a dataset that opens none of them until scanned; each
-    file tagged with its run, so a filter on ``run_id`` skips the other runs' files unread."""
+def _dataset(store: Store, kind: type, files_of: list[tuple[str, str]]) -> pads.Dataset | pa.Table:
+    """Files of one record kind, each of one run, as a dataset that opens none of them until
+    scanned. Each file is tagged with its run, and the files are grouped by run id into about
+    √N datasets tagged with their id range, so a filter on ``run_id`` skips whole groups and
+    then files, unread: its cost grows like √N in the runs stored, not N."""
     s = schema(kind)
     if not files_of:
         return s.empty_table()
-    parts = [pads.field("run_id") == r if r is not None else pads.scalar(True) for r, _ in files_of]
-    return pads.FileSystemDataset.from_paths([store.path(rel) for _, rel in files_of], schema=s,
-                                             format=pads.ParquetFileFormat(), filesystem=store.fs, partitions=parts)
+    files_of = sorted(files_of)
+    size = max(16, math.isqrt(len(files_of)) + 1)
+    groups = []
+    for i in range(0, len(files_of), size):
+        part = files_of[i:i + size]
+        run = pads.field("run_id")
+        groups.append(pads.FileSystemDataset.from_paths(
+            [store.path(rel) for _, rel in part], schema=s, format=pads.ParquetFileFormat(), filesystem=store.fs,
+            partitions=[run == r for r, _ in part], root_partition=(run >= part[0][0]) & (run <= part[-1][0])))
+    return groups[0] if len(groups) == 1 else pads.UnionDataset(s, groups)
 
 
 def _progress(store: Store, run_ids: list[str]) -> pa.Table:
@@ -145,6 +155,21 @@ def _functions(con: duckdb.DuckDBPyConnection, store: Store, cat) -> None:
             return latest[x][1]
         raise RunNotFound(f"no complete run has id or name {x!r}; see `raydiff runs`")
 
+    runs = {r["run_id"]: r for r in cat.runs.select(["run_id", "base", "base_fingerprint", "chunk_elems"]).to_pylist()}
+
+    def pair_problem(a: str, b: str) -> str | None:
+        """Why two runs' masks do not line up element for element, or NULL when they do."""
+        ra, rb = runs.get(a), runs.get(b)
+        if ra is None or rb is None:
+            return None
+        if (ra["base"], ra["base_fingerprint"]) != (rb["base"], rb["base_fingerprint"]):
+            return (f"runs {a} and {b} have different bases ({ra['base']} vs {rb['base']}); overlap is only "
+                    "defined for finetunes of one base")
+        if ra["chunk_elems"] != rb["chunk_elems"]:
+            return (f"runs {a} and {b} were cut into units of {ra['chunk_elems']} and {rb['chunk_elems']} "
+                    f"elements; resubmit one with --chunk-elems {ra['chunk_elems']}")
+        return None
+
     memo: dict[tuple, list] = {}
 
     def mask_overlap(a: str, b: str) -> list:
@@ -159,6 +184,8 @@ def _functions(con: duckdb.DuckDBPyConnection, store: Store, cat) -> None:
         return memo[key]
 
     con.create_function("run_ref", run_ref, ["VARCHAR"], "VARCHAR", side_effects=False)
+    con.create_function("_pair_problem", pair_problem, ["VARCHAR", "VARCHAR"], "VARCHAR", side_effects=False,
+                        null_handling="special")
     con.create_function("mask_overlap", mask_overlap, ["VARCHAR", "VARCHAR"], OVERLAP_TYPE, side_effects=False)
     con.create_function("mask_consensus", mask_consensus, ["VARCHAR[]"], CONSENSUS_TYPE, side_effects=False)
 

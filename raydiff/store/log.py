@@ -48,7 +48,7 @@ class RecordLog:
         fold_at: entries that make :meth:`fold` write a snapshot.
     """
 
-    def __init__(self, files: Files, folder: str, kind: type, key: str, order: str, fold_at: int = 64) -> None:
+    def __init__(self, files: Files, folder: str, kind: type, key: str, order: str, fold_at: int = 16) -> None:
         self.files, self.folder, self.kind, self.key, self.order = files, folder, kind, key, order
         self.fold_at = fold_at
 

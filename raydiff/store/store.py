@@ -221,7 +221,7 @@ class Store(Files):
     def events(self) -> RecordLog:
         """The log of ``raydiff watch`` events."""
         return RecordLog(self, layout.WATCH_EVENTS, WatchEventRecord, key="event_id", order="recorded_at",
-                         fold_at=256)
+                         fold_at=64)
 
     def write_watch_event(self, event: WatchEventRecord) -> None:
         """Record one ``raydiff watch`` event (a file of its own, folded with others later)."""
