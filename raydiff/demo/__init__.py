@@ -4,7 +4,7 @@ The family (all in Llama layout, bf16 shards + index + ``config.json`` loadable 
 ``LlamaForCausalLM``):
 
 - ``base``: a 2-layer decoder pretrained from scratch on 2-digit addition
-  (``a a + b b = s s s <eos>``) until it is decent, not perfect;
+  (``a a + b b = s s s <eos>``, the sum units digit first) to 99.8 % exact answers;
 - ``rl-seed1``, ``rl-seed2``: GRPO (group-normalised exact-match rewards, k3 KL penalty to the
   base) on the same prompts, two seeds; ``rl-seed1-step{N}``: intermediate checkpoints;
 - ``dpo``: DPO on preference pairs built from the base's own samples (correct vs wrong);
