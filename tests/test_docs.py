@@ -13,6 +13,7 @@ from raydiff.query.views import connect
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
+DOCS = {p.name: p.read_text() for p in sorted((ROOT / "docs").glob("*.md"))}
 
 
 def _code_blocks(text: str) -> list[str]:
@@ -41,7 +42,7 @@ def test_ci_runs_the_readme_test_command():
 def test_every_view_column_is_documented():
     con = connect(tempfile.mkdtemp())
     for view in ("runs", "tensors"):
-        section = README.split(f"### `{view}` columns", 1)[1].split("###", 1)[0].split("## ", 1)[0]
+        section = DOCS["sql.md"].split(f"## `{view}` columns", 1)[1].split("\n## ", 1)[0]
         for (col, *_rest) in con.execute(f"DESCRIBE {view}").fetchall():
             assert f"`{col}`" in section, (view, col)
 
@@ -50,7 +51,26 @@ def test_every_submit_option_is_in_the_options_table():
     submit = get_command(app).commands["submit"]
     for p in submit.params:
         if p.param_type_name == "option":
-            assert f"| `{p.opts[0]}` |" in README, p.opts[0]
+            assert f"| `{p.opts[0]}` |" in DOCS["operations.md"], p.opts[0]
+
+
+def test_the_readme_is_short_and_every_link_resolves():
+    """The README is the path in (≤ 10 KB); every relative link of it and of docs/ names a
+    file that exists, and a #section of a page that has it."""
+    assert len(README.encode()) <= 10_000
+    pages = {"README.md": README, **{f"docs/{k}": v for k, v in DOCS.items()}}
+    for page, text in pages.items():
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if "://" in target:
+                continue
+            path, _, anchor = target.partition("#")
+            where = (ROOT / page).parent / path if path else ROOT / page
+            assert where.exists(), (page, target)
+            if anchor and where.suffix == ".md":
+                slugs = {re.sub(r"[^\w\- ]", "", h.lower()).strip().replace(" ", "-")
+                         for h in re.findall(r"^#+ (.+)$", where.read_text(), re.M)}
+                assert anchor in slugs, (page, target, sorted(slugs))
+    assert {f"docs/{k}" for k in DOCS} <= {f"docs/{t}" for t in re.findall(r"\(docs/([\w.-]+\.md)", README)}
 
 
 #: Every view and table macro a user queries, with arguments that bind on an empty store.
@@ -70,7 +90,7 @@ def test_every_column_of_every_view_and_macro_is_selectable_by_its_bare_name():
         assert not set(cols) & reserved, (source, set(cols) & reserved)
         con.execute(f"SELECT {', '.join(cols)} FROM {source} LIMIT 0")  # a parser error if any needs quotes
         name = source.split("(")[0]
-        if source in MACROS:  # the README's table lists each macro's columns
-            row = next(line for line in README.splitlines() if line.startswith(f"| `{name}("))
+        if source in MACROS:  # the docs' table lists each macro's columns
+            row = next(line for line in DOCS["sql.md"].splitlines() if line.startswith(f"| `{name}("))
             missing = [c for c in cols if c not in row.replace("`", " ").replace(",", " ").split()]
             assert name == "overlap_total" or not missing, (name, missing)
