@@ -46,7 +46,9 @@ def and_count(codec_a: str, mask_a: bytes, codec_b: str, mask_b: bytes, n: int) 
         return 0
     pa_ = decode_packed(codec_a, mask_a, n)
     pb = decode_packed(codec_b, mask_b, n)
-    return int(np.bitwise_count(np.bitwise_and(pa_, pb)).sum(dtype=np.int64))
+    whole = pa_.size // 8 * 8  # popcounts of 64-bit words: 8× fewer than of bytes
+    both = int(np.bitwise_count(pa_[:whole].view(np.uint64) & pb[:whole].view(np.uint64)).sum(dtype=np.int64))
+    return both + int(np.bitwise_count(pa_[whole:] & pb[whole:]).sum(dtype=np.int64))
 
 
 def count_histogram(codecs: Sequence[str], masks: Sequence[bytes], n: int) -> list[int]:

@@ -1,0 +1,234 @@
+"""Mutation testing of the code whose bugs would silently change results.
+
+    .venv/bin/pip install -e '.[mutation]'
+    .venv/bin/python tests/mutation/run.py [--budget-minutes 120] [--only kernel masks …] [--out DIR]
+
+Cosmic Ray (``cosmic-ray``) mutates one spot at a time — a comparison, an arithmetic or
+boolean operator, a number, a loop — and runs the tests that cover it; a mutant whose tests
+still pass *survived*. This script runs it over a copy of the repository (the working tree
+is never touched), one target after another:
+
+| target | functions | tests |
+| --- | --- | --- |
+| kernel | ``kernel/diff.py``: cut-offs, rounding, decoding, the numpy path, the fused loops' counts | test_kernel, test_kernel_torch |
+| masks | ``kernel/masks.py``, ``kernel/_gaps.py``: the mask codecs | test_masks |
+| plan | ``plan.py``: pairing, dtypes, units | test_plan |
+| submit | ``run/submit.py``: run identity, resume, --strict | test_submit (resume, strict, atol), test_quirks (strict) |
+| overlap | ``query/overlap.py``: intersections, consensus | test_overlap |
+
+plus hand-written mutants of the overlap macros' SQL (``queries/30_overlap.sql``), which no
+mutation tool for Python reads. Only the named functions are mutated (Cosmic Ray's other
+work items are marked skipped), tests run with a fixed Hypothesis seed, and targets stop
+being started once the budget is spent. It writes ``DIR/report.md`` (every survivor with its
+diff) and ``DIR/<target>.sqlite`` (Cosmic Ray's sessions, resumable); ``docs/mutation.md``
+says why each survivor left standing is harmless.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import difflib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+PYTEST = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "--hypothesis-seed=0"]
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    module: str
+    functions: tuple[str, ...]
+    tests: tuple[str, ...]
+    timeout: float
+
+
+TARGETS = (
+    Target("kernel", "raydiff/kernel/diff.py",
+           ("cutoff", "round_to", "decode", "diff_unit", "_subprecision", "_diff_fused", "_sum_sq", "_touched"),
+           ("tests/test_kernel.py", "tests/test_kernel_torch.py"), 300),
+    Target("masks", "raydiff/kernel/masks.py", ("encode_mask", "encode_packed", "decode_packed", "decode_mask",
+                                                "_decode_gaps"), ("tests/test_masks.py",), 180),
+    Target("gaps", "raydiff/kernel/_gaps.py", ("_put", "encode", "decode"), ("tests/test_masks.py",), 300),
+    Target("plan", "raydiff/plan.py", ("compare_dtype", "unit_elems_for", "_renamed", "_rows", "_ties",
+                                       "match_tensors", "make_plan"), ("tests/test_plan.py",), 180),
+    Target("submit", "raydiff/run/submit.py", ("run_id_for", "_check_strict", "submit"),
+           ("tests/test_submit.py::test_resubmit_resumes_and_never_duplicates",
+            "tests/test_submit.py::test_a_user_atol_and_rel_eta_are_used_end_to_end_and_make_another_run",
+            "tests/test_quirks.py::test_strict_refuses_any_decision"), 600),
+    Target("overlap", "raydiff/query/overlap.py", ("and_count", "count_histogram", "overlap_units",
+                                                   "consensus_units"), ("tests/test_overlap.py",), 600),
+)
+
+#: The mutation operators used: the ones that change a computed number or decision.
+OPERATORS = ("core/ReplaceComparisonOperator", "core/ReplaceBinaryOperator", "core/NumberReplacer",
+             "core/ReplaceTrueWithFalse", "core/ReplaceFalseWithTrue", "core/ReplaceAndWithOr",
+             "core/ReplaceOrWithAnd", "core/AddNot", "core/ReplaceUnaryOperator", "core/ZeroIterationForLoop",
+             "core/ReplaceBreakWithContinue", "core/ReplaceContinueWithBreak")
+
+#: Mutants of the overlap macros (file, text, mutated text, what it breaks).
+SQL_MUTANTS = (
+    ("queries/30_overlap.sql", "changed_both / NULLIF(changed_a, 0) AS o1", "changed_both / NULLIF(changed_b, 0) AS o1",
+     "o1 over the wrong run's changes"),
+    ("queries/30_overlap.sql", "changed_both / NULLIF(changed_a + changed_b - changed_both, 0) AS jaccard",
+     "changed_both / NULLIF(changed_a + changed_b, 0) AS jaccard", "Jaccard without the union's correction"),
+    ("queries/30_overlap.sql", "changed_b / NULLIF(numel, 0) AS o1_random", "changed_a / NULLIF(numel, 0) AS o1_random",
+     "o1's baseline from the wrong run"),
+    ("queries/30_overlap.sql", "sum(changed_both) AS changed_both", "max(changed_both) AS changed_both",
+     "the total of intersections per tensor"),
+    ("queries/30_overlap.sql", "WHERE NOT is_total ORDER BY tensor", "ORDER BY tensor", "overlap() with the total row"),
+    ("queries/35_consensus.sql", "histogram[len(histogram)] AS in_all", "histogram[len(histogram) - 1] AS in_all",
+     "in_all one short"),
+)
+
+
+def _spans(path: Path, names: tuple[str, ...]) -> list[tuple[int, int]]:
+    """Line ranges of the named top-level functions (and methods) of a module."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name in names:
+            out.append((node.lineno, node.end_lineno or node.lineno))
+    missing = set(names) - {n.name for n in ast.walk(ast.parse(path.read_text()))
+                            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+    if missing:
+        raise SystemExit(f"{path}: no function {sorted(missing)}")
+    return out
+
+
+def _copy(dst: Path) -> None:
+    """The tracked files and the working tree's changes, with raydiff.cli and raydiff.queries
+    importable from the copy (as the wheel installs them)."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, check=True,
+                           capture_output=True, text=True).stdout.split()
+    for f in files:
+        (dst / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / f, dst / f)
+    (dst / "raydiff" / "cli").symlink_to(dst / "cli", target_is_directory=True)
+    (dst / "raydiff" / "queries").symlink_to(dst / "queries", target_is_directory=True)
+
+
+def _env(copy: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = str(copy)
+    env["NUMBA_CACHE_DIR"] = str(copy / ".numba-cache")  # the copy's compiled loops, not the tree's
+    return env
+
+
+def run_target(t: Target, copy: Path, out: Path) -> dict:
+    from cosmic_ray.work_db import WorkDB, use_db
+    from cosmic_ray.work_item import WorkerOutcome, WorkResult
+
+    session = out / f"{t.name}.sqlite"
+    config = out / f"{t.name}.toml"
+    command = " ".join([*PYTEST, *t.tests])
+    config.write_text(f"""[cosmic-ray]
+module-path = "{t.module}"
+timeout = {t.timeout}
+excluded-modules = []
+test-command = "{command}"
+
+[cosmic-ray.distributor]
+name = "local"
+""")
+    env = _env(copy)
+    if not session.exists():
+        subprocess.run([sys.executable, "-m", "cosmic_ray.cli", "init", str(config), str(session)], cwd=copy,
+                       env=env, check=True, capture_output=True)
+        spans = _spans(copy / t.module, t.functions)
+        with use_db(str(session), WorkDB.Mode.open) as db:
+            for item in list(db.pending_work_items):
+                spec = item.mutations[0]
+                inside = any(a <= spec.start_pos[0] <= b for a, b in spans)
+                if not inside or not spec.operator_name.startswith(OPERATORS):
+                    db.set_result(item.job_id, WorkResult(worker_outcome=WorkerOutcome.SKIPPED))
+    t0 = time.time()
+    subprocess.run([sys.executable, "-m", "cosmic_ray.cli", "exec", str(config), str(session)], cwd=copy, env=env,
+                   check=True)
+    with use_db(str(session), WorkDB.Mode.open) as db:
+        results = list(db.completed_work_items)
+    survivors, killed, other = [], 0, 0
+    for item, result in results:
+        if result.worker_outcome == WorkerOutcome.SKIPPED:
+            continue
+        if result.test_outcome is not None and result.test_outcome.name == "SURVIVED":
+            survivors.append({"where": f"{t.module}:{item.mutations[0].start_pos[0]}",
+                              "operator": item.mutations[0].operator_name, "diff": result.diff})
+        elif result.test_outcome is not None and result.test_outcome.name == "KILLED":
+            killed += 1
+        else:
+            other += 1
+    return {"target": t.name, "killed": killed, "survived": len(survivors), "other": other,
+            "minutes": (time.time() - t0) / 60, "survivors": survivors}
+
+
+def run_sql(copy: Path) -> dict:
+    survivors, killed = [], 0
+    t0 = time.time()
+    for rel, text, mutated, what in SQL_MUTANTS:
+        path = copy / rel
+        original = path.read_text()
+        assert text in original, (rel, text)
+        path.write_text(original.replace(text, mutated, 1))
+        try:
+            r = subprocess.run([*PYTEST, "tests/test_overlap.py"], cwd=copy, env=_env(copy), capture_output=True)
+        finally:
+            path.write_text(original)
+        if r.returncode == 0:
+            diff = "".join(difflib.unified_diff(original.splitlines(True), original.replace(text, mutated, 1)
+                                                .splitlines(True), rel, rel))
+            survivors.append({"where": rel, "operator": f"sql: {what}", "diff": diff})
+        else:
+            killed += 1
+    return {"target": "overlap SQL", "killed": killed, "survived": len(survivors), "other": 0,
+            "minutes": (time.time() - t0) / 60, "survivors": survivors}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--budget-minutes", type=float, default=180.0)
+    ap.add_argument("--only", nargs="*", default=None, help=f"targets: {' '.join(t.name for t in TARGETS)} sql")
+    ap.add_argument("--out", default=str(ROOT / ".mutation"))
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    copy = Path(tempfile.mkdtemp(prefix="raydiff-mutation-"))
+    _copy(copy)
+    start = time.time()
+    reports = []
+    try:
+        for t in TARGETS:
+            if args.only and t.name not in args.only:
+                continue
+            if (time.time() - start) / 60 > args.budget_minutes:
+                print(f"budget spent: {t.name} not started", flush=True)
+                continue
+            print(f"target {t.name}: {t.module}", flush=True)
+            reports.append(run_target(t, copy, out))
+            print(json.dumps({k: v for k, v in reports[-1].items() if k != "survivors"}), flush=True)
+        if not args.only or "sql" in args.only:
+            reports.append(run_sql(copy))
+            print(json.dumps({k: v for k, v in reports[-1].items() if k != "survivors"}), flush=True)
+    finally:
+        shutil.rmtree(copy, ignore_errors=True)
+    lines = ["# Mutation testing: survivors", "", "| target | killed | survived | other | minutes |",
+             "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['target']} | {r['killed']} | {r['survived']} | {r['other']} | {r['minutes']:.0f} |"
+              for r in reports]
+    for r in reports:
+        for s in r["survivors"]:
+            lines += ["", f"## {s['where']} — {s['operator']}", "", "```diff", s["diff"].rstrip(), "```"]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    print(f"report: {out / 'report.md'}")
+
+
+if __name__ == "__main__":
+    main()

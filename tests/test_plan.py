@@ -1,0 +1,121 @@
+"""The planner alone (no Ray): every tensor of either side gets a row, every decision its
+status, and the units tile each compared tensor exactly, on whole rows, at offsets that
+depend only on the shape and the chunk size."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from builders import write_checkpoint
+from raydiff.errors import PlanProblem
+from raydiff.inputs.checkpoint import load_checkpoint
+from raydiff.options import DiffOptions
+from raydiff.plan import compare_dtype, make_plan, match_tensors, unit_elems_for
+
+
+def _ck(path, tensors, config=None):
+    return load_checkpoint(write_checkpoint(path, tensors, config=config))
+
+
+def test_every_decision_has_its_status_match_and_note(tmp_path):
+    z = torch.zeros
+    base = {"same": z(4, 3).bfloat16(), "widen": z(5).bfloat16(), "model.embed_tokens.weight": z(6, 2),
+            "rows": z(7, 3), "shape": z(2, 3), "ints": z(4, dtype=torch.int32), "gone": z(2),
+            "old.name": z(3)}
+    tuned = {"same": z(4, 3).bfloat16(), "widen": z(5), "model.embed_tokens.weight": z(6, 2), "lm_head.weight": z(6, 2),
+             "rows": z(9, 3), "shape": z(3, 2), "ints": z(4), "new": z(1), "new.name": z(3)}
+    b = _ck(tmp_path / "b", base, config={"tie_word_embeddings": True})
+    t = _ck(tmp_path / "t", tuned)
+    rows = {(p.name, p.status): p for p in match_tensors(b, t, DiffOptions(rename=(("old.", "new."),)))}
+    got = {k: (p.match, p.compare_dtype) for k, p in rows.items()}
+    assert got == {
+        ("same", "ok"): ("exact", "BF16"),
+        ("widen", "ok"): ("dtype_widened", "F32"),
+        ("model.embed_tokens.weight", "ok"): ("exact", "F32"),
+        ("lm_head.weight", "ok"): ("tied_in_base", "F32"),
+        ("rows", "ok"): ("resized_rows", "F32"),
+        ("rows", "rows_only_in_tuned"): ("resized_rows", None),
+        ("shape", "shape_mismatch"): ("none", None),
+        ("ints", "dtype_mismatch"): ("none", None),
+        ("gone", "only_in_base"): ("none", None),
+        ("new", "only_in_tuned"): ("none", None),
+        ("new.name", "ok"): ("renamed", "F32"),
+    }
+    assert rows[("rows", "ok")].base.shape == rows[("rows", "ok")].tuned.shape == (7, 3)
+    assert rows[("rows", "rows_only_in_tuned")].tuned.shape == (2, 3)
+    assert rows[("rows", "rows_only_in_tuned")].tuned.offset == t.tensors["rows"].offset + 7 * 3 * 4
+    assert "rows 7…8 (2 rows) exist only in tuned" in rows[("rows", "rows_only_in_tuned")].note
+    assert "[2, 3] in base, [3, 2] in tuned" in rows[("shape", "shape_mismatch")].note
+    assert "'old.name' in base" in rows[("new.name", "ok")].note
+    assert "ties it to model.embed_tokens.weight" in rows[("lm_head.weight", "ok")].note
+    assert rows[("lm_head.weight", "ok")].base.name == "model.embed_tokens.weight"
+
+
+def test_a_tie_needs_the_config_and_the_other_side_to_have_the_head(tmp_path):
+    z = torch.zeros
+    b = _ck(tmp_path / "b", {"model.embed_tokens.weight": z(6, 2)})
+    t = _ck(tmp_path / "t", {"model.embed_tokens.weight": z(6, 2), "lm_head.weight": z(6, 2)})
+    statuses = {p.name: p.status for p in match_tensors(b, t, DiffOptions())}
+    assert statuses["lm_head.weight"] == "only_in_tuned"  # no tie_word_embeddings: not paired
+
+
+def test_rename_rules_first_match_wins_and_collisions_are_refused(tmp_path):
+    z = torch.zeros
+    b = _ck(tmp_path / "b", {"a.b.x": z(2), "a.y": z(2)})
+    t = _ck(tmp_path / "t", {"m.x": z(2), "n.y": z(2)})
+    rows = {p.name: p for p in match_tensors(b, t, DiffOptions(rename=(("a.b.", "m."), ("a.", "n."))))}
+    assert {n: p.status for n, p in rows.items()} == {"m.x": "ok", "n.y": "ok"}
+    with pytest.raises(PlanProblem, match="^rename maps both 'a.b.x' and 'a.y' of base to 'c.x'"):
+        match_tensors(b, t, DiffOptions(rename=(("a.b.x", "c.x"), ("a.y", "c.x"))))
+
+
+def test_compare_dtype_is_the_narrowest_exact_float():
+    assert compare_dtype("BF16", "BF16") == "BF16"
+    assert compare_dtype("BF16", "F16") == compare_dtype("F8_E4M3", "BF16") == compare_dtype("F32", "F16") == "F32"
+    assert compare_dtype("F64", "BF16") == compare_dtype("F32", "F64") == "F64"
+    assert compare_dtype("I32", "F32") is None and compare_dtype("I8", "U8") is None
+    assert compare_dtype("I32", "I32") == "I32"
+
+
+@settings(max_examples=120, deadline=None)
+@given(shape=st.lists(st.integers(0, 40), min_size=0, max_size=3), chunk=st.integers(1024, 5000))
+def test_units_tile_each_tensor_on_whole_rows(shape, chunk):
+    """Units cover [0, numel) exactly once, in order; for ≥ 2-D tensors each is whole rows of
+    the last dimension and as many rows as fit the chunk (at least one)."""
+    shape = tuple(shape)
+    numel = 1
+    for d in shape:
+        numel *= d
+    unit, row = unit_elems_for(shape, chunk)
+    if len(shape) >= 2 and shape[-1] > 0:
+        assert row == shape[-1] and unit == max(1, chunk // row) * row
+    else:
+        assert (unit, row) == (chunk, 0)
+    starts = list(range(0, numel, unit))
+    spans = [(s, min(numel, s + unit)) for s in starts]
+    assert sum(e - s for s, e in spans) == numel
+    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+    if row:
+        assert all(s % row == 0 and e % row == 0 for s, e in spans)
+
+
+def test_the_plan_numbers_units_and_matrices_in_name_order(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    base = {"b.w": torch.randn(300, 7, generator=g), "a.v": torch.randn(5000, generator=g),
+            "c.i": torch.zeros(3, 3, dtype=torch.int32), "d.m": torch.randn(4, 5, 6, generator=g)}
+    b = _ck(tmp_path / "b", base)
+    plan = make_plan(b, b, DiffOptions(chunk_elems=1024))
+    assert [t.name for t in plan.tensors] == ["a.v", "b.w", "c.i", "d.m"]
+    assert [u.unit_id for u in plan.units] == list(range(len(plan.units)))
+    for t in plan.tensors:
+        mine = [u for u in plan.units if u.tensor_index == t.index]
+        assert [u.unit_id for u in mine] == list(range(t.first_unit, t.first_unit + t.n_units))
+        assert mine[0].start == 0 and mine[-1].stop == t.numel
+    # a spectrum for each 2-D float matrix only, and none with --rank off
+    assert [s.tensor for s in plan.spectra] == ["b.w"]
+    assert make_plan(b, b, DiffOptions(rank="off")).spectra == ()
+    assert plan.input_bytes == sum(u.nbytes for u in plan.units) == 2 * sum(t.numel() * t.element_size()
+                                                                           for t in base.values())
