@@ -11,8 +11,9 @@ popcounts release the GIL — so their cost is the masks of those runs, not the 
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 
 import duckdb
 import numpy as np
@@ -44,11 +45,9 @@ def and_count(codec_a: str, mask_a: bytes, codec_b: str, mask_b: bytes, n: int) 
     """
     if codec_a == CODEC_EMPTY or codec_b == CODEC_EMPTY:
         return 0
-    pa_ = decode_packed(codec_a, mask_a, n)
-    pb = decode_packed(codec_b, mask_b, n)
-    whole = pa_.size // 8 * 8  # popcounts of 64-bit words: 8× fewer than of bytes
-    both = int(np.bitwise_count(pa_[:whole].view(np.uint64) & pb[:whole].view(np.uint64)).sum(dtype=np.int64))
-    return both + int(np.bitwise_count(pa_[whole:] & pb[whole:]).sum(dtype=np.int64))
+    from raydiff.kernel._gaps import and_count as packed_and_count
+
+    return int(packed_and_count(decode_packed(codec_a, mask_a, n), decode_packed(codec_b, mask_b, n)))
 
 
 def count_histogram(codecs: Sequence[str], masks: Sequence[bytes], n: int) -> list[int]:
@@ -62,23 +61,33 @@ def count_histogram(codecs: Sequence[str], masks: Sequence[bytes], n: int) -> li
 
 
 class _Units:
-    """One complete run's ``units.parquet``: its unit keys up front, its masks by row group."""
+    """One complete run's ``units.parquet``: where each unit is (row group, row), and its
+    row groups read by whichever thread asks, each thread through a file of its own."""
 
     def __init__(self, store: Store, run_id: str) -> None:
-        self.file = pq.ParquetFile(store.path(layout.units_file(run_id)), filesystem=store.fs)
+        self.path, self.fs = store.path(layout.units_file(run_id)), store.fs
+        self._local = threading.local()
+        meta = self.file.metadata
+        sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+        self.groups = len(sizes)
         keys = self.file.read(columns=list(_KEY))
-        groups = np.repeat(np.arange(self.file.num_row_groups),
-                           [self.file.metadata.row_group(i).num_rows for i in range(self.file.num_row_groups)])
-        offsets = np.concatenate([[0], np.cumsum([self.file.metadata.row_group(i).num_rows
-                                                  for i in range(self.file.num_row_groups)])])
-        self.where = {k: (int(g), i - int(offsets[g]))
-                      for i, (k, g) in enumerate(zip(zip(*(keys.column(c).to_pylist() for c in _KEY)), groups))}
-        self._cached: tuple[int, pa.Table] | None = None
+        group_of = np.repeat(np.arange(len(sizes)), sizes)
+        offsets = np.concatenate([[0], np.cumsum(sizes)])
+        self.keys = list(zip(*(keys.column(c).to_pylist() for c in _KEY)))
+        self.where = {k: (int(g), i - int(offsets[g])) for i, (k, g) in enumerate(zip(self.keys, group_of))}
+
+    @property
+    def file(self) -> pq.ParquetFile:
+        f = getattr(self._local, "file", None)
+        if f is None:
+            f = self._local.file = pq.ParquetFile(self.path, filesystem=self.fs)
+        return f
 
     def group(self, g: int) -> pa.Table:
-        if self._cached is None or self._cached[0] != g:
-            self._cached = (g, self.file.read_row_group(g, columns=_COLS))
-        return self._cached[1]
+        cached = getattr(self._local, "cached", None)
+        if cached is None or cached[0] != g:
+            cached = self._local.cached = (g, self.file.read_row_group(g, columns=_COLS))
+        return cached[1]
 
 
 def _mask(table: pa.Table, i: int) -> tuple[str, pa.Buffer | bytes]:
@@ -94,65 +103,65 @@ def _workers() -> int:
 def overlap_units(store: Store, run_a: str, run_b: str) -> list[dict]:
     """Per tensor compared in both complete runs: elements, changed in each, changed in both.
 
-    Units pair by ``(tensor, start, stop)``; a run's file is read row group by row group and
-    the other's row groups as the pairs need them, so memory stays near one tensor's masks.
+    Units pair by ``(tensor, start, stop)``. Each row group of the first run (a tensor) is
+    one task of a thread pool: it reads that row group and the other run's row groups it
+    pairs with, and intersects their masks — reading, decompressing and counting all run
+    outside the GIL, so memory stays near a tensor's masks per thread.
     """
     a, b = _Units(store, run_a), _Units(store, run_b)
+
+    def task(g: int) -> list[tuple[str, int, int, int, int]]:
+        ta = a.group(g)
+        out = []
+        for i, key in enumerate(zip(*(ta.column(c).to_pylist() for c in _KEY))):
+            at = b.where.get(key)
+            if at is None:
+                continue
+            tb = b.group(at[0])
+            n = key[2] - key[1]
+            out.append((key[0], n, ta.column("changed")[i].as_py(), tb.column("changed")[at[1]].as_py(),
+                        and_count(*_mask(ta, i), *_mask(tb, at[1]), n)))
+        return out
+
     totals: dict[str, list[int]] = {}
-    pending: list[Future] = []
     with ThreadPoolExecutor(_workers()) as pool:
-        for g in range(a.file.num_row_groups):
-            ta = a.file.read_row_group(g, columns=_COLS)
-            jobs = []
-            for i, key in enumerate(zip(*(ta.column(c).to_pylist() for c in _KEY))):
-                at = b.where.get(key)
-                if at is None:
-                    continue
-                tb = b.group(at[0])
-                n = key[2] - key[1]
-                t = totals.setdefault(key[0], [0, 0, 0, 0])
+        for rows in pool.map(task, range(a.groups)):
+            for tensor, n, ca, cb, both in rows:
+                t = totals.setdefault(tensor, [0, 0, 0, 0])
                 t[0] += n
-                t[1] += ta.column("changed")[i].as_py()
-                t[2] += tb.column("changed")[at[1]].as_py()
-                jobs.append((key[0], *_mask(ta, i), *_mask(tb, at[1]), n))
-            pending.append(pool.submit(lambda js: [(j[0], and_count(*j[1:])) for j in js], jobs))
-            if len(pending) > 2 * _workers():  # keep the masks in flight bounded
-                _collect(pending.pop(0), totals)
-        for f in pending:
-            _collect(f, totals)
+                t[1] += ca
+                t[2] += cb
+                t[3] += both
     return [dict(tensor=k, numel=v[0], changed_a=v[1], changed_b=v[2], changed_both=v[3])
             for k, v in sorted(totals.items())]
 
 
-def _collect(f: Future, totals: dict[str, list[int]]) -> None:
-    for tensor, both in f.result():
-        totals[tensor][3] += both
-
-
 def consensus_units(store: Store, run_ids: Sequence[str]) -> list[dict]:
     """Per tensor compared in every one of the complete runs: elements, and how many are
-    changed in exactly k of them for k = 0 … N (``histogram``)."""
+    changed in exactly k of them for k = 0 … N (``histogram``); one task per row group of the
+    first run, as :func:`overlap_units`."""
     ids = list(dict.fromkeys(run_ids))  # a run named twice counts once
     runs = [_Units(store, r) for r in ids]
     first = runs[0]
+
+    def task(g: int) -> list[tuple[str, int, list[int]]]:
+        t0 = first.group(g)
+        out = []
+        for i, key in enumerate(zip(*(t0.column(c).to_pylist() for c in _KEY))):
+            places = [r.where.get(key) for r in runs[1:]]
+            if any(p is None for p in places):
+                continue
+            masks = [_mask(t0, i)] + [_mask(r.group(p[0]), p[1]) for r, p in zip(runs[1:], places)]
+            n = key[2] - key[1]
+            out.append((key[0], n, count_histogram([m[0] for m in masks], [m[1] for m in masks], n)))
+        return out
+
     hist: dict[str, np.ndarray] = {}
     numel: dict[str, int] = {}
-    pending: list[Future] = []
     with ThreadPoolExecutor(_workers()) as pool:
-        for g in range(first.file.num_row_groups):
-            t0 = first.file.read_row_group(g, columns=_COLS)
-            jobs = []
-            for i, key in enumerate(zip(*(t0.column(c).to_pylist() for c in _KEY))):
-                places = [r.where.get(key) for r in runs[1:]]
-                if any(p is None for p in places):
-                    continue
-                masks = [_mask(t0, i)] + [_mask(r.group(p[0]), p[1]) for r, p in zip(runs[1:], places)]
-                n = key[2] - key[1]
-                numel[key[0]] = numel.get(key[0], 0) + n
-                jobs.append((key[0], [m[0] for m in masks], [m[1] for m in masks], n))
-            pending.append(pool.submit(lambda js: [(j[0], count_histogram(*j[1:])) for j in js], jobs))
-        for f in pending:
-            for tensor, h in f.result():
+        for rows in pool.map(task, range(first.groups)):
+            for tensor, n, h in rows:
+                numel[tensor] = numel.get(tensor, 0) + n
                 hist[tensor] = hist.get(tensor, 0) + np.asarray(h, np.int64)
     return [dict(tensor=k, numel=numel[k], histogram=[int(x) for x in hist[k]]) for k in sorted(hist)]
 
