@@ -1,17 +1,35 @@
 -- tensor_modules: tensors of complete runs with their transformer layer index (NULL outside
--- the layer stack) and module kind: q, k, v, o, gate, up, down, norm, embed, lm_head or other.
+-- the layer stack), their expert (NULL outside a mixture of experts' per-expert tensors; a
+-- stack of experts spans them all, see `experts`) and module kind: q, k, v, o, qkv (fused),
+-- gate, up, down, gate_up (fused), norm, embed, lm_head, router, expert_gate, expert_up,
+-- expert_down, expert_gate_up, shared_gate, shared_up, shared_down, shared_gate_up,
+-- shared_router or other.
 CREATE OR REPLACE VIEW tensor_modules AS
 SELECT
     t.*,
     TRY_CAST(regexp_extract(t.tensor, '\.(?:layers|h|blocks|layer)\.(\d+)\.', 1) AS INTEGER) AS layer,
+    TRY_CAST(regexp_extract(t.tensor, '\.experts\.(\d+)\.', 1) AS INTEGER) AS expert,
     CASE
         WHEN regexp_matches(t.tensor, 'norm|\.ln_?\d*\.|layernorm') THEN 'norm'
         WHEN regexp_matches(t.tensor, 'embed|wte|wpe|tok_embeddings') THEN 'embed'
         WHEN regexp_matches(t.tensor, 'lm_head|\.output\.weight$') THEN 'lm_head'
-        WHEN regexp_matches(t.tensor, 'q_proj|\.wq\.|query') THEN 'q'
+        WHEN regexp_matches(t.tensor, 'shared_experts?_gate\.') THEN 'shared_router'
+        WHEN regexp_matches(t.tensor, '\.(?:mlp|block_sparse_moe|moe|feed_forward)\.(?:gate|router)\.|\.router\.') THEN 'router'
+        WHEN regexp_matches(t.tensor, '(?:shared_experts?|experts)\.(?:\d+\.)?') THEN
+            CASE WHEN regexp_matches(t.tensor, 'shared_experts?\.') THEN 'shared_' ELSE 'expert_' END ||
+            CASE
+                WHEN regexp_matches(t.tensor, 'gate_up_proj') THEN 'gate_up'
+                WHEN regexp_matches(t.tensor, 'gate_proj|\.w1\.') THEN 'gate'
+                WHEN regexp_matches(t.tensor, 'up_proj|\.w3\.') THEN 'up'
+                WHEN regexp_matches(t.tensor, 'down_proj|\.w2\.') THEN 'down'
+                ELSE 'other'
+            END
+        WHEN regexp_matches(t.tensor, 'qkv_proj|query_key_value|c_attn|Wqkv') THEN 'qkv'
+        WHEN regexp_matches(t.tensor, 'q_proj|q_a_proj|q_b_proj|\.wq\.|query') THEN 'q'
         WHEN regexp_matches(t.tensor, 'k_proj|\.wk\.|key') THEN 'k'
         WHEN regexp_matches(t.tensor, 'v_proj|\.wv\.|value') THEN 'v'
         WHEN regexp_matches(t.tensor, 'o_proj|\.wo\.|out_proj|attn\.dense|c_proj') THEN 'o'
+        WHEN regexp_matches(t.tensor, 'gate_up_proj') THEN 'gate_up'
         WHEN regexp_matches(t.tensor, 'gate_proj|\.w1\.') THEN 'gate'
         WHEN regexp_matches(t.tensor, 'up_proj|\.w3\.|fc1|c_fc') THEN 'up'
         WHEN regexp_matches(t.tensor, 'down_proj|\.w2\.|fc2') THEN 'down'
@@ -62,3 +80,42 @@ SELECT run_id, pos, criterion, threshold,
 FROM c
 GROUP BY run_id, pos, criterion, threshold
 ORDER BY run_id, pos;
+
+-- experts: per run, layer and expert of a mixture of experts, and per expert module kind
+-- (module = '*' for all of the expert's matrices): element-weighted sparsity and the rank
+-- of ΔW per matrix. Experts stored one tensor each (mlp.experts.{e}.gate_proj.weight) and
+-- stacks of experts (mlp.experts.gate_up_proj, experts × rows × cols: counts from the
+-- units, which never straddle two experts; one spectrum per expert) both appear.
+CREATE OR REPLACE VIEW experts AS
+WITH stacked AS (
+    SELECT u.run_id, u.tensor_index, u."start" // (p.numel // p.experts) AS expert,
+           sum(u.numel) AS numel, sum(u.changed) AS changed
+    FROM units AS u
+    JOIN plan AS p ON p.run_id = u.run_id AND p.tensor_index = u.tensor_index
+    WHERE p.experts > 0
+    GROUP BY ALL
+),
+matrices AS (
+    SELECT run_id, tensor, layer, expert, module, numel, changed, rank, max_rank
+    FROM tensor_modules
+    WHERE status = 'ok' AND expert IS NOT NULL
+    UNION ALL
+    SELECT m.run_id, m.tensor, m.layer, x.expert, m.module, x.numel, x.changed, s.rank, s.max_rank
+    FROM stacked AS x
+    JOIN tensor_modules AS m ON m.run_id = x.run_id AND m.tensor_index = x.tensor_index
+    LEFT JOIN spectra AS s ON s.run_id = x.run_id AND s.tensor_index = x.tensor_index AND s.expert = x.expert
+)
+SELECT
+    run_id,
+    layer,
+    expert,
+    CASE WHEN grouping(module) = 1 THEN '*' ELSE module END AS module,
+    count(*) AS n_matrices,
+    sum(numel) AS numel,
+    sum(changed) AS changed,
+    1 - sum(changed) / NULLIF(sum(numel), 0) AS sparsity,
+    avg(rank / NULLIF(max_rank, 0)) AS mean_rank_ratio,
+    min(rank / NULLIF(max_rank, 0)) AS min_rank_ratio
+FROM matrices
+GROUP BY GROUPING SETS ((run_id, layer, expert, module), (run_id, layer, expert))
+ORDER BY run_id, layer NULLS FIRST, expert, module;

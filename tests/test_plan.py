@@ -119,3 +119,34 @@ def test_the_plan_numbers_units_and_matrices_in_name_order(tmp_path):
     assert make_plan(b, b, DiffOptions(rank="off")).spectra == ()
     assert plan.input_bytes == sum(u.nbytes for u in plan.units) == 2 * sum(t.numel() * t.element_size()
                                                                            for t in base.values())
+
+
+def test_layout_decisions_slice_fused_rows_pair_scales_and_keep_units_inside_experts(tmp_path):
+    z = torch.zeros
+    p = "model.layers.0"
+    split = {f"{p}.self_attn.q_proj.weight": z(32, 8), f"{p}.self_attn.k_proj.weight": z(16, 8),
+             f"{p}.self_attn.v_proj.weight": z(16, 8), f"{p}.mlp.experts.down_proj": z(3, 8, 5),
+             f"{p}.mlp.w.weight": z(300, 200).to(torch.float8_e4m3fn), f"{p}.mlp.w.weight_scale_inv": z(3, 2)}
+    fused = {f"{p}.self_attn.qkv_proj.weight": z(64, 8), f"{p}.mlp.experts.down_proj": z(3, 8, 5),
+             f"{p}.mlp.w.weight": z(300, 200).bfloat16()}
+    config = {"num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "hidden_size": 32}
+    b, t = _ck(tmp_path / "b", split, config), _ck(tmp_path / "t", fused, config)
+    plan = make_plan(b, t, DiffOptions(chunk_elems=1024))
+    by = {(x.name, x.status): x for x in plan.tensors}
+    qkv = t.tensors[f"{p}.self_attn.qkv_proj.weight"]
+    for name, first, rows in (("q_proj", 0, 32), ("k_proj", 32, 16), ("v_proj", 48, 16)):
+        x = by[(f"{p}.self_attn.{name}.weight", "ok")]
+        assert x.match == "fused_slice" and x.tuned.shape == (rows, 8) and x.tuned.offset == qkv.offset + first * 8 * 4
+        assert f"rows {first}…{first + rows - 1} of tuned's fused" in x.note
+    assert by[(f"{p}.self_attn.qkv_proj.weight", "fused")].tuned is qkv
+    w = by[(f"{p}.mlp.w.weight", "ok")]
+    assert (w.match, w.compare_dtype, w.tuned_scale) == ("fp8_block_scaled+dtype_widened", "F32", None)
+    assert w.base_scale.scale.name == f"{p}.mlp.w.weight_scale_inv" and (w.base_scale.rows, w.base_scale.cols) == (128, 128)
+    assert {u.base_scale for u in plan.units if u.tensor == w.name} == {w.base_scale}
+    assert by[(f"{p}.mlp.w.weight_scale_inv", "block_scale")].base is not None
+    stack = by[(f"{p}.mlp.experts.down_proj", "ok")]
+    units = [(u.start, u.stop) for u in plan.units if u.tensor_index == stack.index]
+    assert stack.experts == 3 and units == [(0, 40), (40, 80), (80, 120)]  # one per expert, though 1024 would hold all
+    spectra = [s for s in plan.spectra if s.tensor_index == stack.index]
+    assert [(s.expert, s.base.shape, s.base.offset) for s in spectra] == [
+        (e, (8, 5), b.tensors[stack.name].offset + e * 40 * 4) for e in range(3)]

@@ -43,7 +43,7 @@ from raydiff.cli.main import app
 from raydiff.errors import QueryError, StoreError
 from raydiff.kernel.masks import decode_mask
 from raydiff.options import ClusterOptions, DiffOptions, SubmitOptions
-from raydiff.records import RunRecord, from_table
+from raydiff.records import RunRecord, UnitRecord, from_table
 from raydiff.store import Store
 from raydiff.run.submit import SubmitResult, submit
 from raydiff.query.views import connect, query
@@ -581,6 +581,36 @@ def test_two_processes_submit_one_run_into_one_store(small_pairs, small_referenc
         assert p.returncode == 0, err
         assert out.strip() == ref.result.run_id
     _check_complete(store, [ref])
+
+
+def test_a_part_written_as_another_process_commits_the_run_is_dropped(small_references, tmp_path, monkeypatch):
+    """The race the two-process test hits now and then, made certain: an actor's unit (or
+    spectrum) file is being written when the other submission commits the run and removes
+    the folder under it. The run is complete, so the write is dropped; for a run that is
+    not complete the same failure is an error."""
+    import raydiff.store.files as files
+    from raydiff.store import layout
+
+    ref = small_references[0]
+    store = tmp_path / "store"
+    shutil.copytree(ref.store, store)
+    run_id = ref.result.run_id
+    s = Store(str(store))
+    (unit,) = [u for u in from_table(pq.read_table(store / "runs" / run_id / "units.parquet"), UnitRecord)
+               if u.unit_id == 0]
+    real = files._write_parquet
+
+    def folder_removed_meanwhile(table, path, fs):
+        shutil.rmtree(Path(path).parent, ignore_errors=True)
+        return real(table, path, fs)
+
+    monkeypatch.setattr(files, "_write_parquet", folder_removed_meanwhile)
+    s.write_unit(unit)  # complete: dropped, nothing raised
+    assert not (store / layout.units_dir(run_id)).exists()
+    assert _results(store, run_id) == ref.results
+    (store / layout.commit_file(run_id)).unlink()  # now as if the run were still incomplete
+    with pytest.raises(FileNotFoundError):
+        s.write_unit(unit)
 
 
 # -------------------------------------------------------------------- 3. SQL is read-only

@@ -12,7 +12,7 @@ is never touched), one target after another:
 | --- | --- | --- |
 | kernel | ``kernel/diff.py``: cut-offs, rounding, decoding, the numpy path, the fused loops' counts | test_kernel, test_kernel_torch |
 | masks | ``kernel/masks.py``, ``kernel/_gaps.py``: the mask codecs | test_masks |
-| plan | ``plan.py``: pairing, dtypes, units | test_plan |
+| plan, units, formats | ``plan/``: pairing, dtypes, units, FP8 block grids, fused slices, expert stacks | test_plan (formats: + test_formats' grid errors) |
 | submit | ``run/submit.py``: run identity, resume, --strict | test_submit (resume, strict, atol), test_quirks (strict) |
 | overlap | ``query/overlap.py``: intersections, consensus | test_overlap |
 
@@ -59,8 +59,12 @@ TARGETS = (
     Target("masks", "raydiff/kernel/masks.py", ("encode_mask", "encode_packed", "decode_packed", "decode_mask",
                                                 "_decode_gaps"), ("tests/test_masks.py",), 180),
     Target("gaps", "raydiff/kernel/_gaps.py", ("_put", "encode", "decode"), ("tests/test_masks.py",), 300),
-    Target("plan", "raydiff/plan.py", ("compare_dtype", "unit_elems_for", "_renamed", "_rows", "_ties",
-                                       "match_tensors", "make_plan"), ("tests/test_plan.py",), 180),
+    Target("plan", "raydiff/plan/match.py", ("compare_dtype", "_renamed", "_ties", "_split_fused", "match_tensors",
+                                             "_pair"), ("tests/test_plan.py",), 180),
+    Target("units", "raydiff/plan/units.py", ("unit_elems_for", "_starts", "make_plan"), ("tests/test_plan.py",), 180),
+    Target("formats", "raydiff/plan/formats.py", ("rows_of", "matrix_of", "block_size", "block_scales", "fused_split",
+                                                  "_sizes", "expert_stack"),
+           ("tests/test_plan.py", "tests/test_formats.py::test_mismatched_block_grid_is_a_clear_error"), 240),
     Target("submit", "raydiff/run/submit.py", ("run_id_for", "_check_strict", "submit"),
            ("tests/test_submit.py::test_resubmit_resumes_and_never_duplicates",
             "tests/test_submit.py::test_a_user_atol_and_rel_eta_are_used_end_to_end_and_make_another_run",
