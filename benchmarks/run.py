@@ -86,7 +86,7 @@ def machine(work: Path) -> dict[str, float]:
     a = np.ones(1 << 28, np.uint8)
     b = np.empty_like(a)
     copy = a.nbytes / _best(lambda: np.copyto(b, a))
-    del a, b
+    a = b = None  # free the 512 MB before the read test
     f = work / "read.bin"
     if not f.exists():
         with open(f, "wb") as fh:
@@ -351,6 +351,53 @@ def gpu() -> None:
           f"1024×{k} exact rank CPU {cpu_ref.rank} = GPU {gpu_ref.rank}")
 
 
+def science(full: bool) -> None:
+    """The follow-up metrics' added cost per 4096×14336 bf16 matrix (the largest of an 8 B
+    Llama), each part timed alone on this machine's cores and on the GPU where there is one:
+    what `--subspace-k 16` and the magnitude masks add to the matrix pass of `--rank sketch` /
+    `exact`, and the two full SVDs `spectral_shift_full` adds under `--rank exact`."""
+    import torch
+
+    from raydiff.kernel import science as sci
+    from raydiff.kernel.diff import Criteria, decode, diff_unit
+    from raydiff.kernel.masks import decode_packed
+    from raydiff.kernel.spectrum import spectrum
+
+    rng = np.random.default_rng(2)
+    m, n = 4096, 14336
+    base = ((rng.standard_normal(m * n, dtype=np.float32) * 0.02).view(np.uint32) >> 16).astype(np.uint16)
+    tuned = base.copy()
+    tuned[rng.random(m * n, dtype=np.float32) < 0.25] += 1
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for dev in devices:
+        w0 = torch.from_numpy(decode(base, "BF16").reshape(m, n)).to(dev)
+        w1 = torch.from_numpy(decode(tuned, "BF16").reshape(m, n)).to(dev)
+        sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+
+        def timed(fn):
+            t0 = time.perf_counter()
+            out = fn()
+            sync()
+            return out, time.perf_counter() - t0
+
+        timed(lambda: sci.subspace(w0[:512, :512], w1[:512, :512], 16))  # warm-up (cusolver, MKL)
+        sub, t_sub = timed(lambda: sci.subspace(w0, w1, 16))
+        _, t_sketch = timed(lambda: spectrum(w1 - w0, "sketch", sketch_rank=128))
+        def low():
+            r = diff_unit(base, tuned, "BF16", "BF16", "BF16", Criteria(), n)  # the matrix's mask, as the actor does
+            sci.low_magnitude_overlap_bits(base, "BF16", decode_packed(r.mask_codec, r.mask, m * n), packed_mask=True)
+
+        low()  # numba's compiled code loaded from its cache
+        t_low = _best(low, 3)
+        line = (f"science per {m}×{n} bf16 matrix on {dev} ({torch.get_num_threads()} threads): subspace k=16 "
+                f"{t_sub:.2f} s (max angle {sub.angle_max_deg:.3f}°), magnitude masks {t_low:.2f} s (CPU); "
+                f"for scale: ΔW sketch-128 {t_sketch:.2f} s")
+        if dev == "cuda" or full:  # two exact SVDs: ~76 s on 2 CPU cores
+            _, t_full = timed(lambda: (torch.linalg.svdvals(w0), torch.linalg.svdvals(w1)))
+            line += f"; spectral_shift_full (two exact SVDs) {t_full:.1f} s"
+        print(line)
+
+
 def overlap() -> None:
     from raydiff.kernel.masks import encode_mask
     from raydiff.query.overlap import and_count
@@ -371,12 +418,14 @@ def main() -> None:
     ap.add_argument("--small-gb", type=float, default=0.5)
     ap.add_argument("--large-gb", type=float, default=4.0)
     ap.add_argument("--workdir", default="/tmp/raydiff-bench")
+    ap.add_argument("--science-full", action="store_true",
+                    help="science: also time spectral_shift_full's two exact SVDs on the CPU (~1 min per matrix)")
     ap.add_argument("--only", nargs="*", default=None,
-                    help="sections: machine kernel e2e paper rank overlap gpu (default: all)")
+                    help="sections: machine kernel e2e paper rank science overlap gpu (default: all)")
     args = ap.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    only = set(args.only or ["machine", "kernel", "e2e", "paper", "rank", "overlap", "gpu"])
+    only = set(args.only or ["machine", "kernel", "e2e", "paper", "rank", "science", "overlap", "gpu"])
     print(f"raydiff benchmarks on {os.cpu_count()} cores; input bytes = base + tuned")
     if "machine" in only:
         machine(work)
@@ -389,6 +438,8 @@ def main() -> None:
             print(f"raydiff warm marginal / paper-style baseline: {e2e['warm'] / base:.1f}×")
     if "rank" in only:
         rank()
+    if "science" in only:
+        science(args.science_full)
     if "overlap" in only:
         overlap()
     if "gpu" in only:

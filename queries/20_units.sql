@@ -1,6 +1,7 @@
--- units: per work unit results of complete runs, without the mask bytes.
+-- units: per work unit results of complete runs, without the mask bytes and the per-column
+-- counts (the `profile` macro gives a tensor's rows and columns).
 CREATE OR REPLACE VIEW units AS
-SELECT * EXCLUDE (mask, cols_bitmap) FROM raw_unit;
+SELECT * EXCLUDE (mask, cols_bitmap, col_changed) FROM raw_unit;
 
 -- masks: the compressed `changed` mask of every unit (see README: mask format).
 CREATE OR REPLACE VIEW masks AS

@@ -41,6 +41,7 @@ RANK_CUTOFFS: tuple[float, ...] = (1e-1, 1e-2, 1e-3)
 
 DEFAULT_STORE = "./raydiff-store"
 DEFAULT_CHUNK_ELEMS = 1 << 24  # 16 Mi elements: 32 MiB per side for bf16
+DEFAULT_SUBSPACE_K = 16
 
 
 def default_store() -> str:
@@ -61,6 +62,11 @@ class DiffOptions:
             ``sketch_rank`` directions) or ``off``.
         top_k: how many leading singular values are stored per matrix.
         sketch_rank: size of the randomised sketch (``rank=sketch`` only).
+        hash: record the SHA-256 of each tensor's stored bytes on both sides, computed in the
+            same read as the diff (the units of a tensor then run in order on one actor).
+        subspace_k: k of the per-matrix subspace metrics (principal angles between the top-k
+            singular subspaces of base and tuned, top-k spectral shift); 0 turns them off.
+            They ride on the matrix pass, so ``rank=off`` skips them too.
         chunk_elems: target elements per work unit; units of tensors with ≥ 2 dims cover
             whole rows. Masks of runs line up only when their chunk sizes are equal.
         rename: prefix rules ``(old, new)`` applied to tensor names of both sides before
@@ -78,6 +84,8 @@ class DiffOptions:
     rank: RankMode = "exact"
     top_k: int = 32
     sketch_rank: int = 128
+    subspace_k: int = DEFAULT_SUBSPACE_K
+    hash: bool = False
     chunk_elems: int = DEFAULT_CHUNK_ELEMS
     rename: tuple[tuple[str, str], ...] = ()
     ladder: tuple[float, ...] = ATOL_LADDER
@@ -93,6 +101,8 @@ class DiffOptions:
             raise InvalidOption(f"top_k must be between 1 and 4096, got {self.top_k}", option="top_k")
         if not 1 <= self.sketch_rank <= 8192:
             raise InvalidOption(f"sketch_rank must be between 1 and 8192, got {self.sketch_rank}", option="sketch_rank")
+        if not 0 <= self.subspace_k <= 1024:
+            raise InvalidOption(f"subspace_k must be between 0 and 1024, got {self.subspace_k}", option="subspace_k")
         if not 1024 <= self.chunk_elems <= 1 << 31:
             raise InvalidOption(f"chunk_elems must be between 1024 and 2^31, got {self.chunk_elems}", option="chunk_elems")
 
@@ -111,6 +121,10 @@ class DiffOptions:
         out = asdict(self)
         if self.ladder == ATOL_LADDER:
             del out["ladder"]
+        if self.subspace_k == DEFAULT_SUBSPACE_K:  # the same: runs from before it keep their ids
+            del out["subspace_k"]
+        if not self.hash:
+            del out["hash"]
         return out
 
 

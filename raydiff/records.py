@@ -12,7 +12,8 @@ themselves. Layout of a store (``<root>/runs/<run_id>/``):
 - ``commit.parquet`` (:class:`CommitRecord`) — written last: its presence means *complete*.
 
 ``raydiff watch`` adds ``<root>/watch/events/<time>-<event_id>.parquet``
-(:class:`WatchEventRecord`), one file per event.
+(:class:`WatchEventRecord`), one file per event; chains of checkpoints add
+``<root>/chains/<entry>.parquet`` (:class:`ChainStepRecord`), one record per step.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ STATUS_SHAPE = "shape_mismatch"
 STATUS_DTYPE = "dtype_mismatch"
 STATUS_ROWS_BASE = "rows_only_in_base"
 STATUS_ROWS_TUNED = "rows_only_in_tuned"
+STATUS_FUSED = "fused"  # a fused projection compared part by part with the other side's split ones
+STATUS_BLOCK_SCALE = "block_scale"  # the block scales of an FP8 weight, compared as part of it
 
 #: How a compared pair was matched, as stored in the ``match`` column; several join with ``+``.
 MATCH_EXACT = "exact"  # same name, shape and dtype
@@ -44,6 +47,8 @@ MATCH_RENAMED = "renamed"  # paired after --rename rules changed a name
 MATCH_TIED_BASE = "tied_in_base"  # base has no lm_head; its tied embedding stands in
 MATCH_TIED_TUNED = "tied_in_tuned"
 MATCH_RESIZED = "resized_rows"  # first dimension differs; common rows compared
+MATCH_FP8_BLOCKS = "fp8_block_scaled"  # FP8 codes × block scales, compared dequantized
+MATCH_FUSED_SLICE = "fused_slice"  # rows of the other side's fused projection
 MATCH_NONE = "none"  # not compared
 
 
@@ -69,6 +74,9 @@ class RunRecord:
     rank_mode: str = _c("Rank mode: exact, sketch or off")
     top_k: int = _c("Leading singular values stored per matrix")
     sketch_rank: int = _c("Sketch size for rank_mode = sketch")
+    subspace_k: int | None = _c("k of the subspace metrics (principal angles, top-k spectral shift); 0: off; "
+                                "NULL for runs of releases before them")
+    hashed: bool | None = _c("Whether `--hash` recorded each tensor's SHA-256 on both sides (NULL: before the option)")
     chunk_elems: int = _c("Target elements per work unit (masks line up only for equal values)")
     n_tensors: int = _c("Tensor names in the plan (union of both sides)")
     n_units: int = _c("Element work units in the plan")
@@ -81,8 +89,8 @@ class PlanRecord:
     run_id: str = _c("Run id")
     tensor_index: int = _c("Position of the tensor in the plan (names sorted)")
     tensor: str = _c("Tensor name")
-    status: str = _c("ok, only_in_base, only_in_tuned, shape_mismatch, dtype_mismatch, rows_only_in_base or rows_only_in_tuned")
-    match: str = _c("How the pair was matched: exact, renamed, tied_in_base/tuned, resized_rows, dtype_widened (joined by +), or none")
+    status: str = _c("ok, only_in_base, only_in_tuned, shape_mismatch, dtype_mismatch, rows_only_in_base, rows_only_in_tuned, fused or block_scale")
+    match: str = _c("How the pair was matched: exact, renamed, tied_in_base/tuned, resized_rows, dtype_widened, fp8_block_scaled, fused_slice (joined by +), or none")
     note: str = _c("Detail of the status and match (empty when nothing to say)")
     base_dtype: str | None = _c("Stored dtype in base")
     tuned_dtype: str | None = _c("Stored dtype in tuned")
@@ -94,7 +102,8 @@ class PlanRecord:
     row_len: int = _c("Row length (last dim) for tensors with ≥ 2 dims, else 0")
     first_unit: int = _c("unit_id of the tensor's first unit")
     n_units: int = _c("Number of units of the tensor (0 unless status = ok)")
-    has_spectrum: bool = _c("Whether the spectrum of ΔW is computed")
+    has_spectrum: bool = _c("Whether the spectrum of ΔW is computed (per expert for a stack of experts)")
+    experts: int | None = _c("Experts of a 3-D stack of experts (units and spectra per expert); 0 otherwise")
 
 
 @dataclass(frozen=True)
@@ -111,6 +120,8 @@ class UnitRecord:
     changed_ladder: tuple[int, ...] = _c("Entries with |Δ| > t for each t of the run's ladder (runs.ladder), in order")
     changed_rel: int = _c("Entries with |Δ| > η·max(|w|,|ŵ|)")
     changed_subprecision: int | None = _c("Mixed dtypes: changed entries that a re-save in the narrower dtype would erase")
+    changed_code: int | None = _c("Block-scaled FP8 on both sides: entries whose FP8 code differs")
+    changed_scale_blocks: int | None = _c("Block-scaled FP8 on both sides: scale blocks (of this unit's rows) whose scale differs")
     nonfinite: int = _c("Changed entries whose base or tuned value is NaN or ±Inf")
     max_abs_delta: float | None = _c("max |Δ| over entries finite on both sides (NULL for int/bool)")
     sum_abs_delta: float | None = _c("Σ |Δ| over entries finite on both sides")
@@ -118,6 +129,8 @@ class UnitRecord:
     sum_sq_base: float | None = _c("Σ w² over the unit's base entries")
     rows_touched: int | None = _c("Rows with a changed entry (≥ 2-D tensors)")
     cols_bitmap: bytes | None = _c("Packed LSB-first bitmap of columns with a changed entry")
+    row_changed_sq: int | None = _c("Σ over the unit's rows of (changed entries in the row)² (≥ 2-D tensors)")
+    col_changed: tuple[int, ...] | None = _c("Changed entries per column within the unit (≥ 2-D; empty when none)")
     mask_codec: str = _c("Codec of `mask`: empty, packbits, packbits+zstd or gaps+zstd")
     mask: bytes = _c("The compressed `changed` mask of the unit (LSB-first bits)")
     node_id: str = _c("Ray node that processed the unit")
@@ -132,6 +145,7 @@ class SpectrumRecord:
     run_id: str = _c("Run id")
     tensor_index: int = _c("Tensor's plan index")
     tensor: str = _c("Tensor name")
+    expert: int | None = _c("The expert's index, for a matrix of a stack of experts; NULL for a 2-D tensor")
     method: str = _c("exact or sketch")
     device: str = _c("torch device of the SVD")
     rank: int | None = _c("rank(ΔW) at matrix_rank's default tolerance (exact only)")
@@ -143,10 +157,33 @@ class SpectrumRecord:
     rank_1e2: int | None = _c("Singular values above 1e-2·σ1")
     rank_1e3: int | None = _c("Singular values above 1e-3·σ1")
     fro: float | None = _c("‖ΔW‖F of the analysed matrix (NULL when ΔW is not finite)")
+    energy_rank_99: int | None = _c("Smallest r with Σ_{i≤r} σᵢ² ≥ 0.99‖ΔW‖F² (NULL when the σ computed — a sketch's — do not reach it)")
+    subspace_k: int | None = _c("k of the principal angles and of spectral_shift")
+    principal_cos_u: tuple[float, ...] | None = _c("Cosines of the principal angles between the top-k left singular subspaces of W0 and W1, descending")
+    principal_cos_v: tuple[float, ...] | None = _c("The same for the right singular subspaces")
+    principal_angle_max_deg: float | None = _c("Largest principal angle of either side, degrees (from the sines)")
+    spectral_shift: float | None = _c("‖σ₁:ₖ(W1) − σ₁:ₖ(W0)‖₂ / ‖σ₁:ₖ(W0)‖₂ over the top subspace_k singular values")
+    spectral_shift_full: float | None = _c("The same over the whole spectrum (rank_mode = exact only)")
+    low_mag_overlap_10: float | None = _c("|M_low(0.1) ∩ M| / |M|: changed entries among the 10 % of smallest |W0| (ties in)")
+    low_mag_overlap_30: float | None = _c("The same for the 30 % of smallest |W0|")
+    low_mag_overlap_50: float | None = _c("The same for the 50 % of smallest |W0|")
+    low_mag_frac_10: float | None = _c("|M_low(0.1)| / numel: the overlap's baseline for a mask placed at random")
+    low_mag_frac_30: float | None = _c("|M_low(0.3)| / numel")
+    low_mag_frac_50: float | None = _c("|M_low(0.5)| / numel")
     seconds: float = _c("Wall time of the decomposition")
+    science_seconds: float | None = _c("Wall time of the subspace, spectral-shift and magnitude-mask metrics")
     node_id: str = _c("Ray node that computed it")
     note: str | None = _c("Why the spectrum was not computed, e.g. 'ΔW has 3 non-finite entries (NaN or ±Inf)'; "
                           "NULL when it was")
+
+
+@dataclass(frozen=True)
+class HashRecord:
+    run_id: str = _c("Run id")
+    tensor_index: int = _c("Tensor's plan index")
+    tensor: str = _c("Tensor name")
+    base_sha256: str | None = _c("SHA-256 (hex) of the base tensor's stored bytes, in file order")
+    tuned_sha256: str | None = _c("SHA-256 (hex) of the tuned tensor's stored bytes, in file order")
 
 
 @dataclass(frozen=True)
@@ -154,8 +191,8 @@ class TensorRecord:
     run_id: str = _c("Run id")
     tensor_index: int = _c("Tensor's plan index")
     tensor: str = _c("Tensor name")
-    status: str = _c("ok when compared, else only_in_base, only_in_tuned, shape_mismatch, dtype_mismatch, rows_only_in_base, rows_only_in_tuned")
-    match: str = _c("How the pair was matched: exact, renamed, tied_in_base/tuned, resized_rows, dtype_widened (joined by +), or none")
+    status: str = _c("ok when compared, else only_in_base, only_in_tuned, shape_mismatch, dtype_mismatch, rows_only_in_base, rows_only_in_tuned, fused (compared part by part) or block_scale (compared with its weight)")
+    match: str = _c("How the pair was matched: exact, renamed, tied_in_base/tuned, resized_rows, dtype_widened, fp8_block_scaled, fused_slice (joined by +), or none")
     note: str = _c("Detail of the status or of the comparison (e.g. mixed dtypes)")
     dtype: str = _c("Stored dtype (base's when present)")
     compare_dtype: str | None = _c("Dtype the comparison was done in")
@@ -168,6 +205,8 @@ class TensorRecord:
     changed_ladder: tuple[int, ...] | None = _c("Entries with |Δ| > t for each t of the run's ladder, in order")
     changed_rel: int | None = _c("Entries with |Δ| > η·max(|w|,|ŵ|)")
     changed_subprecision: int | None = _c("Mixed dtypes: changed entries that a re-save in the narrower dtype would erase")
+    changed_code: int | None = _c("Block-scaled FP8 on both sides: entries whose FP8 code differs")
+    changed_scale_blocks: int | None = _c("Block-scaled FP8 on both sides: scale blocks whose scale differs")
     nonfinite: int | None = _c("Changed entries whose base or tuned value is NaN or ±Inf")
     max_abs_delta: float | None = _c("max |Δ|")
     mean_abs_delta: float | None = _c("Σ|Δ| / numel")
@@ -186,6 +225,25 @@ class TensorRecord:
     rank_1e2: int | None = _c("Singular values above 1e-2·σ1")
     rank_1e3: int | None = _c("Singular values above 1e-3·σ1")
     top_sv: tuple[float, ...] | None = _c("Leading singular values of ΔW")
+    energy_rank_99: int | None = _c("Smallest r with Σ_{i≤r} σᵢ² ≥ 0.99‖ΔW‖F² (NULL when the σ computed — a sketch's — do not reach it)")
+    subspace_k: int | None = _c("k of the principal angles and of spectral_shift")
+    principal_cos_u: tuple[float, ...] | None = _c("Cosines of the principal angles between the top-k left singular subspaces of W0 and W1, descending")
+    principal_cos_v: tuple[float, ...] | None = _c("The same for the right singular subspaces")
+    principal_angle_max_deg: float | None = _c("Largest principal angle of either side, degrees (from the sines)")
+    spectral_shift: float | None = _c("‖σ₁:ₖ(W1) − σ₁:ₖ(W0)‖₂ / ‖σ₁:ₖ(W0)‖₂ over the top subspace_k singular values")
+    spectral_shift_full: float | None = _c("The same over the whole spectrum (rank_mode = exact only)")
+    low_mag_overlap_10: float | None = _c("|M_low(0.1) ∩ M| / |M|: changed entries among the 10 % of smallest |W0| (ties in)")
+    low_mag_overlap_30: float | None = _c("The same for the 30 % of smallest |W0|")
+    low_mag_overlap_50: float | None = _c("The same for the 50 % of smallest |W0|")
+    low_mag_frac_10: float | None = _c("|M_low(0.1)| / numel: the overlap's baseline for a mask placed at random")
+    low_mag_frac_30: float | None = _c("|M_low(0.3)| / numel")
+    low_mag_frac_50: float | None = _c("|M_low(0.5)| / numel")
+    base_sha256: str | None = _c("`--hash`: SHA-256 (hex) of the base tensor's stored bytes, in file order")
+    tuned_sha256: str | None = _c("`--hash`: SHA-256 (hex) of the tuned tensor's stored bytes, in file order")
+    row_cv: float | None = _c("Coefficient of variation (std/mean) of the fraction of each row's entries changed")
+    col_cv: float | None = _c("The same over columns")
+    row_cv_random: float | None = _c("row_cv expected of the same number of changes placed at random")
+    col_cv_random: float | None = _c("col_cv expected of the same number of changes placed at random")
 
 
 @dataclass(frozen=True)
@@ -215,11 +273,28 @@ class WatchEventRecord:
     base: str | None = _c("Base as resolved: Hub repo id or absolute path (analyse)")
     base_revision: str | None = _c("Commit sha of the base (NULL for a local base)")
     run_id: str | None = _c("Run started or resumed for the revision (analyse)")
-    outcome: str = _c("started, complete or failed; recovered: a resolve_base or list that works again after failures")
+    outcome: str = _c("started, complete or failed; recovered: a resolve_base or list that works again after failures; skipped: an analyse not needed (see reason)")
     attempt: int = _c("1 + the consecutive failures of the same subject before this event")
     error: str | None = _c("Why it failed, one line (tokens redacted)")
     retry_at: dt.datetime | None = _c("After a failure: earliest next attempt (back-off)")
     seconds: float = _c("Wall time of the attempt")
+    reason: str | None = field(default=None, metadata={"doc": "Why an analyse was skipped: its safetensors files are those "
+                                                              "of an analysed revision, whose run is run_id"})
+
+
+@dataclass(frozen=True)
+class ChainStepRecord:
+    key: str = _c("The log's key: `<chain>#<step>#<run_vs_base>#<run_vs_prev>`; a step recorded again with other "
+                  "runs (its checkpoint rewritten) supersedes the earlier record")
+    chain: str = _c("Chain name (`raydiff submit … --chain NAME`, or `<repo>@<branch>` for a watched branch)")
+    step: int = _c("Position of the checkpoint in the chain, from 1")
+    base: str = _c("The chain's base as resolved: absolute local path or Hub repo id")
+    base_revision: str | None = _c("Hub commit sha of the base (NULL for local paths)")
+    tuned: str = _c("The step's checkpoint as resolved: absolute local path or Hub repo id")
+    tuned_revision: str | None = _c("Hub commit sha of the step's checkpoint (NULL for local paths)")
+    run_vs_base: str = _c("Complete run of the checkpoint against the base (atol 0)")
+    run_vs_prev: str = _c("Complete run of the checkpoint against the previous step's (atol 0); step 1: run_vs_base")
+    recorded_at: dt.datetime = _c("When the step was recorded (UTC)")
 
 
 RECORD_KINDS: dict[str, type] = {
@@ -230,6 +305,7 @@ RECORD_KINDS: dict[str, type] = {
     "tensor": TensorRecord,
     "commit": CommitRecord,
     "watch_event": WatchEventRecord,
+    "chain_step": ChainStepRecord,
 }
 
 

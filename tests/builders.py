@@ -233,13 +233,16 @@ def started_run(b, t, opts):
                        base_fingerprint=bc.fingerprint, tuned=tc.ref, tuned_revision=tc.revision,
                        tuned_fingerprint=tc.fingerprint, created_at=dt.datetime.now(dt.timezone.utc),
                        raydiff_version=raydiff_version(), atol=d.atol, rel_eta=d.rel_eta, ladder=d.ladder,
-                       rank_mode=d.rank, top_k=d.top_k, sketch_rank=d.sketch_rank, chunk_elems=d.chunk_elems,
+                       rank_mode=d.rank, top_k=d.top_k, sketch_rank=d.sketch_rank, subspace_k=d.subspace_k,
+                       hashed=d.hash,
+                       chunk_elems=d.chunk_elems,
                        n_tensors=len(plan.tensors), n_units=len(plan.units), n_spectra=len(plan.spectra),
                        input_bytes=plan.input_bytes)
     store = Store(opts.store)
     planned = plan_records(run_id, plan)
     store.begin_run(record, planned)
-    ctx = RunContext(run_id, store.root, Criteria(d.atol, d.rel_eta, d.ladder), d.rank, d.top_k, d.sketch_rank)
+    ctx = RunContext(run_id, store.root, Criteria(d.atol, d.rel_eta, d.ladder), d.rank, d.top_k, d.sketch_rank,
+                     subspace_k=d.subspace_k)
     return store, plan, record, planned, ctx
 
 

@@ -5,7 +5,10 @@
   :mod:`~raydiff.kernel._compact` (AVX-512) or :mod:`~raydiff.kernel._fused`, or numpy;
 - :mod:`~raydiff.kernel.torch_diff`: the same record from torch, for GPU actors;
 - :mod:`~raydiff.kernel.spectrum`: singular spectrum and rank of one ΔW;
-- :mod:`~raydiff.kernel.masks`: the mask codecs (``packbits``, ``zstd``, ``gaps``).
+- :mod:`~raydiff.kernel.science`: the follow-up papers' per-matrix metrics (principal
+  angles, spectral shift, energy rank, row/column profiles, magnitude masks);
+- :mod:`~raydiff.kernel.masks`: the mask codecs (``packbits``, ``zstd``, ``gaps``);
+- :mod:`~raydiff.kernel.patch`: the entries whose bits differ, and scattering them back.
 """
 
 from raydiff.kernel.diff import Criteria, UnitDiff, best_loop, cutoff, decode, diff_unit

@@ -135,3 +135,79 @@ def and_count(a, b):
     for i in range(words * 8, a.size):
         total += _popcount(np.uint64(a[i] & b[i]))
     return np.int64(total)
+
+
+def _spread_table() -> np.ndarray:
+    """For each byte value: a uint64 whose byte k is bit k of it (0 or 1)."""
+    b = np.arange(256, dtype=np.uint64)
+    return sum(((b >> np.uint64(k)) & np.uint64(1)) << np.uint64(8 * k) for k in range(8)).astype(np.uint64)
+
+
+_SPREAD = _spread_table()
+_POP8 = np.array([bin(i).count("1") for i in range(256)], np.int64)
+
+
+@njit(cache=True, nogil=True)
+def _counts_aligned(packed, n_rows, row_len, rows, cols, spread, pop8):
+    """Rows of a whole number of bytes: column counts by SWAR — byte k of ``acc[j]`` counts
+    column ``8j + k``, one 64-bit add per mask byte, folded out every 255 rows before a byte
+    could overflow."""
+    width = row_len // 8
+    acc = np.zeros(width, np.uint64)
+    for r in range(n_rows):
+        total = 0
+        at = r * width
+        for j in range(width):
+            b = packed[at + j]
+            acc[j] += spread[b]
+            total += pop8[b]
+        rows[r] += total
+        if (r + 1) % 255 == 0 or r == n_rows - 1:
+            for j in range(width):
+                v = acc[j]
+                if v:
+                    for k in range(8):
+                        cols[8 * j + k] += np.int64((v >> np.uint64(8 * k)) & np.uint64(0xFF))
+                    acc[j] = 0
+
+
+@njit(cache=True, nogil=True)
+def _counts_any(packed, n, row_len, rows, cols):
+    """Any row length: a step per set bit."""
+    words = packed.size // 8
+    w = packed[:words * 8].view(np.uint64)
+    for i in range(words + (1 if packed.size % 8 else 0)):
+        if i < words:
+            v = w[i]
+        else:  # the last, partial word
+            v = np.uint64(0)
+            for j in range(packed.size - words * 8):
+                v |= np.uint64(packed[words * 8 + j]) << np.uint64(8 * j)
+        while v:
+            pos = i * 64 + np.int64(_ctz(v))
+            if pos < n:
+                rows[pos // row_len] += 1
+                cols[pos % row_len] += 1
+            v &= v - np.uint64(1)
+
+
+def row_col_counts(packed: np.ndarray, n: int, row_len: int, rows: np.ndarray, cols: np.ndarray) -> None:
+    """Add the set bits of an LSB-first packed mask of ``n`` bits (whole rows of ``row_len``)
+    into the int64 per-row counts ``rows`` and per-column counts ``cols``. Rows of a whole
+    number of bytes (nearly every weight) take ~n/8 operations whatever the density."""
+    if row_len % 8 == 0:
+        _counts_aligned(packed, n // row_len, row_len, rows, cols, _SPREAD, _POP8)
+    else:
+        _counts_any(packed, n, row_len, rows, cols)
+
+
+@njit(cache=True, nogil=True)
+def magnitude_counts(bits, packed, counts, changed_counts):
+    """For 16-bit float bits: add one to ``counts[bits & 0x7FFF]`` per entry, and to
+    ``changed_counts`` for the entries set in the LSB-first packed mask: both histograms of
+    |w| in one pass."""
+    for i in range(bits.size):
+        k = bits[i] & 0x7FFF
+        counts[k] += 1
+        if (packed[i >> 3] >> (i & 7)) & 1:
+            changed_counts[k] += 1

@@ -69,6 +69,11 @@ class UnitDiff:
         cols_bitmap: packed LSB-first bitmap of columns with a changed entry; NULL for < 2-D,
             empty bytes when nothing changed.
         mask_codec, mask: the compressed ``changed`` mask (see :mod:`raydiff.kernel.masks`).
+        row_changed_sq: Σ over the unit's rows of (changed entries in the row)²; with the
+            ``changed`` count it gives the coefficient of variation of the row profile. NULL
+            for < 2-D.
+        col_changed: changed entries per column within the unit; NULL for < 2-D, empty
+            when nothing changed.
     """
 
     numel: int
@@ -86,6 +91,32 @@ class UnitDiff:
     cols_bitmap: bytes | None
     mask_codec: str
     mask: bytes
+    row_changed_sq: int | None = None
+    col_changed: tuple[int, ...] | None = None
+
+
+def profile(mask: np.ndarray, changed: int, row_len: int) -> tuple[int | None, tuple[int, ...] | None]:
+    """``(Σ rows' changed², changed per column)`` of a unit's mask — packed LSB-first bytes
+    or one bool per entry — covering whole rows of ``row_len``; ``(None, None)`` for < 2-D.
+
+    Example:
+        >>> profile(np.array([[1, 1, 0], [0, 1, 0]], bool).reshape(-1), 3, 3)
+        (5, (1, 2, 0))
+    """
+    if not row_len:
+        return None, None
+    if changed == 0:
+        return 0, ()
+    if mask.dtype == np.bool_:
+        grid = mask.reshape(-1, row_len)
+        rows, cols = grid.sum(axis=1, dtype=np.int64), grid.sum(axis=0, dtype=np.int64)
+    else:
+        from raydiff.kernel._gaps import row_col_counts
+
+        n = mask.size * 8 // row_len * row_len
+        rows, cols = np.zeros(n // row_len, np.int64), np.zeros(row_len, np.int64)
+        row_col_counts(mask, n, row_len, rows, cols)
+    return int(np.dot(rows, rows)), tuple(cols.tolist())
 
 
 @cache
@@ -230,7 +261,7 @@ def diff_unit(
         rows, cols = _touched(neq, changed_bits, row_len)
         k = changed_bits
         return UnitDiff(n, k, k, (k,) * len(criteria.ladder), k, None, 0, None, None, None, None,
-                        rows, cols, codec, payload)
+                        rows, cols, codec, payload, *profile(neq, k, row_len))
 
     wa = decode(base[idx], value_dtype)
     wb = decode(tuned[idx], value_dtype)
@@ -264,7 +295,7 @@ def diff_unit(
     rows, cols = _touched(mask, changed, row_len)
     sub = _subprecision(wa, wb, base_dtype, tuned_dtype) if mixed else None
     return UnitDiff(n, changed_bits, changed, ladder, rel, sub, nonfinite, max_abs, sum_abs, sum_sq,
-                    _sum_sq(base, value_dtype), rows, cols, codec, payload)
+                    _sum_sq(base, value_dtype), rows, cols, codec, payload, *profile(mask, changed, row_len))
 
 
 def _subprecision(wa: np.ndarray, wb: np.ndarray, base_dtype: str, tuned_dtype: str) -> int | None:
@@ -341,6 +372,7 @@ def _diff_fused(base: np.ndarray, tuned: np.ndarray, dtype: str, criteria: Crite
     for pos, i in enumerate(order):
         steps[i] = int(counts[f.C_CUTS + 1 + pos])
     changed = steps[order[0]] if shared else int(counts[f.C_CUTS])
+    row_sq, col_changed = profile(mask, changed, row_len)
     codec, payload = encode_packed(mask, changed)
     rows_touched = cols_bitmap = None
     if row_len:
@@ -352,7 +384,7 @@ def _diff_fused(base: np.ndarray, tuned: np.ndarray, dtype: str, criteria: Crite
         nonfinite=int(counts[f.C_NONFINITE]), max_abs_delta=float(stats[f.S_MAX]),
         changed_subprecision=None, sum_abs_delta=float(stats[f.S_SUM]), sum_sq_delta=float(stats[f.S_SQ]),
         sum_sq_base=float(stats[f.S_BASE]), rows_touched=rows_touched, cols_bitmap=cols_bitmap,
-        mask_codec=codec, mask=payload,
+        mask_codec=codec, mask=payload, row_changed_sq=row_sq, col_changed=col_changed,
     )
 
 
@@ -377,3 +409,28 @@ def _touched(mask: np.ndarray, changed: int, row_len: int) -> tuple[int | None, 
     rows = int(np.count_nonzero(grid.any(axis=1)))
     cols = np.packbits(grid.any(axis=0), bitorder="little").tobytes()
     return rows, cols
+
+
+def dequantize_blocks(codes: np.ndarray, dtype: str, scales: np.ndarray, first_row: int, row_len: int,
+                      block: tuple[int, int], first_block_row: int) -> np.ndarray:
+    """Block-scaled FP8 codes as float32 values: ``code × scale[row // rows, col // cols]``,
+    multiplied in float32 as DeepSeek-V3's ``weight_dequant`` does.
+
+    Args:
+        codes: the stored FP8 bits of whole rows ``first_row …`` of a weight, flat.
+        dtype: ``F8_E4M3`` or ``F8_E5M2``.
+        scales: float32 scales of the block rows those rows fall in, ``[block rows, blocks per row]``,
+            the first of them being block row ``first_block_row``.
+        row_len: the weight's row length.
+        block: ``(rows, cols)`` of a block.
+
+    Example:
+        >>> c = np.array([0x38, 0x40], np.uint8)  # E4M3 codes of 1.0 and 2.0
+        >>> dequantize_blocks(c, "F8_E4M3", np.array([[0.5]], np.float32), 0, 2, (128, 128), 0)
+        array([0.5, 1. ], dtype=float32)
+    """
+    rows = codes.size // row_len
+    values = decode(codes, dtype).reshape(rows, row_len)
+    block_rows = (np.arange(first_row, first_row + rows) // block[0]) - first_block_row
+    per_col = scales[block_rows][:, np.arange(row_len) // block[1]]
+    return (values * per_col.astype(np.float32, copy=False)).reshape(-1)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from raydiff.kernel.science import energy_rank, range_basis
 from raydiff.options import RANK_CUTOFFS
 
 _POWER_ITERS = 2
@@ -45,6 +46,8 @@ class Spectrum:
         rank_cutoffs: counts of σ_i > c · σ_1 for c in ``RANK_CUTOFFS`` (capped at the sketch
             size for sketch).
         fro: ‖Δ‖F of the matrix analysed (NULL when not computed).
+        energy_rank_99: smallest r with ``Σ_{i≤r} σᵢ² ≥ 0.99 ‖Δ‖F²`` (NULL when the σ computed,
+            a sketch's, do not reach it; 0 for Δ = 0).
         seconds: wall time of the decomposition.
         note: why the spectrum was not computed (``""`` when it was).
     """
@@ -60,6 +63,7 @@ class Spectrum:
     fro: float | None
     seconds: float
     note: str = ""
+    energy_rank_99: int | None = None
 
     @property
     def computed(self) -> bool:
@@ -107,7 +111,8 @@ def spectrum(delta: torch.Tensor, method: str = "exact", top_k: int = 32,
                         "σ₁ of ΔW overflows float32")
     if s1 == 0.0:
         return Spectrum(method, str(delta.device), 0 if method == "exact" else None, max_rank,
-                        tuple(float(x) for x in s[:top_k]), None, None, (0,) * len(RANK_CUTOFFS), 0.0, seconds)
+                        tuple(float(x) for x in s[:top_k]), None, None, (0,) * len(RANK_CUTOFFS), 0.0, seconds,
+                        energy_rank_99=0)
     rank = None
     effective = None
     if method == "exact":
@@ -118,16 +123,10 @@ def spectrum(delta: torch.Tensor, method: str = "exact", top_k: int = 32,
         effective = float(torch.exp(-(p * p.log()).sum()))
     cutoffs = tuple(int(torch.count_nonzero(s > c * s1)) for c in RANK_CUTOFFS)
     return Spectrum(method, str(delta.device), rank, max_rank, tuple(float(x) for x in s[:top_k]),
-                    fro2 / (s1 * s1), effective, cutoffs, math.sqrt(fro2), seconds)
+                    fro2 / (s1 * s1), effective, cutoffs, math.sqrt(fro2), seconds,
+                    energy_rank_99=energy_rank(s.numpy(), fro2))
 
 
 def _sketch_svdvals(a: torch.Tensor, k: int, seed: int) -> torch.Tensor:
-    m, n = a.shape
-    width = min(k + _OVERSAMPLE, min(m, n))
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    omega = torch.randn(n, width, generator=gen, dtype=a.dtype).to(a.device)
-    q, _ = torch.linalg.qr(a @ omega)
-    for _ in range(_POWER_ITERS):
-        z, _ = torch.linalg.qr(a.T @ q)
-        q, _ = torch.linalg.qr(a @ z)
+    q = range_basis(a, min(k + _OVERSAMPLE, *a.shape), seed, _POWER_ITERS)
     return torch.linalg.svdvals(q.T @ a)[:k]

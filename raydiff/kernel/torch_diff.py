@@ -66,10 +66,17 @@ def diff_unit_torch(base: np.ndarray, tuned: np.ndarray, base_dtype: str, tuned_
     changed = int(mask.sum())
     counts = torch.stack([neq.sum(), (neq & ~finite).sum(), rel.sum()] + [o.sum() for o in over]).cpu().tolist()
     rows_touched = cols_bitmap = None
+    row_sq: int | None = None
+    col_changed: tuple[int, ...] | None = None
     if row_len:
         grid = mask.view(-1, row_len)
         rows_touched = int(grid.any(1).sum())
         cols_bitmap = _packbits(grid.any(0)).tobytes() if changed else b""
+        row_sq, col_changed = 0, ()
+        if changed:
+            per_row = grid.sum(1, dtype=torch.int64)
+            row_sq = int((per_row * per_row).sum())
+            col_changed = tuple(grid.sum(0, dtype=torch.int64).cpu().tolist())
     codec, payload = encode_packed(_packbits(mask), changed)
     return UnitDiff(
         numel=n, changed_bits=counts[0], changed=changed, changed_ladder=tuple(counts[4:]),
@@ -77,4 +84,5 @@ def diff_unit_torch(base: np.ndarray, tuned: np.ndarray, base_dtype: str, tuned_
         max_abs_delta=float(d64.max()) if d64.numel() else 0.0, sum_abs_delta=float(d64.sum()),
         sum_sq_delta=float((d64 * d64).sum()), sum_sq_base=float((wa.double() ** 2).sum()),
         rows_touched=rows_touched, cols_bitmap=cols_bitmap, mask_codec=codec, mask=payload,
+        row_changed_sq=row_sq, col_changed=col_changed,
     )

@@ -5,14 +5,16 @@ runs they are given, row group by row group (one tensor each), pair units by
 ``(tensor, start, stop)`` and count intersections in a thread pool — decompression and
 popcounts release the GIL — so their cost is the masks of those runs, not the store's size.
 :func:`raydiff.query.views.connect` registers them as the DuckDB functions behind the
-``overlap``, ``overlap_total`` and ``consensus`` macros (``queries/30_overlap.sql``).
+``overlap``, ``overlap_total`` and ``consensus`` macros (``queries/30_overlap.sql``);
+:func:`chain_units` combines the masks of a chain's runs (OR and AND NOT) for the
+``chain_steps`` and ``chain_summary`` macros (``queries/55_chains.sql``).
 """
 
 from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import duckdb
@@ -96,6 +98,16 @@ def _mask(table: pa.Table, i: int) -> tuple[str, pa.Buffer | bytes]:
     return codec, (value.as_buffer() if value.is_valid else b"") or b""
 
 
+def _aligned(runs: Sequence[_Units], g: int) -> Iterator[tuple[tuple, list[tuple[pa.Table, int]]]]:
+    """The units of the first run's row group ``g`` that every run has: each unit's key
+    ``(tensor, start, stop)`` and, per run, its row group and row."""
+    t0 = runs[0].group(g)
+    for i, key in enumerate(zip(*(t0.column(c).to_pylist() for c in _KEY))):
+        places = [r.where.get(key) for r in runs[1:]]
+        if all(p is not None for p in places):
+            yield key, [(t0, i)] + [(r.group(p[0]), p[1]) for r, p in zip(runs[1:], places)]
+
+
 def _workers() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
@@ -145,13 +157,9 @@ def consensus_units(store: Store, run_ids: Sequence[str]) -> list[dict]:
     first = runs[0]
 
     def task(g: int) -> list[tuple[str, int, list[int]]]:
-        t0 = first.group(g)
         out = []
-        for i, key in enumerate(zip(*(t0.column(c).to_pylist() for c in _KEY))):
-            places = [r.where.get(key) for r in runs[1:]]
-            if any(p is None for p in places):
-                continue
-            masks = [_mask(t0, i)] + [_mask(r.group(p[0]), p[1]) for r, p in zip(runs[1:], places)]
+        for key, rows in _aligned(runs, g):
+            masks = [_mask(t, row) for t, row in rows]
             n = key[2] - key[1]
             out.append((key[0], n, count_histogram([m[0] for m in masks], [m[1] for m in masks], n)))
         return out
@@ -175,3 +183,136 @@ def pairwise(con, runs: list[str]) -> pa.Table:
             parts.append(con.sql(f"SELECT ?::VARCHAR AS run_a, ?::VARCHAR AS run_b, {', '.join(OVERLAP_COLUMNS)} "
                                  "FROM overlap_total(?, ?)", params=[a, b, a, b]).to_arrow_table())
     return pa.concat_tables(parts)
+
+
+#: What :func:`pairs_units` returns per tensor and pair of runs (``a`` < ``b``: positions in the list).
+PAIRS_TYPE = duckdb.list_type(duckdb.struct_type(
+    {"tensor": "VARCHAR", "a": "INTEGER", "b": "INTEGER", "numel": "BIGINT", "changed_a": "BIGINT",
+     "changed_b": "BIGINT", "changed_both": "BIGINT"}))
+PROFILE_TYPE = duckdb.list_type(duckdb.struct_type(
+    {"axis": "VARCHAR", "index": "BIGINT", "changed": "BIGINT", "n": "BIGINT"}))
+
+
+def pairs_units(store: Store, run_ids: Sequence[str]) -> list[dict]:
+    """Per tensor compared in every one of the complete runs, and per pair of them: elements,
+    changed in each, changed in both — every pair's intersection from one read of each run's
+    masks (the ``jaccard_matrix`` macro), one task per row group of the first run."""
+    from raydiff.kernel._gaps import and_count as packed_and_count
+
+    ids = list(dict.fromkeys(run_ids))
+    runs = [_Units(store, r) for r in ids]
+    first = runs[0]
+    pairs = [(i, j) for i in range(len(ids)) for j in range(i + 1, len(ids))]
+
+    def task(g: int) -> list[tuple[str, int, list[int], list[int]]]:
+        out = []
+        for key, tables in _aligned(runs, g):
+            n = key[2] - key[1]
+            changed = [t.column("changed")[row].as_py() for t, row in tables]
+            masks = [_mask(t, row) for t, row in tables]
+            packed = [decode_packed(c, m, n) if c != CODEC_EMPTY else None for c, m in masks]
+            both = [int(packed_and_count(packed[a], packed[b])) if packed[a] is not None and packed[b] is not None
+                    else 0 for a, b in pairs]
+            out.append((key[0], n, changed, both))
+        return out
+
+    numel: dict[str, int] = {}
+    changed: dict[str, np.ndarray] = {}
+    both: dict[str, np.ndarray] = {}
+    with ThreadPoolExecutor(_workers()) as pool:
+        for rows in pool.map(task, range(first.groups)):
+            for tensor, n, ch, bo in rows:
+                numel[tensor] = numel.get(tensor, 0) + n
+                changed[tensor] = changed.get(tensor, 0) + np.asarray(ch, np.int64)
+                both[tensor] = both.get(tensor, 0) + np.asarray(bo, np.int64)
+    return [dict(tensor=t, a=a, b=b, numel=numel[t], changed_a=int(changed[t][a]), changed_b=int(changed[t][b]),
+                 changed_both=int(both[t][k]))
+            for t in sorted(numel) for k, (a, b) in enumerate(pairs)]
+
+
+def profile_units(store: Store, run_id: str, tensor: str, row_len: int) -> list[dict]:
+    """Changed entries of every row and every column of one tensor of a complete run, from
+    its stored masks: ``{axis: 'row' | 'col', index, changed, n}`` (the ``profile`` macro)."""
+    from raydiff.kernel._gaps import row_col_counts
+
+    u = _Units(store, run_id)
+    keys = sorted(k for k in u.where if k[0] == tensor)
+    numel = keys[-1][2] if keys else 0
+    n_rows = numel // row_len if row_len else 0
+    rows = np.zeros(n_rows, np.int64)
+    cols = np.zeros(row_len, np.int64)
+    for key in keys:
+        g, i = u.where[key]
+        codec, payload = _mask(u.group(g), i)
+        if codec == CODEC_EMPTY:
+            continue
+        n = key[2] - key[1]
+        unit_rows = np.zeros(n // row_len, np.int64)
+        row_col_counts(decode_packed(codec, payload, n), n, row_len, unit_rows, cols)
+        rows[key[1] // row_len: key[2] // row_len] += unit_rows
+    return ([dict(axis="row", index=i, changed=int(c), n=row_len) for i, c in enumerate(rows.tolist())]
+            + [dict(axis="col", index=j, changed=int(c), n=n_rows) for j, c in enumerate(cols.tolist())])
+
+
+#: What :func:`chain_units` returns per step of a chain and tensor.
+CHAIN_TYPE = duckdb.list_type(duckdb.struct_type(
+    {"step": "INTEGER", "tensor": "VARCHAR", "numel": "BIGINT", "changed_vs_base": "BIGINT",
+     "changed_since_prev": "BIGINT", "changed_ever": "BIGINT", "cancelled": "BIGINT"}))
+
+
+def _popcount(packed: np.ndarray) -> int:
+    return int(np.bitwise_count(packed).sum(dtype=np.int64))
+
+
+def chain_units(store: Store, vs_base: Sequence[str], vs_prev: Sequence[str]) -> list[dict]:
+    """Per step t = 1 … T of a chain and per tensor compared in all its runs, from the stored
+    masks (the ``chain_steps`` and ``chain_summary`` macros): elements; ``changed_vs_base``
+    (set in the mask of ``vs_base[t]``, base → Cₜ); ``changed_since_prev`` (set in the mask
+    of ``vs_prev[t]``, Cₜ₋₁ → Cₜ); ``changed_ever`` (the OR of the step masks up to t);
+    ``cancelled`` (``changed_ever`` AND NOT the mask of base → Cₜ).
+
+    Each run's ``units.parquet`` is read once, row group by row group; units pair by
+    ``(tensor, start, stop)``; one task per row group of the first run, as :func:`consensus_units`.
+    """
+    if not vs_base or len(vs_base) != len(vs_prev):
+        raise ValueError("a chain needs one run against the base and one against the previous step per step")
+    units = {r: _Units(store, r) for r in dict.fromkeys([*vs_base, *vs_prev])}
+    first = units[vs_base[0]]
+    steps = len(vs_base)
+
+    def task(g: int) -> list[tuple[str, int, list[tuple[int, int, int, int]]]]:
+        t0 = first.group(g)
+        out = []
+        for key in zip(*(t0.column(c).to_pylist() for c in _KEY)):
+            places = {r: u.where.get(key) for r, u in units.items()}
+            if any(p is None for p in places.values()):
+                continue
+            n = key[2] - key[1]
+            packed: dict[str, np.ndarray] = {}
+
+            def bits(r: str) -> np.ndarray:
+                if r not in packed:
+                    at = places[r]
+                    packed[r] = decode_packed(*_mask(units[r].group(at[0]), at[1]), n)
+                return packed[r]
+
+            ever = np.zeros((n + 7) // 8, np.uint8)
+            counts = []
+            for t in range(steps):
+                step, now = bits(vs_prev[t]), bits(vs_base[t])
+                ever |= step
+                counts.append((_popcount(now), _popcount(step), _popcount(ever), _popcount(ever & ~now)))
+            out.append((key[0], n, counts))
+        return out
+
+    numel: dict[str, int] = {}
+    totals: dict[str, np.ndarray] = {}
+    with ThreadPoolExecutor(_workers()) as pool:
+        for rows in pool.map(task, range(first.groups)):
+            for tensor, n, counts in rows:
+                numel[tensor] = numel.get(tensor, 0) + n
+                totals[tensor] = totals.get(tensor, 0) + np.asarray(counts, np.int64)
+    return [dict(step=t + 1, tensor=k, numel=numel[k], changed_vs_base=int(totals[k][t, 0]),
+                 changed_since_prev=int(totals[k][t, 1]), changed_ever=int(totals[k][t, 2]),
+                 cancelled=int(totals[k][t, 3]))
+            for t in range(steps) for k in sorted(numel)]

@@ -1,9 +1,10 @@
 """Reports over runs in a store: the demo's text summary and the HTML/PNG report.
 
-``write_report`` draws four figures with matplotlib — per-layer × module sparsity heatmaps,
-sparsity by tolerance, rank ratio per matrix with singular-value decay, and the overlap
-matrix against its random baseline — saves each as a PNG and embeds them (base64) in one
-self-contained ``report.html``.
+``write_report`` draws five figures with matplotlib — per-layer × module sparsity heatmaps,
+sparsity by tolerance, rank ratio per matrix with singular-value decay, the follow-up
+papers' principal angles and magnitude-mask overlap, and the overlap matrix against its
+random baseline — and, when the runs show a chain of checkpoints, the chain's steps; saves
+each as a PNG and embeds them (base64) in one self-contained ``report.html``.
 """
 
 from __future__ import annotations
@@ -22,13 +23,16 @@ from raydiff.query.views import connect
 MODULE_ORDER = ("embed", "q", "k", "v", "o", "gate", "up", "down", "norm", "lm_head", "other")
 
 
-def demo_report(store: str, run_ids: Mapping[str, str], accuracy: Mapping[str, float]) -> str:
-    """A short text report of the demo family: sparsity per run, RL-seed overlap, rank ratio.
+def demo_report(store: str, run_ids: Mapping[str, str], accuracy: Mapping[str, float],
+                chain: str | None = None) -> str:
+    """A short text report of the demo family: sparsity per run, RL-seed overlap, rank ratio,
+    and the steps of ``chain``.
 
     Args:
         store: store root.
         run_ids: family member name → run id.
         accuracy: greedy exact-match accuracy per member (and ``base``).
+        chain: a chain of checkpoints in the store (the RL run's), or ``None``.
     """
     con = connect(store)
     try:
@@ -56,12 +60,63 @@ def demo_report(store: str, run_ids: Mapping[str, str], accuracy: Mapping[str, f
             lines += ["", "subnetwork overlap of the two RL seeds (rl-seed1 vs rl-seed2), all parameters:",
                       f"  o1 {o[0]:.1%}  o2 {o[1]:.1%}  (random baseline {o[2]:.1%} / {o[3]:.1%});"
                       f"  Jaccard {o[4]:.1%} (random {o[5]:.1%})"]
+        lines += ["", *_science_lines(con, run_ids)]
+        if chain is not None:
+            lines += ["", *_chain_lines(con, chain)]
         shown = redact(store)
         lines += ["", f"store: {shown}   try: raydiff sql \"SELECT * FROM runs\" --store {shown}",
                   f"       raydiff report {' '.join(run_ids)} --store {shown} --out report"]
         return "\n".join(lines)
     finally:
         con.close()
+
+
+#: The follow-up papers' numbers per run, averaged over its 2-D matrices (unweighted).
+_SCIENCE_SQL = """
+SELECT avg(principal_angle_max_deg), max(principal_angle_max_deg), avg(spectral_shift),
+       avg(energy_rank_99 / NULLIF(max_rank, 0)), avg(low_mag_overlap_30), avg(low_mag_frac_30),
+       avg(row_cv / NULLIF(row_cv_random, 0)), avg(col_cv / NULLIF(col_cv_random, 0))
+FROM tensors WHERE run_id = ? AND status = 'ok' AND len(shape) = 2 AND rows IS NOT NULL
+"""
+
+
+def _science_lines(con, run_ids: Mapping[str, str]) -> list[str]:
+    """The follow-up metrics per run: principal angles, spectral shift, energy rank,
+    magnitude-mask overlap and row/column stripes (docs/science.md)."""
+    lines = ["beyond the paper (mean over 2-D matrices; docs/science.md):",
+             "angle = largest principal angle of the top-16 singular subspaces of W0 vs W1; shift = top-16 spectral",
+             "shift; E99 = energy rank / min(m, n); M_low30 = share of changes on the 30 % smallest |W0| (random: 30 %);",
+             "row/col CV× = CV of per-row/column changed fractions over a random mask's",
+             f"{'run':<18} {'angle°':>7} {'max°':>7} {'shift':>8} {'E99':>6} {'M_low30':>8} {'row CV×':>8} {'col CV×':>8}"]
+
+    def f(v, fmt):
+        return format(v, fmt) if v is not None else "-"
+
+    for name, run_id in run_ids.items():
+        a, amax, shift, e99, low, frac, rcv, ccv = con.execute(_SCIENCE_SQL, [run_id]).fetchall()[0]
+        lines.append(f"{name:<18} {f(a, '7.2f'):>7} {f(amax, '7.2f'):>7} {f(shift, '8.1e'):>8} {f(e99, '6.1%'):>6} "
+                     f"{f(low, '8.1%'):>8} {f(rcv, '8.2f'):>8} {f(ccv, '8.2f'):>8}")
+    return lines
+
+
+def _chain_lines(con, chain: str) -> list[str]:
+    """Per step of the chain the step's sparsity, and where the chain ended: never updated,
+    cancelled, subnetwork (every change counted: the chain's runs are at atol 0)."""
+    rows = con.execute("SELECT step, tuned, numel, changed_vs_base, changed_since_prev, changed_ever, cancelled "
+                       "FROM chain_steps(?)", [chain]).fetchall()
+    _, _, _, never, cancelled, sub = con.execute(
+        "SELECT * FROM chain_summary(?) WHERE module IS NULL", [chain]).fetchone()
+    lines = [f"chain {chain}: each checkpoint against the one before (step sparsity = 1 - changed since the previous",
+             "checkpoint / numel) and against the base; changed = value differs (atol 0), all parameters",
+             f"{'step':>4}  {'checkpoint':<18} {'step sparsity':>13} {'vs base':>9} {'ever changed':>12} "
+             f"{'cancelled':>9}"]
+    for step, tuned, numel, now, since, ever, canc in rows:
+        name = tuned.rstrip("/").rsplit("/", 1)[-1]
+        lines.append(f"{step:>4}  {name:<18} {1 - since / numel:13.1%} {1 - now / numel:9.1%} {ever / numel:12.1%} "
+                     f"{canc / numel:9.1%}")
+    lines.append(f"  at the last step: never updated {never:.1%}, cancelled {cancelled:.1%} (changed, then back to "
+                 f"the base value), subnetwork {sub:.1%}")
+    return lines
 
 
 def _resolve(con, runs: Sequence[str]) -> list[tuple[str, str]]:
@@ -100,9 +155,17 @@ def write_report(store: str, runs: Sequence[str], out: str | Path) -> Path:
                         _heatmaps(con, resolved, plt)))
         figures.append(("tolerance", "Sparsity by criterion (element-weighted)", _tolerance(con, resolved, plt)))
         figures.append(("rank", "Rank ratio per matrix and singular-value decay", _rank(con, resolved, plt)))
+        science = _science(con, resolved, plt)
+        if science is not None:  # runs with --rank off have no per-matrix metric to draw
+            figures.append(("science", "Beyond the paper: largest principal angle per layer × module, and the share "
+                                       "of changes on the smallest |W0| against its random baseline", science))
         if len(resolved) >= 2:
             figures.append(("overlap", "Subnetwork overlap o1 (row run's changes also changed by column run) "
                                        "vs random baseline", _overlap(con, resolved, plt)))
+        for i, chain in enumerate(_chains_of(con, resolved)):
+            figures.append(("chain" if i == 0 else f"chain-{i + 1}",
+                            f"Chain {chain}: sparsity of each step and against the base, and where the chain ended "
+                            "(every change counted, atol 0)", _chain(con, chain, plt)))
         summary = con.execute(
             "SELECT r.name, r.run_id, r.status, r.atol, r.sparsity, "
             "(SELECT avg(sparsity) FROM tensors t WHERE t.run_id = r.run_id AND t.status = 'ok'), "
@@ -222,6 +285,93 @@ def _rank(con, runs, plt):
         ax2.legend(fontsize=7)
     else:
         ax2.text(0.5, 0.5, "no spectra: the run used --rank off", ha="center", transform=ax2.transAxes)
+    return fig
+
+
+def _science(con, runs, plt):
+    import numpy as np
+
+    names = [n for _, n in runs]
+    rows = con.execute(
+        "SELECT run_id, layer, module, max(principal_angle_max_deg) FROM tensor_modules "
+        "WHERE run_id IN (SELECT unnest(?)) AND principal_angle_max_deg IS NOT NULL GROUP BY ALL",
+        [[r for r, _ in runs]]).fetchall()
+    cols = sorted({(lay, mod) for _, lay, mod, _ in rows},
+                  key=lambda k: (k[0] if k[0] is not None else -1,
+                                 MODULE_ORDER.index(k[1]) if k[1] in MODULE_ORDER else len(MODULE_ORDER)))
+    lows = con.execute("SELECT count(low_mag_overlap_30) FROM tensors WHERE run_id IN (SELECT unnest(?))",
+                       [[r for r, _ in runs]]).fetchall()[0][0]
+    if not rows and not lows:
+        return None
+    grid = np.full((len(runs), max(1, len(cols))), np.nan)
+    for run_id, lay, mod, deg in rows:
+        grid[[r for r, _ in runs].index(run_id), cols.index((lay, mod))] = deg
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(max(8.0, 0.45 * len(cols) + 6), 1.0 + 0.5 * len(runs) + 2),
+                                 gridspec_kw={"width_ratios": [max(1, len(cols)), 6]})
+    im = ax.imshow(grid, aspect="auto", cmap="viridis")
+    ax.set_yticks(range(len(runs)), names)
+    ax.set_xticks(range(len(cols)), [f"{'-' if lay is None else lay}.{mod}" for lay, mod in cols], rotation=90,
+                  fontsize=7)
+    fig.colorbar(im, ax=ax, label="largest principal angle (°)")
+    alphas = (10, 30, 50)
+    width = 0.8 / len(alphas)
+    for k, pct in enumerate(alphas):
+        vals = [con.execute(f"SELECT avg(low_mag_overlap_{pct}), avg(low_mag_frac_{pct}) FROM tensors "
+                            "WHERE run_id = ? AND status = 'ok'", [r]).fetchall()[0] for r, _ in runs]
+        x = np.arange(len(runs)) + (k - 1) * width
+        bx.barh(x, [v[0] if v[0] is not None else np.nan for v in vals], height=width, label=f"α = {pct / 100:.1f}")
+        bx.scatter([v[1] if v[1] is not None else np.nan for v in vals], x, marker="|", color="k", s=80,
+                   label="random baseline" if k == 0 else None)
+    bx.set_yticks(range(len(runs)), names)
+    bx.invert_yaxis()  # runs top to bottom, as in the heatmap beside it
+    bx.set_xlabel("|M_low(α) ∩ M| / |M|")
+    bx.legend(fontsize=7)
+    return fig
+
+
+def _chains_of(con, runs) -> list[str]:
+    """The chains the report's runs show: one of the chain's runs is among them, or each of
+    its checkpoints is the tuned side of one of them over the chain's base."""
+    ids = [r for r, _ in runs]
+    given = con.execute("SELECT base, base_revision, tuned, tuned_revision FROM runs WHERE run_id IN (SELECT unnest(?))",
+                        [ids]).fetchall()
+    sides = set(given)
+    chains: dict[str, list[tuple]] = {}
+    for chain, *step in con.execute("SELECT chain, base, base_revision, tuned, tuned_revision, run_vs_base, "
+                                    "run_vs_prev FROM chains ORDER BY chain, step").fetchall():
+        chains.setdefault(chain, []).append(step)
+    return [chain for chain, steps in chains.items()
+            if any(s[4] in ids or s[5] in ids for s in steps) or all(tuple(s[:4]) in sides for s in steps)]
+
+
+def _chain(con, chain: str, plt):
+    rows = con.execute("SELECT step, tuned, numel, changed_vs_base, changed_since_prev, changed_ever "
+                       "FROM chain_steps(?)", [chain]).fetchall()
+    parts = con.execute("SELECT layer, module, never_updated, cancelled, subnetwork FROM chain_summary(?)",
+                        [chain]).fetchall()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, max(4.0, 0.25 * len(parts) + 1.5)))
+    steps = [r[0] for r in rows]
+    for label, values in (("step sparsity (vs previous checkpoint)", [1 - r[4] / r[2] for r in rows]),
+                          ("sparsity vs base", [1 - r[3] / r[2] for r in rows]),
+                          ("never updated so far", [1 - r[5] / r[2] for r in rows])):
+        ax1.plot(steps, values, marker="o", label=label)
+    ax1.set_xticks(steps, [r[1].rstrip("/").rsplit("/", 1)[-1] for r in rows], rotation=30)
+    ax1.set_ylim(0, 1.02)
+    ax1.set_ylabel("fraction of parameters")
+    ax1.grid(alpha=0.3)
+    ax1.legend(fontsize=8)
+    labels = ["all" if mod is None else f"{'-' if lay is None else lay}.{mod}" for lay, mod, *_ in parts]
+    left = [0.0] * len(parts)
+    for k, (label, color) in enumerate((("never updated", "#bbbbbb"), ("cancelled", "#f28e2b"),
+                                        ("subnetwork at the last step", "#4e79a7"))):
+        widths = [p[2 + k] or 0.0 for p in parts]
+        ax2.barh(range(len(parts)), widths, left=left, color=color, label=label)
+        left = [a + b for a, b in zip(left, widths)]
+    ax2.set_yticks(range(len(parts)), labels, fontsize=7)
+    ax2.invert_yaxis()
+    ax2.set_xlim(0, 1)
+    ax2.set_xlabel("fraction of the group's parameters")
+    ax2.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3)
     return fig
 
 

@@ -8,8 +8,8 @@ names its runs (``WHERE run_id = …``, or ``run_ref('name')``, which DuckDB fol
 constant) opens only their files. Those files are written once and never removed, so a
 connection never finds one gone: results are those of complete runs, and an incomplete run
 shows how far it got (``raw_progress``, from listing its unit files). The catalog
-(``raw_run``, ``raw_commit``) and ``raydiff watch``'s events (``raw_watch_event``) are read
-when the store is opened.
+(``raw_run``, ``raw_commit``), ``raydiff watch``'s events (``raw_watch_event``) and the
+steps of chains (``raw_chain_step``) are read when the store is opened.
 
 The views (``runs``, ``tensors``, ``units``, ``masks``…) come from the ``.sql`` files shipped
 in ``raydiff.queries``, run in file-name order. After setup the connection cannot touch
@@ -29,8 +29,9 @@ import pyarrow.dataset as pads
 
 from raydiff.errors import QueryError, RaydiffError, RunNotFound
 from raydiff.options import ATOL_LADDER, ladder_name
-from raydiff.query.overlap import CONSENSUS_TYPE, OVERLAP_TYPE, consensus_units, overlap_units
-from raydiff.records import PlanRecord, SpectrumRecord, TensorRecord, UnitRecord, schema
+from raydiff.query.overlap import (CHAIN_TYPE, CONSENSUS_TYPE, OVERLAP_TYPE, PAIRS_TYPE, PROFILE_TYPE, chain_units,
+                                   consensus_units, overlap_units, pairs_units, profile_units)
+from raydiff.records import STATUS_OK, PlanRecord, SpectrumRecord, TensorRecord, UnitRecord, from_table, schema
 from raydiff.store import Store, layout
 
 
@@ -97,6 +98,7 @@ def connect(store: Store | str, ladder: tuple[float, ...] = ATOL_LADDER) -> duck
                                           [(r, layout.spectra_file(r)) for r in sorted(has_spectra)]))
     con.register("raw_progress", _progress(store, incomplete))
     con.register("raw_watch_event", store.events().read())
+    con.register("raw_chain_step", store.chains().read())
     _functions(con, store, cat)
     for fname, text in sql_files(ladder):
         try:
@@ -183,11 +185,39 @@ def _functions(con: duckdb.DuckDBPyConnection, store: Store, cat) -> None:
             memo[key] = consensus_units(store, ids)
         return memo[key]
 
+    def mask_pairs(ids: list[str]) -> list:
+        key = ("pairs", *ids)
+        if key not in memo:
+            memo[key] = pairs_units(store, ids)
+        return memo[key]
+
+    def mask_chain(vs_base: list[str], vs_prev: list[str]) -> list:
+        key = ("chain", *vs_base, "|", *vs_prev)
+        if key not in memo:
+            missing = [r for r in (*vs_base, *vs_prev) if r not in complete]
+            if missing:  # a chain step is recorded only once its runs are complete
+                raise QueryError(f"run {missing[0]} of the chain is not complete in this store")
+            memo[key] = chain_units(store, vs_base, vs_prev)
+        return memo[key]
+
+    def mask_profile(run_id: str, tensor: str) -> list:
+        plan = {p.tensor: p for p in from_table(store.read(layout.plan_file(run_id), PlanRecord), PlanRecord)}
+        p = plan.get(tensor)
+        if p is None or p.status != STATUS_OK:
+            why = "has no tensor" if p is None else f"did not compare (status {p.status})"
+            raise QueryError(f"run {run_id} {why} {tensor!r}; the tensors view lists what it compared")
+        if not p.row_len:
+            raise QueryError(f"tensor {tensor!r} is 1-D: it has no rows and columns to profile")
+        return profile_units(store, run_id, tensor, p.row_len)
+
     con.create_function("run_ref", run_ref, ["VARCHAR"], "VARCHAR", side_effects=False)
+    con.create_function("mask_pairs", mask_pairs, ["VARCHAR[]"], PAIRS_TYPE, side_effects=False)
+    con.create_function("mask_profile", mask_profile, ["VARCHAR", "VARCHAR"], PROFILE_TYPE, side_effects=False)
     con.create_function("_pair_problem", pair_problem, ["VARCHAR", "VARCHAR"], "VARCHAR", side_effects=False,
                         null_handling="special")
     con.create_function("mask_overlap", mask_overlap, ["VARCHAR", "VARCHAR"], OVERLAP_TYPE, side_effects=False)
     con.create_function("mask_consensus", mask_consensus, ["VARCHAR[]"], CONSENSUS_TYPE, side_effects=False)
+    con.create_function("mask_chain", mask_chain, ["VARCHAR[]", "VARCHAR[]"], CHAIN_TYPE, side_effects=False)
 
 
 _UDF_ERROR = re.compile(r"^.*?Python exception occurred while executing the UDF: (\w+): ")

@@ -20,7 +20,8 @@ from raydiff.run.execute import Done, RunContext
 from raydiff.kernel.diff import Criteria
 from raydiff.options import SubmitOptions
 from raydiff.errors import PlanProblem
-from raydiff.plan import MATCH_EXACT, STATUS_OK, Plan, make_plan, summarize
+from raydiff.plan import Plan, hash_tasks, make_plan, summarize
+from raydiff.records import MATCH_EXACT, STATUS_OK
 from raydiff.records import CommitRecord, PlanRecord, RunRecord
 from raydiff.inputs.refs import Identity, resolve
 from raydiff.inputs.remote import HubAccess, is_remote
@@ -117,7 +118,7 @@ def plan_records(run_id: str, plan: Plan) -> list[PlanRecord]:
             base_dtype=t.base.dtype if t.base else None, tuned_dtype=t.tuned.dtype if t.tuned else None,
             compare_dtype=t.compare_dtype, base_shape=t.base.shape if t.base else None,
             tuned_shape=t.tuned.shape if t.tuned else None, numel=t.numel, unit_elems=t.unit_elems,
-            row_len=t.row_len, first_unit=t.first_unit, n_units=t.n_units, has_spectrum=t.spectrum,
+            row_len=t.row_len, first_unit=t.first_unit, n_units=t.n_units, has_spectrum=t.spectrum, experts=t.experts,
         )
         for t in plan.tensors
     ]
@@ -164,7 +165,7 @@ def submit(base: str, tuned: str, options: SubmitOptions | None = None,
         tuned=tuned_ck.ref, tuned_revision=tuned_ck.revision, tuned_fingerprint=tuned_ck.fingerprint,
         created_at=dt.datetime.now(dt.timezone.utc), raydiff_version=raydiff_version(),
         atol=d.atol, rel_eta=d.rel_eta, ladder=d.ladder, rank_mode=d.rank, top_k=d.top_k, sketch_rank=d.sketch_rank,
-        chunk_elems=d.chunk_elems, n_tensors=len(plan.tensors), n_units=len(plan.units),
+        subspace_k=d.subspace_k, hashed=d.hash, chunk_elems=d.chunk_elems, n_tensors=len(plan.tensors), n_units=len(plan.units),
         n_spectra=len(plan.spectra), input_bytes=plan.input_bytes,
     )
     store = Store(options.store)
@@ -177,11 +178,13 @@ def submit(base: str, tuned: str, options: SubmitOptions | None = None,
 
     done_units = store.done_units(run_id)
     done_spectra = store.done_spectra(run_id)
-    units = [u for u in plan.units if u.unit_id not in done_units]
-    spectra = [s for s in plan.spectra if s.tensor_index not in done_spectra]
+    hashes = hash_tasks(plan, store.done_hashes(run_id)) if d.hash else []
+    in_hashes = {u.unit_id for h in hashes for u in h.units}  # run (again) with their tensor's hash
+    units = [u for u in plan.units if u.unit_id not in done_units and u.unit_id not in in_hashes]
+    spectra = [s for s in plan.spectra if s.key not in done_spectra]
     progress.planned(Planned(
-        run=record, units_total=len(plan.units), units_todo=len(units), bytes_total=plan.input_bytes,
-        bytes_todo=sum(u.nbytes for u in units), spectra_total=len(plan.spectra), spectra_todo=len(spectra),
+        run=record, units_total=len(plan.units), units_todo=len(units) + len(in_hashes), bytes_total=plan.input_bytes,
+        bytes_todo=sum(u.nbytes for u in units) + sum(u.nbytes for h in hashes for u in h.units), spectra_total=len(plan.spectra), spectra_todo=len(spectra),
     ))
     hub = None
     if any(is_remote(ck.root) for ck in (base_ck, tuned_ck)):
@@ -189,10 +192,11 @@ def submit(base: str, tuned: str, options: SubmitOptions | None = None,
 
         hub = HubAccess(endpoint=_api().endpoint, fetch=options.cluster.hub_fetch)
     ctx = RunContext(run_id=run_id, store_root=store.root, criteria=Criteria(d.atol, d.rel_eta, d.ladder),
-                     rank_mode=d.rank, top_k=d.top_k, sketch_rank=d.sketch_rank, hub=hub)
+                     rank_mode=d.rank, top_k=d.top_k, sketch_rank=d.sketch_rank, hub=hub,
+                     subspace_k=d.subspace_k)
     from raydiff.run import actors  # Ray is imported only when there is work for it
 
-    actors.run_work(ctx, units, spectra, options.cluster, progress.advanced, progress.note)
+    actors.run_work(ctx, units, spectra, options.cluster, progress.advanced, progress.note, hashes)
     commit = store.commit(record, planned)
     resumed = bool(done_units or done_spectra)
     return SubmitResult(record, commit, resumed=resumed, already_complete=False, matching=summarize(plan))

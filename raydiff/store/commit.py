@@ -13,9 +13,16 @@ import numpy as np
 import pyarrow as pa
 
 from raydiff.dtypes import DTYPES
+from raydiff.kernel.science import cv_of_counts, cv_random
 from raydiff.records import STATUS_OK, PlanRecord, SpectrumRecord, TensorRecord, UnitRecord
 from raydiff.store import layout
 from raydiff.store.files import Files
+
+
+def spectrum_keys(plan: list[PlanRecord]) -> list[tuple[int, int]]:
+    """``(position in the plan, expert or -1)`` of every spectrum a run's plan asks for."""
+    return [(i, e) for i, p in enumerate(plan) if p.has_spectrum
+            for e in (range(p.experts) if p.experts else (-1,))]
 
 
 def compact(files: Files, run_id: str, plan: list[PlanRecord]) -> tuple[pa.Table | None, pa.Table | None]:
@@ -38,26 +45,33 @@ def compact(files: Files, run_id: str, plan: list[PlanRecord]) -> tuple[pa.Table
                 table = table.sort_by("unit_id")
                 w.write_table(table, row_group_size=max(1, table.num_rows))  # one row group per tensor
                 parts.append(table.drop_columns(["mask"]))
-    spectra = files.read_many([layout.spectrum_file(run_id, p.tensor_index) for p in plan if p.has_spectrum],
-                              SpectrumRecord)
+    spectra = files.read_many([layout.spectrum_file(run_id, plan[i].tensor_index, e if e >= 0 else None)
+                               for i, e in spectrum_keys(plan)], SpectrumRecord)
     if spectra is not None:
         with files.writer(layout.spectra_file(run_id), SpectrumRecord) as w:
-            w.write_table(spectra.sort_by("tensor_index"))
+            w.write_table(spectra.sort_by([("tensor_index", "ascending"), ("expert", "ascending")]))
     return (pa.concat_tables(parts) if parts else None), spectra
 
 
+#: Columns a tensor takes from its matrix's spectrum row as they are.
+_FROM_SPECTRUM = ("energy_rank_99", "subspace_k", "principal_cos_u", "principal_cos_v", "principal_angle_max_deg",
+                  "spectral_shift", "spectral_shift_full", "low_mag_overlap_10", "low_mag_overlap_30",
+                  "low_mag_overlap_50", "low_mag_frac_10", "low_mag_frac_30", "low_mag_frac_50")
 _SUMMED = ("changed", "changed_bits", "changed_rel", "nonfinite")
-_SUMMED_OPTIONAL = ("changed_subprecision",)  # NULL unless some unit has a value
+_SUMMED_OPTIONAL = ("changed_subprecision", "changed_code", "changed_scale_blocks")  # NULL unless some unit has one
 
 
 def aggregate(run_id: str, plan: list[PlanRecord], units: pa.Table | None,
-               spectra: pa.Table | None, steps: int) -> list[TensorRecord]:
-    """Per-tensor totals from unit rows (``steps``: the run's ladder length)."""
+               spectra: pa.Table | None, steps: int, hashes: dict[int, dict] | None = None) -> list[TensorRecord]:
+    """Per-tensor totals from unit rows (``steps``: the run's ladder length; ``hashes``: the
+    ``--hash`` rows by tensor index)."""
     by_tensor: dict[int, list[dict]] = {}
     if units is not None:
         for row in units.to_pylist():
             by_tensor.setdefault(row["tensor_index"], []).append(row)
-    spec = {row["tensor_index"]: row for row in (spectra.to_pylist() if spectra is not None else [])}
+    # the spectrum of a 2-D tensor (a stack's experts have theirs in the spectra view)
+    spec = {row["tensor_index"]: row for row in (spectra.to_pylist() if spectra is not None else [])
+            if row.get("expert") is None}
     out = []
     for tp in plan:
         shape = tp.base_shape if tp.base_shape is not None else tp.tuned_shape
@@ -69,7 +83,8 @@ def aggregate(run_id: str, plan: list[PlanRecord], units: pa.Table | None,
             rows = tp.numel // cols if cols else 0
         agg: dict[str, object] = {k: None for k in _SUMMED + _SUMMED_OPTIONAL + ("changed_ladder",)}
         stats: dict[str, object] = dict(max_abs_delta=None, mean_abs_delta=None, delta_fro=None,
-                                        base_fro=None, rows_touched=None, cols_touched=None)
+                                        base_fro=None, rows_touched=None, cols_touched=None, row_cv=None,
+                                        col_cv=None, row_cv_random=None, col_cv_random=None)
         if tp.status == STATUS_OK:
             rs = sorted(by_tensor.get(tp.tensor_index, []), key=lambda r: r["unit_id"])
             for k in _SUMMED:
@@ -92,7 +107,13 @@ def aggregate(run_id: str, plan: list[PlanRecord], units: pa.Table | None,
                     if r["cols_bitmap"]:
                         acc |= np.frombuffer(r["cols_bitmap"], np.uint8)
                 stats["cols_touched"] = int(np.bitwise_count(acc).sum())
+                stats.update(_profile_cv(rs, rows, cols, agg["changed"]))  # type: ignore[arg-type]
         s = spec.get(tp.tensor_index)
+        science = {k: (s.get(k) if s else None) for k in _FROM_SPECTRUM}
+        h = (hashes or {}).get(tp.tensor_index) or {}
+        science.update(base_sha256=h.get("base_sha256"), tuned_sha256=h.get("tuned_sha256"))
+        for k in ("principal_cos_u", "principal_cos_v"):
+            science[k] = tuple(science[k]) if science[k] is not None else None
         note = tp.note
         if s and s.get("note"):  # recorded, not computed: the rank columns stay NULL
             note = "; ".join(x for x in (note, f"spectrum not computed: {s['note']}") if x)
@@ -105,6 +126,23 @@ def aggregate(run_id: str, plan: list[PlanRecord], units: pa.Table | None,
             rank_method=s["method"] if s else None, stable_rank=s["stable_rank"] if s else None,
             effective_rank=s["effective_rank"] if s else None, rank_1e1=s["rank_1e1"] if s else None,
             rank_1e2=s["rank_1e2"] if s else None, rank_1e3=s["rank_1e3"] if s else None,
-            top_sv=tuple(s["top_sv"]) if s else None,
+            top_sv=tuple(s["top_sv"]) if s else None, **science,  # type: ignore[arg-type]
         ))
     return out
+
+
+def _profile_cv(units: list[dict], rows: int, cols: int, changed: int) -> dict[str, float | None]:
+    """Coefficients of variation of the row and column profiles of a tensor's mask from its
+    units' per-row sums of squares and per-column counts, beside those of a random mask of
+    the same density. NULL where a unit lacks them (stored by an older release)."""
+    if any(u.get("row_changed_sq") is None or u.get("col_changed") is None for u in units):
+        return {}
+    numel = rows * cols
+    per_col = np.zeros(cols, np.int64)
+    for u in units:
+        if u["col_changed"]:
+            per_col += np.asarray(u["col_changed"], np.int64)
+    col_sq = int(np.dot(per_col, per_col))
+    return dict(row_cv=cv_of_counts(changed, sum(u["row_changed_sq"] for u in units), rows),
+                col_cv=cv_of_counts(changed, col_sq, cols),
+                row_cv_random=cv_random(changed, numel, cols), col_cv_random=cv_random(changed, numel, rows))
