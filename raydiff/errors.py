@@ -84,6 +84,30 @@ class InvalidWatchList(RaydiffError):
     """A watch list (``watch.toml``) is malformed; the message names the file and the key."""
 
 
+class OutputExists(RaydiffError):
+    """An output path (``--out``) exists and ``--force`` was not given, or it is something
+    raydiff will not replace even with ``--force`` (a directory it did not write)."""
+
+
+class BaseMismatch(RaydiffError):
+    """Runs, a mask or a patch belong to another base than the one given: the message names
+    both bases (or the tensor whose bytes differ from those recorded)."""
+
+
+class InvalidPatch(RaydiffError):
+    """A patch directory is malformed, missing a shard, truncated or tampered with (its
+    files do not match the sizes and SHA-256 digests its index records)."""
+
+
+class ChainConflict(RaydiffError):
+    """A chain of checkpoints is submitted with another base or other checkpoints than its
+    recorded steps: the message names the chain, the step and both checkpoints."""
+
+
+class ClusterUnavailable(RaydiffError):
+    """The Ray cluster could not be started or reached."""
+
+
 class WorkFailed(RaydiffError):
     """A unit or spectrum failed in an actor for a reason raydiff did not foresee (a bug).
 

@@ -11,6 +11,9 @@ in flight per actor so none idles between items, and receives only small
 Fault tolerance lives here too: actors restart when their process dies
 (``max_restarts``) and the unit in flight is retried (``max_task_retries``). A retried unit
 rewrites the same file with the same bytes, so a retry can never duplicate a result.
+
+``raydiff patch`` and ``apply`` run on a pool of :class:`ArtifactActor` the same way
+(:func:`run_artifacts`), each item a patch shard or a rebuilt tensor.
 """
 
 from __future__ import annotations
@@ -20,14 +23,19 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import ray
 from ray.exceptions import RayActorError, RayError, RayTaskError
 
-from raydiff.errors import RaydiffError, WorkFailed
-from raydiff.run.execute import Done, Executor, RunContext
+from raydiff.errors import ClusterUnavailable, RaydiffError, WorkFailed
 from raydiff.options import ClusterOptions
-from raydiff.plan import SpectrumTask, WorkUnit
+from raydiff.plan import HashTask, SpectrumTask, WorkUnit
+from raydiff.inputs.remote import HubAccess
+from raydiff.run.patch_work import ArtifactExecutor, ItemDone, PatchShardItem, RebuildItem
+
+if TYPE_CHECKING:  # imported by the diff actor when it starts: an artifact actor needs no torch
+    from raydiff.run.execute import Done, Executor, RunContext
 
 _IN_FLIGHT_PER_ACTOR = 2
 _MAX_RESTARTS = 4
@@ -54,7 +62,13 @@ def connect(address: str | None) -> dict[str, float]:
         kwargs: dict[str, object] = dict(logging_level=logging.WARNING, log_to_driver=False)
         if address == "local":
             kwargs["include_dashboard"] = False
-        ray.init(address=address, **kwargs)
+        try:
+            ray.init(address=address, **kwargs)
+        except Exception as e:  # Ray raises bare Exceptions (a node that timed out starting, …)
+            where = "start a local Ray cluster" if address == "local" else f"connect to the Ray cluster at {address}"
+            raise ClusterUnavailable(
+                f"could not {where}: {' '.join(str(e).split())[:300]}. Check the machine's load and free memory "
+                "(or the cluster's address), then submit again: the run resumes") from e
     # Totals from the node table: what each alive node registered with. cluster_resources()
     # comes from the resource view, which can lag a node that has just joined by a moment —
     # enough for a submit right after it to size its pool as if the node were not there.
@@ -71,12 +85,16 @@ class DiffActor:
     """Diffs units and computes spectra, on the node it was placed on, for any run."""
 
     def __init__(self, device: str) -> None:
+        from raydiff.run import execute  # noqa: F401  (torch and the compiled kernel, loaded as the actor starts)
+
         self._node_id = ray.get_runtime_context().get_node_id()
         self._device = device
         self._ex: Executor | None = None
 
     def _executor(self, ctx: RunContext) -> Executor:
         if self._ex is None or self._ex.ctx != ctx:  # a new run: drop the old run's file maps
+            from raydiff.run.execute import Executor
+
             ex = Executor(ctx, node_id=self._node_id, device=self._device)
             ex.store.check_visible(ctx.run_id, f"Ray node {self._node_id}")
             self._ex = ex
@@ -90,6 +108,9 @@ class DiffActor:
 
     def spectrum(self, ctx: RunContext, s: SpectrumTask) -> Done:
         return self._executor(ctx).spectrum(s)
+
+    def hashed(self, ctx: RunContext, h: HashTask) -> list[Done]:
+        return self._executor(ctx).hashed(h)
 
     def release(self) -> None:
         """Unmap the run's checkpoint files (so deleted checkpoints free their disk space)."""
@@ -110,6 +131,7 @@ def _actors(n: int, gpu_share: float) -> list:
     if _pool.get("key") != key:
         for a in _pool.get("actors", []):
             ray.kill(a, no_restart=True)
+        _drop_artifact_pool()  # a kept pool of artifact actors would hold the CPUs this one needs
         device = "cuda" if gpu_share else "cpu"
         # SPREAD: one actor per node before two on one, so every node reads its share of bytes
         _pool["actors"] = [DiffActor.options(num_cpus=1, num_gpus=gpu_share, scheduling_strategy="SPREAD").remote(device)
@@ -148,8 +170,9 @@ def placeable(resources: dict[str, float], n: int, gpu_share: float) -> int:
 
 def run_work(ctx: RunContext, units: Sequence[WorkUnit], spectra: Sequence[SpectrumTask],
              options: ClusterOptions, on_done: Callable[[Done], None] | None = None,
-             on_note: Callable[[str], None] | None = None) -> None:
-    """Run every unit and spectrum task on a pool of actors; return when all are stored.
+             on_note: Callable[[str], None] | None = None, hashes: Sequence[HashTask] = ()) -> None:
+    """Run every unit, spectrum task and ``--hash`` task (a tensor's units in order) on a pool
+    of actors; return when all are stored.
 
     ``on_note`` hears what the user should know while the run lasts: actors that Ray cannot
     place yet (more asked for than the cluster holds, or its CPUs held by other jobs).
@@ -157,7 +180,7 @@ def run_work(ctx: RunContext, units: Sequence[WorkUnit], spectra: Sequence[Spect
     Raises:
         RaydiffError: the first user-facing error raised by any actor (bad checkpoint…).
     """
-    if not units and not spectra:
+    if not units and not spectra and not hashes:
         return
     with _pool_lock:
         resources = connect(options.address)
@@ -169,7 +192,7 @@ def run_work(ctx: RunContext, units: Sequence[WorkUnit], spectra: Sequence[Spect
         try:
             _start(pool, placeable(resources, n, gpu_share), f"each needs {need}; the cluster has {have}",
                    on_note or (lambda _: None))
-            _dispatch(ctx, actors, pool, units, spectra, on_done)
+            _dispatch(ctx, actors, pool, units, spectra, on_done, hashes)
         finally:
             if options.keep_actors:
                 ray.get([actors[i].release.remote() for i in pool.live])
@@ -217,10 +240,12 @@ def _start(pool: _Pool, expect: int, why: str, note: Callable[[str], None]) -> N
 
 
 def _dispatch(ctx: RunContext, actors: list, pool: _Pool, units: Sequence[WorkUnit],
-              spectra: Sequence[SpectrumTask], on_done: Callable[[Done], None] | None) -> None:
-    # Longest first: spectra (SVDs) by cost, then units by size.
+              spectra: Sequence[SpectrumTask], on_done: Callable[[Done], None] | None,
+              hashes: Sequence[HashTask] = ()) -> None:
+    # Longest first: spectra (SVDs) by cost, then hashed tensors and units by size.
     work: list[tuple[str, object]] = [("spectrum", s) for s in sorted(spectra, key=lambda s: -s.flops)]
-    work += [("unit", u) for u in sorted(units, key=lambda u: -(u.stop - u.start))]
+    sized = [(h.nbytes, "hashed", h) for h in hashes] + [(u.nbytes, "unit", u) for u in units]
+    work += [(kind, item) for _, kind, item in sorted(sized, key=lambda x: -x[0])]
     work.reverse()  # pop() from the end
     pending: dict[ray.ObjectRef, int] = {}
     load = [0] * len(actors)
@@ -239,10 +264,11 @@ def _dispatch(ctx: RunContext, actors: list, pool: _Pool, units: Sequence[WorkUn
             load[pending.pop(ref)] -= 1
             done = _get(ref)
             if on_done is not None:
-                on_done(done)
+                for d in done if isinstance(done, list) else [done]:
+                    on_done(d)
 
 
-def _get(ref: ray.ObjectRef) -> Done:
+def _get(ref: ray.ObjectRef, actor: str = "a diff actor", again: str = "submit again to resume the run"):
     try:
         return ray.get(ref)
     except RayTaskError as e:
@@ -251,17 +277,113 @@ def _get(ref: ray.ObjectRef) -> Done:
             raise cause from None
         # the executor turns every error of a unit into a RaydiffError: this one came from Ray
         # itself or from an actor that could not be built (its traceback is the detail)
-        raise WorkFailed(f"a diff actor failed: {_first_line(cause or e)}; submit again to resume the run",
-                         str(e)) from None
+        raise WorkFailed(f"{actor} failed: {_first_line(cause or e)}; {again}", str(e)) from None
     except RayActorError as e:
         _drop_pool()
-        raise RaydiffError(f"a diff actor died and could not be restarted ({_first_line(e)}); "
-                           "submit again to resume the run") from None
+        raise RaydiffError(f"{actor} died and could not be restarted ({_first_line(e)}); {again}") from None
     except RayError as e:  # an object lost with its node, a worker that could not start…
-        raise WorkFailed(f"Ray failed the run: {type(e).__name__}: {_first_line(e)}; "
-                         "submit again to resume the run", str(e)) from None
+        raise WorkFailed(f"Ray failed the run: {type(e).__name__}: {_first_line(e)}; {again}", str(e)) from None
 
 
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[0][:300] if text else type(e).__name__
+
+
+# -- patch and apply ---------------------------------------------------------------------------
+
+
+@ray.remote(max_restarts=_MAX_RESTARTS, max_task_retries=_MAX_TASK_RETRIES)
+class ArtifactActor:
+    """Writes patch shards and rebuilds tensors (:class:`~raydiff.run.patch_work.ArtifactExecutor`).
+
+    A retried item rewrites the same temporary file (a patch shard) or the same bytes at the
+    same offsets (a tensor), so a retry never leaves a different result.
+    """
+
+    def __init__(self, hub: HubAccess | None) -> None:
+        self._ex = ArtifactExecutor(hub, node_id=ray.get_runtime_context().get_node_id())
+
+    def ready(self) -> None:
+        """Answers once the actor has started."""
+
+    def run(self, item: PatchShardItem | RebuildItem) -> ItemDone:
+        return self._ex.run(item)
+
+
+def run_artifacts(items: Sequence[PatchShardItem | RebuildItem], options: ClusterOptions,
+                  hub: HubAccess | None = None, on_done: Callable[[ItemDone], None] | None = None,
+                  on_note: Callable[[str], None] | None = None) -> None:
+    """Run patch or apply items on a pool of artifact actors (1 CPU each, at most one per
+    item), largest first, two in flight per actor; the pool is released at the end, or kept
+    for the next call of this process with ``ClusterOptions.keep_actors``.
+
+    On an error, the items in flight finish first (so the caller can remove their
+    temporaries with nothing left writing them), then the first error is raised.
+
+    Raises:
+        RaydiffError: the first user-facing error raised by any actor (a base that is not
+            the patch's, a file that cannot be written…).
+    """
+    if not items:
+        return
+    again = "run the command again to resume it"
+    with _pool_lock:
+        resources = connect(options.address)
+        n = min(pool_size(resources, options)[0], len(items))
+        _drop_pool()  # a kept pool of diff actors would hold the CPUs this one needs
+        key = (ray.get_runtime_context().get_job_id(), n, hub)
+        if _artifact_pool.get("key") != key:
+            _drop_artifact_pool()
+            _artifact_pool["actors"] = [ArtifactActor.options(num_cpus=1, scheduling_strategy="SPREAD").remote(hub)
+                                        for _ in range(n)]
+            _artifact_pool["key"] = key
+        actors: list = _artifact_pool["actors"]  # type: ignore[assignment]
+        pool = _Pool(actors)
+        failed = False
+        pending: dict[ray.ObjectRef, int] = {}
+        try:
+            _start(pool, placeable(resources, n, 0.0), f"each needs 1 CPU; the cluster has "
+                   f"{resources.get('CPU', 0.0):g} CPUs", on_note or (lambda _: None))
+            work = sorted(items, key=lambda i: i.cost)  # pop() from the end: largest first
+            load = [0] * n
+            while work or pending:
+                for i in pool.live:
+                    while work and load[i] < _IN_FLIGHT_PER_ACTOR:
+                        pending[actors[i].run.remote(work.pop())] = i
+                        load[i] += 1
+                ready, _ = ray.wait(list(pending) + list(pool.starting), num_returns=1)
+                for ref in ready:
+                    if ref in pool.starting:
+                        pool.started(ref)
+                        continue
+                    load[pending.pop(ref)] -= 1
+                    done = _get(ref, "an artifact actor", again)
+                    if on_done is not None:
+                        on_done(done)
+            failed = False
+        except BaseException as e:
+            if pending:
+                ray.wait(list(pending), num_returns=len(pending), timeout=120)
+            # an error of Ray's or an actor's own (not one of the inputs) leaves a pool not worth keeping
+            failed = isinstance(e, (WorkFailed, RayError)) or type(e) is RaydiffError
+            raise
+        finally:
+            if failed or not options.keep_actors:
+                _drop_artifact_pool()
+
+
+_artifact_pool: dict[str, object] = {}
+
+
+def _drop_artifact_pool() -> None:
+    for a in _artifact_pool.pop("actors", []):  # type: ignore[attr-defined]
+        ray.kill(a, no_restart=True)
+    _artifact_pool.pop("key", None)
+
+
+def release_actors() -> None:
+    """Kill the actor pools this process kept with ``ClusterOptions.keep_actors``."""
+    with _pool_lock:
+        _drop_pool()
+        _drop_artifact_pool()

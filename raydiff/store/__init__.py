@@ -6,7 +6,8 @@
 - :mod:`~raydiff.store.catalog`: which runs the store holds and which are complete;
 - :mod:`~raydiff.store.commit`: a run's units folded into one file, totals per tensor;
 - :mod:`~raydiff.store.store`: :class:`Store`, a run's life from start to commit;
-- :mod:`~raydiff.store.upgrade`: stores of earlier layouts converted in place.
+- :mod:`~raydiff.store.upgrade`: stores of earlier layouts converted in place;
+- :mod:`~raydiff.store.tensorfiles`: safetensors files (masks, patches) written whole or not at all.
 
 Knows records and files, nothing of planning, kernels or Ray.
 """

@@ -24,17 +24,19 @@ from raydiff.errors import StoreError
 from raydiff.records import (
     STATUS_OK,
     CommitRecord,
+    HashRecord,
     PlanRecord,
     RunRecord,
     SpectrumRecord,
     TensorRecord,
     UnitRecord,
     WatchEventRecord,
+    ChainStepRecord,
     from_table,
 )
 from raydiff.store import layout
 from raydiff.store.catalog import Catalog, Snapshot
-from raydiff.store.commit import aggregate, compact
+from raydiff.store.commit import aggregate, compact, spectrum_keys
 from raydiff.store.files import Files
 from raydiff.store.log import RecordLog
 
@@ -136,20 +138,40 @@ class Store(Files):
             )
 
     def write_unit(self, rec: UnitRecord) -> None:
-        self.write(layout.unit_file(rec.run_id, rec.unit_id), [rec], UnitRecord)
+        self._write_part(rec.run_id, layout.unit_file(rec.run_id, rec.unit_id), rec, UnitRecord)
 
     def write_spectrum(self, rec: SpectrumRecord) -> None:
-        self.write(layout.spectrum_file(rec.run_id, rec.tensor_index), [rec], SpectrumRecord)
+        self._write_part(rec.run_id, layout.spectrum_file(rec.run_id, rec.tensor_index, rec.expert), rec,
+                         SpectrumRecord)
+
+    def _write_part(self, run_id: str, rel: str, rec: object, kind: type) -> None:
+        """Write one unit's or spectrum's file. Another process submitting the same run may
+        commit it meanwhile and remove the folder under this write: the run is then complete
+        and the part is no longer needed, so the write is dropped (its commit has it)."""
+        try:
+            self.write(rel, [rec], kind)
+        except FileNotFoundError:
+            if self.commit_record(run_id) is None:
+                raise
+
+    def write_hash(self, rec: HashRecord) -> None:
+        self._write_part(rec.run_id, layout.hash_file(rec.run_id, rec.tensor_index), rec, HashRecord)
+
+    def done_hashes(self, run_id: str) -> set[int]:
+        """Tensor indexes whose ``--hash`` pair is already written for an incomplete run."""
+        names = self.list_dir(layout.hashes_dir(run_id))
+        return {int(m.group(1)) for n in names if (m := layout.HASH_FILE.match(n))}
 
     def done_units(self, run_id: str) -> set[int]:
         """Unit ids already written for an incomplete run."""
         names = self.list_dir(layout.units_dir(run_id))
         return {int(m.group(1)) for n in names if (m := layout.UNIT_FILE.match(n))}
 
-    def done_spectra(self, run_id: str) -> set[int]:
-        """Tensor indices whose spectrum is already written for an incomplete run."""
+    def done_spectra(self, run_id: str) -> set[tuple[int, int]]:
+        """``(tensor index, expert or -1)`` of the spectra already written for an incomplete run."""
         names = self.list_dir(layout.spectra_dir(run_id))
-        return {int(m.group(1)) for n in names if (m := layout.SPECTRUM_FILE.match(n))}
+        return {(int(m.group(1)), int(m.group(2)) if m.group(2) else -1)
+                for n in names if (m := layout.SPECTRUM_FILE.match(n))}
 
     def commit(self, run: RunRecord, plan: list[PlanRecord]) -> CommitRecord:
         """Fold a run's units and spectra into its per-run files, total them per tensor and
@@ -163,7 +185,7 @@ class Store(Files):
         """
         d = run.run_id
         unit_ids = [u for p in plan for u in range(p.first_unit, p.first_unit + p.n_units)]
-        spectra_of = [p for p in plan if p.has_spectrum]
+        spectra_of = spectrum_keys(plan)
         done = self.done_units(d)
         missing = [u for u in unit_ids if u not in done]
         if missing:
@@ -172,18 +194,30 @@ class Store(Files):
             raise StoreError(f"run {d}: {len(missing)} units not written (first: {missing[0]}); "
                              "submit again to resume")
         spec_done = self.done_spectra(d)
-        missing_s = [p.tensor for p in spectra_of if p.tensor_index not in spec_done]
+        missing_s = [f"{plan[i].tensor}" + (f" (expert {e})" if e >= 0 else "") for i, e in spectra_of
+                     if (plan[i].tensor_index, e) not in spec_done]
         if missing_s:
             if (other := self._committed_elsewhere(d)) is not None:
                 return other
-            raise StoreError(f"run {d}: spectrum of {missing_s[0]!r} not written; submit again to resume")
+            raise StoreError(f"run {d}: the spectrum of {missing_s[0]} is not written; submit again to resume")
+        hashes = None
+        if run.hashed:
+            have = self.done_hashes(d)
+            missing_h = [p.tensor for p in plan if p.tensor_index not in have and (p.base_dtype or p.tuned_dtype)]
+            if missing_h:
+                if (other := self._committed_elsewhere(d)) is not None:
+                    return other
+                raise StoreError(f"run {d}: the SHA-256 of {missing_h[0]} is not written; submit again to resume")
+            table = self.read_many([layout.hash_file(d, p.tensor_index) for p in plan if p.tensor_index in have],
+                                   HashRecord)
+            hashes = {r["tensor_index"]: r for r in (table.to_pylist() if table is not None else [])}
         try:
             units, spectra = compact(self, d, plan)
         except StoreError:
             if (other := self._committed_elsewhere(d)) is not None:  # its cleanup took our inputs
                 return other
             raise
-        tensors = aggregate(d, plan, units, spectra, len(run.ladder))
+        tensors = aggregate(d, plan, units, spectra, len(run.ladder), hashes)
         self.write(layout.tensors_file(d), tensors, TensorRecord)
         ok = [t for t in tensors if t.status == STATUS_OK]
         commit = CommitRecord(
@@ -212,7 +246,8 @@ class Store(Files):
         catalog entry (the run is complete from here on), then the per-unit files' removal."""
         if commit.run_id not in self.catalog().complete:
             Catalog(self).add_commit(commit)
-        for rel in (layout.units_dir(commit.run_id), layout.spectra_dir(commit.run_id)):
+        for rel in (layout.units_dir(commit.run_id), layout.spectra_dir(commit.run_id),
+                    layout.hashes_dir(commit.run_id)):
             with contextlib.suppress(StoreError):
                 self.delete_dir(rel)
 
@@ -221,7 +256,7 @@ class Store(Files):
     def events(self) -> RecordLog:
         """The log of ``raydiff watch`` events."""
         return RecordLog(self, layout.WATCH_EVENTS, WatchEventRecord, key="event_id", order="recorded_at",
-                         fold_at=64)
+                         fold_at=64, period="month")
 
     def write_watch_event(self, event: WatchEventRecord) -> None:
         """Record one ``raydiff watch`` event (a file of its own, folded with others later)."""
@@ -233,3 +268,25 @@ class Store(Files):
         """Every watch event in the store, oldest first."""
         events = from_table(self.events().read(), WatchEventRecord)
         return sorted(events, key=lambda e: (e.recorded_at, e.event_id))
+
+    # -- chains of checkpoints -----------------------------------------------------------------
+
+    def chains(self) -> RecordLog:
+        """The log of chain steps (``raydiff submit … --chain``, watched branches with ``chain``)."""
+        return RecordLog(self, layout.CHAINS, ChainStepRecord, key="key", order="recorded_at")
+
+    def record_chain_steps(self, steps: list[ChainStepRecord]) -> None:
+        """Record steps of chains (one new file, folded with others later)."""
+        if steps:
+            log = self.chains()
+            log.append(steps)
+            log.fold()
+
+    def chain_steps(self, chain: str | None = None) -> list[ChainStepRecord]:
+        """The steps of ``chain`` (of every chain with ``None``) by chain and step: per step
+        the record written last (a step recorded again with other runs supersedes the earlier)."""
+        latest: dict[tuple[str, int], ChainStepRecord] = {}
+        for r in sorted(from_table(self.chains().read(), ChainStepRecord), key=lambda r: (r.recorded_at, r.key)):
+            if chain is None or r.chain == chain:
+                latest[(r.chain, r.step)] = r
+        return [latest[k] for k in sorted(latest)]
