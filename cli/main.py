@@ -77,18 +77,22 @@ def _show(table: Any, fmt: str) -> None:
 
 @app.command()
 def submit(
+    ctx: typer.Context,
     base: str = typer.Argument(..., help="Base checkpoint: local dir/file or org/name[@revision]."),
-    tuned: str = typer.Argument(..., help="Finetuned checkpoint: local dir/file or org/name[@revision]."),
+    tuned: list[str] = typer.Argument(..., metavar="TUNED [TUNED…]", help="Finetuned checkpoint: local dir/file or org/name[@revision]; several only with --chain, in training order."),
     store: str | None = StoreOpt,
     name: str | None = typer.Option(None, "--name", help="Run name (default: last part of TUNED)."),
+    chain: str | None = typer.Option(None, "--chain", metavar="NAME", help="The TUNED checkpoints are one training run, in order: analyse each against BASE and against the one before it, every change counted (atol 0), and record them as chain NAME (the chain_steps and chain_summary macros). Complete runs are reused: giving the chain again, or with more checkpoints, computes only what is new."),
     atol: float = typer.Option(1e-5, "--atol", help="Changed means |tuned - base| > ATOL (paper: 1e-5)."),
     rel_eta: float = typer.Option(1e-3, "--rel-eta", help="η of the relative criterion |Δ| > η·max(|w|,|ŵ|)."),
     rank: str = typer.Option("exact", "--rank", help="Rank of ΔW per matrix: exact (SVD), sketch (randomised), off."),
     top_k: int = typer.Option(32, "--top-k", help="Leading singular values stored per matrix."),
     sketch_rank: int = typer.Option(128, "--sketch-rank", help="Sketch size for --rank sketch."),
+    hash_: bool = typer.Option(False, "--hash", help="Record the SHA-256 of each tensor's stored bytes on both sides (tensors.base_sha256, tuned_sha256), computed in the same read as the diff; a tensor's units then run in order on one actor. Costs about one core-second per 1.3 GB read."),
+    subspace_k: int = typer.Option(16, "--subspace-k", help="k of the per-matrix subspace metrics: principal angles between the top-k singular subspaces of base and tuned, and the top-k spectral shift (a randomised SVD of each side: about 2 s per 4096×14336 matrix on 2 CPU cores). 0 turns them off; --rank off skips every per-matrix metric."),
     chunk_elems: int = typer.Option(1 << 24, "--chunk-elems", help="Elements per work unit (masks of runs line up only for equal values)."),
     rename: list[str] = typer.Option([], "--rename", metavar="OLD=NEW", help="Rewrite tensor-name prefix OLD to NEW on both sides before pairing (repeatable; first match wins)."),
-    strict: bool = typer.Option(False, "--strict", help="Refuse to run unless every tensor matches exactly (no renames, ties, resized rows, dtype widening or unmatched tensors)."),
+    strict: bool = typer.Option(False, "--strict", help="Refuse to run unless every tensor matches exactly (no renames, ties, resized rows, dtype widening, FP8 block scales, fused slices or unmatched tensors)."),
     address: str | None = typer.Option(None, "--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster)."),
     workers: int | None = typer.Option(None, "--workers", help="Number of diff actors (default: one per CPU, or per GPU share); more than the cluster holds run on those that start."),
     gpus_per_actor: float = typer.Option(1.0, "--gpus-per-actor", help="GPU fraction per actor on GPU clusters."),
@@ -97,17 +101,37 @@ def submit(
     """Diff TUNED against BASE on Ray into the store; prints the run id.
 
     Resubmitting the same pair with the same options resumes an interrupted run instead of
-    starting over, and returns a complete run unchanged.
+    starting over, and returns a complete run unchanged. With --chain, several TUNED are the
+    checkpoints of one training run: each is diffed against BASE and against the one before
+    it, and the chain's steps are printed.
     """
+    if chain is None and len(tuned) > 1:
+        _fail(f"{len(tuned)} TUNED checkpoints given: submit diffs one TUNED against BASE, or with --chain NAME "
+              "the checkpoints of one training run in order")
+    if chain is not None and name is not None:
+        _fail("--chain names its runs (<chain>:<t> against BASE, <chain>:<t-1>-<t> per step); drop --name")
+    if chain is not None and atol != 0 and getattr(ctx.get_parameter_source("atol"), "name", "") == "COMMANDLINE":
+        _fail("--chain counts every change (atol 0), so that steps far below any tolerance count; drop --atol")
     options = _call(lambda: SubmitOptions(
         store=_store(store), name=name, strict=strict,
         diff=DiffOptions(atol=atol, rel_eta=rel_eta, rank=rank, top_k=top_k,  # type: ignore[arg-type]
-                         sketch_rank=sketch_rank, chunk_elems=chunk_elems, rename=parse_rename(rename)),
+                         sketch_rank=sketch_rank, subspace_k=subspace_k, hash=hash_, chunk_elems=chunk_elems,
+                         rename=parse_rename(rename)),
         cluster=ClusterOptions(address=address, workers=workers, gpus_per_actor=gpus_per_actor, hub_fetch=hub_fetch),
     ))
     from raydiff.cli.progress import submit_with_progress
 
-    result = _call(lambda: submit_with_progress(base, tuned, options))
+    if chain is not None:
+        _submit_chain(base, tuned, chain, options)
+        return
+    result = _call(lambda: submit_with_progress(base, tuned[0], options))
+    typer.echo(_run_line(result), err=True)
+    typer.echo(f"matching: {result.matching}", err=True)
+    typer.echo(result.run_id)
+
+
+def _run_line(result: Any, what: str = "") -> str:
+    """One line on a submitted run: id, name, state, changed entries, sparsity."""
     c = result.commit
     state = "already complete" if result.already_complete else ("resumed, complete" if result.resumed else "complete")
     sparsity = 1 - c.changed / c.numel if c.numel else float("nan")
@@ -115,10 +139,27 @@ def submit(
     if c.n_spectra_skipped:
         skipped = (f"; {c.n_spectra_skipped} of {c.n_spectra} spectra not computed (ΔW not finite: see the note "
                    "column of tensors)")
-    typer.echo(f"run {result.run_id} ({result.run.name}): {state}; {c.changed:,} of {c.numel:,} entries changed "
-               f"(|Δ| > {result.run.atol:g}), sparsity {sparsity:.2%}{skipped}", err=True)
-    typer.echo(f"matching: {result.matching}", err=True)
-    typer.echo(result.run_id)
+    return (f"run {result.run_id} ({result.run.name}{what}): {state}; {c.changed:,} of {c.numel:,} entries changed "
+            f"(|Δ| > {result.run.atol:g}), sparsity {sparsity:.2%}{skipped}")
+
+
+def _submit_chain(base: str, tuned: list[str], chain: str, options: SubmitOptions) -> None:
+    """``submit --chain``: a line per run as it completes, then the chain's steps as a table."""
+    from raydiff.cli.progress import submit_chain_with_progress
+    from raydiff.query.views import query_table
+
+    def on_run(r: Any) -> None:
+        what = f", step {r.step} vs base" if r.kind == "vs_base" else f", step {r.step} vs step {r.step - 1}"
+        typer.echo(_run_line(r.result, what), err=True)
+
+    result = _call(lambda: submit_chain_with_progress(base, tuned, chain, options, on_run))
+    reused = sum(r.result.already_complete for r in result.runs)
+    typer.echo(f"chain {chain}: {len(result.steps)} steps; {len(result.runs) - reused} runs computed, {reused} reused, "
+               f"{result.recorded} steps newly recorded", err=True)
+    table = _call(lambda: query_table(options.store, (
+        "SELECT step, tuned, numel, changed_vs_base, changed_since_prev, 1 - changed_since_prev / numel AS "
+        "step_sparsity, changed_ever, cancelled FROM chain_steps(?)"), [chain]))
+    _show(table, "table")
 
 
 @app.command()
@@ -206,6 +247,86 @@ def report(
     typer.echo(str(path))
 
 
+ForceOpt = typer.Option(False, "--force", help="Replace --out if it exists (a file, or a folder raydiff wrote).")
+
+
+@app.command("export-mask")
+def export_mask(
+    runs_: list[str] = typer.Argument(..., metavar="RUN [RUN…]", help="Complete runs over one base (names or ids)."),
+    out: str = typer.Option(..., "--out", help="The .safetensors file to write: one bool tensor per compared tensor."),
+    min_runs: int = typer.Option(1, "--min-runs", help="Set entries changed in at least K of the runs (1 ≤ K ≤ number of runs)."),
+    store: str | None = StoreOpt,
+    force: bool = ForceOpt,
+) -> None:
+    """Write the runs' change masks as a safetensors file of bool tensors, one per compared tensor.
+
+    An entry is set when it changed (|Δ| > atol, the run's criterion) in at least --min-runs
+    of the runs; the masks load with safetensors.torch.load_file, ready for
+    param.grad.mul_(mask).
+    """
+    from raydiff.query.export import export_mask as export
+
+    r = _call(lambda: export(_store(store), runs_, out, min_runs=min_runs, force=force))
+    share = r.set / r.numel if r.numel else 0.0
+    typer.echo(f"{r.path}: {r.tensors} masks, {r.set:,} of {r.numel:,} entries set ({share:.2%}; changed in "
+               f"≥ {r.min_runs} of {len(r.runs)} runs)", err=True)
+    typer.echo(r.path)
+
+
+@app.command()
+def patch(
+    base: str = typer.Argument(..., help="Base checkpoint: local dir/file or org/name[@revision]."),
+    tuned: str = typer.Argument(..., help="Finetuned checkpoint: local dir/file or org/name[@revision]."),
+    out: str = typer.Option(..., "--out", help="The patch folder to write (sharded safetensors and patch.index.json)."),
+    shard_mb: float = typer.Option(1024, "--shard-mb", help="Input MiB (base + tuned) per patch shard: the unit of work and of resuming; a larger tensor gets a shard of its own."),
+    address: str | None = typer.Option(None, "--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster)."),
+    workers: int | None = typer.Option(None, "--workers", help="Number of actors (default: one per CPU)."),
+    force: bool = ForceOpt,
+) -> None:
+    """Write what TUNED changed from BASE, bit for bit, as a sparse patch folder.
+
+    Per tensor: the indices and tuned values of the entries whose bits differ (tensors new in
+    TUNED, or of another shape or dtype, whole), with the SHA-256 of both sides' bytes. Running
+    it again with the same --out resumes a patch cut short.
+    """
+    from raydiff.run.patch import make_patch
+
+    if not shard_mb * (1 << 20) >= 1:
+        _fail(f"--shard-mb must be a positive number, got {shard_mb}")
+    r = _call(lambda: make_patch(base, tuned, out, cluster=ClusterOptions(address=address, workers=workers),
+                                 shard_bytes=int(shard_mb * (1 << 20)), force=force))
+    share = r.patch_bytes / r.tuned_bytes if r.tuned_bytes else 0.0
+    typer.echo(f"{r.path}: {r.shards} shards, {r.patch_bytes:,} bytes ({share:.1%} of the tuned checkpoint's "
+               f"{r.tuned_bytes:,}); {r.sparse} tensors as changed entries ({r.changed:,} stored), {r.whole} whole, "
+               f"{r.dropped} only in base{'; resumed' if r.resumed else ''}", err=True)
+    typer.echo(r.path)
+
+
+@app.command("apply")
+def apply_(
+    base: str = typer.Argument(..., help="The base checkpoint the patch was made from."),
+    patch_dir: str = typer.Argument(..., metavar="PATCH", help="A folder written by raydiff patch."),
+    out: str = typer.Option(..., "--out", help="The folder of the rebuilt checkpoint (tuned's shard names)."),
+    address: str | None = typer.Option(None, "--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster)."),
+    workers: int | None = typer.Option(None, "--workers", help="Number of actors (default: one per CPU)."),
+    force: bool = ForceOpt,
+) -> None:
+    """Rebuild the tuned checkpoint from BASE and a patch, every tensor checked by SHA-256.
+
+    The patch is checked whole (sizes and SHA-256 of its shards) before anything is written,
+    and a BASE whose tensors differ from those the patch recorded is refused. Running it
+    again with the same --out resumes an apply cut short.
+    """
+    from raydiff.run.patch import apply_patch
+
+    r = _call(lambda: apply_patch(base, patch_dir, out, cluster=ClusterOptions(address=address, workers=workers),
+                                  force=force))
+    rate = r.nbytes / r.seconds / 1e9 if r.seconds else 0.0
+    typer.echo(f"{r.path}: {r.shards} shards, {r.tensors} tensors, {r.nbytes:,} bytes, each tensor's SHA-256 "
+               f"verified ({rate:.2f} GB/s){'; resumed' if r.resumed else ''}", err=True)
+    typer.echo(r.path)
+
+
 def _with_connection(store: str, fn: Callable[[Any], T]) -> T:
     import duckdb
 
@@ -240,23 +361,27 @@ def watch(
     file: str = typer.Argument(..., metavar="WATCH_TOML", help="Watch list: base, tuned repos or patterns, branches/tags, options, schedule."),
     once: bool = typer.Option(False, "--once", help="Run one tick and exit 0 (for cron or a Kubernetes CronJob)."),
     store: str | None = typer.Option(None, "--store", help="Store root; overrides the file's `store` (default: $RAYDIFF_STORE or ./raydiff-store)."),
+    webhook: str | None = typer.Option(None, "--webhook", metavar="HOST:PORT", help="Also listen for Hugging Face webhooks (POST /webhook, secret in $RAYDIFF_WEBHOOK_SECRET) and tick a repo at once when one names it."),
 ) -> None:
     """Analyse newly published Hub revisions against a base, on a schedule (interval or cron).
 
     Each tick lists the watched branches and tags, submits the commits that have no complete
-    run yet, and records what it did in the store (the `watch_events` view). Failures are
-    recorded and retried with back-off. Without --once it ticks until SIGTERM or Ctrl-C; a
-    restart repeats nothing and misses nothing.
+    run yet (skipping those whose weights did not change), and records what it did in the
+    store (the `watch_events` view). Failures are recorded and retried with back-off.
+    Without --once it ticks until SIGTERM or Ctrl-C; a restart repeats nothing and misses
+    nothing. With --webhook a Hub webhook starts a tick of its repo at once.
     """
     from raydiff import watch as w
     from raydiff.cli.watching import event_line, follow, tick_line
 
     wl = _call(lambda: w.load(file, store))
     if once:
+        if webhook:
+            _fail("--webhook listens for as long as the watch runs; drop --once")
         report = _call(lambda: w.tick(wl, on_event=lambda e: typer.echo(event_line(e))))
         typer.echo(tick_line(report, None))
         return
-    _call(lambda: follow(wl))
+    _call(lambda: follow(wl, webhook))
 
 
 store_app = typer.Typer(help="Maintain a store: convert one written by an earlier raydiff to the current layout.",

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from collections.abc import Callable
 
 from raydiff.options import SubmitOptions
+from raydiff.run.chain import ChainResult, ChainRun, submit_chain
 from raydiff.run.submit import Planned, Progress, SubmitResult, submit
 from raydiff.run.execute import Done
 
@@ -37,6 +39,8 @@ class Bar(Progress):
         return f"{self.items[0]}/{self.items[1]} items"
 
     def advanced(self, done: Done) -> None:
+        if done.kind == "hash":  # a tensor's SHA-256 pair, after its units: not an item of the bar
+            return
         self.items = (self.items[0] + 1, self.items[1])
         if self.task is not None:
             self.bar.update(self.task, advance=done.nbytes if done.kind == "unit" else 0, items=self._items())
@@ -56,5 +60,16 @@ def submit_with_progress(base: str, tuned: str, options: SubmitOptions) -> Submi
         # stdout: they go to stderr while the run lasts.
         with contextlib.redirect_stdout(sys.stderr):
             return submit(base, tuned, options, bar)
+    finally:
+        bar.stop()
+
+
+def submit_chain_with_progress(base: str, tuned: list[str], chain: str, options: SubmitOptions,
+                               on_run: Callable[[ChainRun], None]) -> ChainResult:
+    """:func:`raydiff.run.chain.submit_chain` with the bar (one line of it per run)."""
+    bar = Bar()
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            return submit_chain(base, tuned, chain, options, bar, on_run)
     finally:
         bar.stop()

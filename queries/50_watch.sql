@@ -1,5 +1,6 @@
 -- watch_events: what `raydiff watch` did, one row per event, with the run it started.
--- action: resolve_base | list | analyse; outcome: started | complete | failed | recovered.
+-- action: resolve_base | list | analyse; outcome: started | complete | failed | recovered | skipped
+-- (an analyse not needed: the weights are those of run_id's revision; why in `reason`).
 -- An analyse that shows `started` and nothing after it was interrupted (the next tick resumes it).
 CREATE OR REPLACE VIEW watch_events AS
 SELECT
@@ -15,6 +16,7 @@ SELECT
     r.status AS run_status,
     e.attempt,
     e.error,
+    e.reason,
     e.retry_at,
     e.seconds,
     e.base,

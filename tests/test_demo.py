@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from raydiff.demo import MEMBERS, FamilyConfig, build_family, run_demo
+from raydiff.demo import MEMBERS, FamilyConfig, build_family, chain_members, run_demo
 from raydiff.options import ClusterOptions
 from raydiff.query.views import query
 
@@ -85,16 +85,17 @@ def _expected_row(base: dict, tuned: dict) -> tuple[str, str, str, np.ndarray]:
 def test_run_demo_reports_and_leaves_a_queryable_store(family, tmp_path):
     store = str(tmp_path / "store")
     report = run_demo(store, str(family.root), ClusterOptions(), config=FamilyConfig.small())
-    cols, rows = query(store, "SELECT name, status FROM runs ORDER BY name")
+    cols, rows = query(store, "SELECT name, status FROM runs WHERE run_id NOT IN "
+                              "(SELECT run_vs_base FROM chains UNION SELECT run_vs_prev FROM chains) ORDER BY name")
     assert sorted(r[0] for r in rows) == sorted(family.members)
-    assert all(r[1] == "complete" for r in rows)
+    assert all(r[1] == "complete" for r in query(store, "SELECT name, status FROM runs")[1])
     # every number of the table, read back from the text and recomputed from the files
     _, base = _load(family.base)
     table = {}
     for line in report.splitlines():
         parts = line.split()
         if parts and parts[0] in family.members:
-            table[parts[0]] = parts[1:]
+            table.setdefault(parts[0], parts[1:])  # the first table; later ones (science) follow
     assert set(table) == set(family.members)
     masks = {}
     for name, path in family.members.items():
@@ -108,3 +109,23 @@ def test_run_demo_reports_and_leaves_a_queryable_store(family, tmp_path):
     expected = (f"o1 {both / a.sum():.1%}  o2 {both / b.sum():.1%}  (random baseline {q:.1%} / {p:.1%});  "
                 f"Jaccard {both / (a | b).sum():.1%} (random {p * q / (p + q - p * q):.1%})")
     assert expected in report, report
+    # the RL run's checkpoints as a chain: every change counted (values compared), per step
+    steps = chain_members(family.members)
+    assert len(steps) == FamilyConfig.small().snapshots + 1
+    flat = {k: v.double().reshape(-1) for k, v in base.items()}
+    versions = [flat] + [{k: v.double().reshape(-1) for k, v in _load(family.members[n])[1].items()} for n in steps]
+    numel = sum(v.numel() for v in flat.values())
+    ever = {k: torch.zeros_like(v, dtype=torch.bool) for k, v in flat.items()}
+    lines = [line.split() for line in report.splitlines()]
+    for t, name in enumerate(steps, 1):
+        now_ = sum(int((versions[t][k] != flat[k]).sum()) for k in flat)
+        since = sum(int((versions[t][k] != versions[t - 1][k]).sum()) for k in flat)
+        for k in flat:
+            ever[k] |= versions[t][k] != versions[t - 1][k]
+        ever_n = sum(int(e.sum()) for e in ever.values())
+        cancelled = sum(int((ever[k] & (versions[t][k] == flat[k])).sum()) for k in flat)
+        row = [str(t), name, f"{1 - since / numel:.1%}", f"{1 - now_ / numel:.1%}", f"{ever_n / numel:.1%}",
+               f"{cancelled / numel:.1%}"]
+        assert row in lines, (row, report)
+    assert (f"at the last step: never updated {1 - ever_n / numel:.1%}, cancelled {cancelled / numel:.1%} (changed, "
+            f"then back to the base value), subnetwork {now_ / numel:.1%}") in report, report

@@ -49,7 +49,7 @@ def _raydiff_commands(docs):
 def test_manifests_parse_and_use_the_built_image():
     docs = _docs()
     kinds = {k[1] for k in docs}
-    assert {"RayCluster", "RayJob", "CronJob", "Secret", "ConfigMap"} <= kinds
+    assert {"RayCluster", "RayJob", "CronJob", "Secret", "ConfigMap", "Deployment", "Service"} <= kinds
     dockerfile = (DEPLOY / "Dockerfile").read_text()
     built = set(re.findall(r"-t (raydiff:[\w.-]+)", dockerfile))
     assert built == {f"raydiff:{VERSION}", f"raydiff:{VERSION}-gpu"}
@@ -81,6 +81,31 @@ def test_manifest_commands_exist_in_the_cli():
                 assert arg.split("=")[0] in options, (argv[1], arg)
         seen += 1
     assert seen >= 2
+
+
+def test_the_webhook_service_reaches_the_watch_listener():
+    from raydiff.watch.webhook import HEALTH, SECRET_ENV, parse_address
+
+    docs = _docs()
+    (deployment,) = [d for k, d in docs.items() if k[1] == "Deployment"]
+    (service,) = [d for k, d in docs.items() if k[1] == "Service"]
+    pod = deployment["spec"]["template"]
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    (c,) = pod["spec"]["containers"]
+    argv = c["command"]
+    assert argv[:2] == ["raydiff", "watch"] and "--once" not in argv
+    host, port = parse_address(argv[argv.index("--webhook") + 1])
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    (sp,) = service["spec"]["ports"]
+    assert host == "0.0.0.0" and ports[sp["targetPort"]] == port
+    for probe in (c["livenessProbe"], c["readinessProbe"]):
+        assert probe["httpGet"] == {"path": HEALTH, "port": sp["targetPort"]}
+    # the secret comes from the Secret, never the command line
+    (secret,) = [d for k, d in docs.items() if k[1] == "Secret" and k[2] == c["envFrom"][0]["secretRef"]["name"]]
+    assert SECRET_ENV in secret["stringData"] and not any(SECRET_ENV in a for a in argv)
+    volume = pod["spec"]["volumes"][0]["configMap"]["name"]
+    assert ("cronjob.yaml", "ConfigMap", volume) in docs  # the same watch list as the CronJob
 
 
 def test_cronjob_watch_list_is_valid():

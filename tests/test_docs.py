@@ -75,8 +75,9 @@ def test_the_readme_is_short_and_every_link_resolves():
 
 #: Every view and table macro a user queries, with arguments that bind on an empty store.
 VIEWS = ("runs", "tensors", "units", "masks", "spectra", "plan", "progress", "tensor_modules", "layers",
-         "sparsity_by_tolerance", "watch_events")
-MACROS = ("overlap('a', 'b')", "overlap_total('a', 'b')", "consensus(['a', 'b'])")
+         "experts", "sparsity_by_tolerance", "watch_events", "chains")
+MACROS = ("overlap('a', 'b')", "overlap_total('a', 'b')", "consensus(['a', 'b'])", "profile('a', 't')",
+          "jaccard_matrix(['a', 'b'])", "chain_steps('a')", "chain_summary('a')")
 
 
 def test_every_column_of_every_view_and_macro_is_selectable_by_its_bare_name():

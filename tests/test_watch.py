@@ -102,6 +102,9 @@ def test_watch_file_is_read_into_one_validated_model(tmp_path):
     (('repo = "org/other"', 'repo = "*/other"'), "tuned[1].repo", "the org part is literal"),
     (('repo = "org/other"', 'repo = "org/other"\nbranch = "dev"'), "tuned[1].branch", "unknown key"),
     (('tags = ["v*"]', 'tags = "v*"'), "tuned[0].tags", "list of non-empty strings"),
+    (('repo = "org/other"', 'repo = "org/other"\nchain = "yes"'), "tuned[1].chain", "must be true or false"),
+    (('repo = "org/other"', 'repo = "org/other"\nbranches = []\ntags = ["v1"]\nchain = true'), "tuned[1].chain",
+     "a chain follows the revisions of a branch"),
     (("[[tuned]]\nrepo = \"org/other\"\n", ""), None, None),  # still valid: one tuned entry left
 ])
 def test_every_problem_in_the_watch_file_names_the_file_and_the_key(tmp_path, change, key, words):
@@ -315,6 +318,39 @@ def test_a_restart_or_lost_events_never_repeat_an_analysis(tmp_path, hub, blobs)
     assert [r[3] for r in _runs(tmp_path)] == [first_base, first_base, rebased]
 
 
+def test_a_commit_that_leaves_the_weights_alone_is_skipped_not_analysed(tmp_path, hub, blobs):
+    hub.publish("org/base", blobs[0])
+    first = hub.publish("org/tuned", blobs[1])
+    watch = load(_watch_file(tmp_path, '[[tuned]]\nrepo = "org/tuned"\n'))
+    clock = _Clock()
+    (done,) = [e for e in tick(watch, clock=clock).events if e.outcome == "complete"]
+
+    readme = hub.publish("org/tuned", {**blobs[1], "README.md": b"# a model card\n"})  # a README-only commit
+    r = tick(watch, clock=clock)
+    assert _summary(r) == [("analyse", "org/tuned", ("main",), "skipped", 1)]
+    (e,) = r.events
+    assert (e.revision, e.run_id) == (readme, done.run_id) and first[:12] in e.reason and "tuned@main" in e.reason
+    assert len(_runs(tmp_path)) == 1
+    # recorded once: later ticks count it up to date, without asking the Hub for file lists
+    asked = len(hub.requests())
+    r = tick(watch, clock=clock)
+    assert (r.events, r.up_to_date) == ((), 1)
+    assert not any("/tree/" in path for _, path, _, _ in hub.requests()[asked:])
+    _, rows = query(str(tmp_path / "store"), "SELECT revision, outcome, run_name, run_status, reason FROM watch_events "
+                                             "WHERE outcome = 'skipped'")
+    assert rows == [(readme, "skipped", "tuned@main", "complete", e.reason)]
+
+    # new weights are analysed; so are the same weights against a new base commit, or with
+    # other options (the earlier run does not stand for those)
+    moved = hub.publish("org/tuned", {**blobs[2], "README.md": b"# a model card\n"})
+    assert _summary(tick(watch, clock=clock))[-1] == ("analyse", "org/tuned", ("main",), "complete", 1)
+    hub.publish("org/tuned", {**blobs[2], "README.md": b"# v2 of the card\n"})
+    other = dataclasses.replace(watch, options=dataclasses.replace(
+        watch.options, diff=dataclasses.replace(watch.options.diff, atol=0.5)))
+    assert _summary(tick(other, clock=clock))[-1] == ("analyse", "org/tuned", ("main",), "complete", 1)
+    assert [r[2] for r in _runs(tmp_path)] == [first, moved, hub.repos["org/tuned"].branches["main"]]
+
+
 def test_the_hub_down_is_recorded_once_per_tick_and_recovers(tmp_path, hub, blobs):
     hub.publish("org/base", blobs[0])
     hub.publish("org/tuned", blobs[1])
@@ -350,6 +386,38 @@ def test_run_forever_ticks_on_schedule_until_stopped(tmp_path, hub, blobs):
     assert 1.0 <= ticks[0][2] < 120 and ticks[1][2] == 1.0
     assert 0.9 < time.monotonic() - t0 < 120
     assert len(_runs(tmp_path)) == 1
+
+
+def test_a_branch_watched_as_a_chain_grows_a_chain_of_its_analysed_revisions(tmp_path, hub, blobs):
+    hub.publish("org/base", blobs[0])
+    first = hub.publish("org/tuned", blobs[1])
+    watch = load(_watch_file(tmp_path, '[[tuned]]\nrepo = "org/tuned"\nchain = true\n'))
+    assert watch.tuned[0].chain
+    clock = _Clock()
+    step = [("analyse", "org/tuned", ("main",), "started", 1), ("analyse", "org/tuned", ("main",), "complete", 1)]
+    # the revision's own analysis (atol 1e-5), then step 1 of the chain (against the base, atol 0)
+    assert _summary(tick(watch, clock=clock)) == step + step
+    second = hub.publish("org/tuned", blobs[2])
+    r = tick(watch, clock=clock)
+    assert _summary(r) == step + step
+    assert (r.events[2].base, r.events[2].base_revision) == ("org/tuned", first)  # the step: against the last
+    hub.publish("org/tuned", {**blobs[2], "README.md": b"# card\n"})  # skipped: adds no step
+    assert [e.outcome for e in tick(watch, clock=clock).events] == ["skipped"]
+    back = hub.publish("org/tuned", blobs[1])  # the weights of the first revision again
+    assert _summary(tick(watch, clock=clock)) == step + step
+    assert tick(watch, clock=clock).events == ()
+
+    store = str(tmp_path / "store")
+    _, chains = query(store, "SELECT chain, step, tuned, tuned_revision FROM chains")
+    assert chains == [("org/tuned@main", 1, "org/tuned", first), ("org/tuned@main", 2, "org/tuned", second),
+                      ("org/tuned@main", 3, "org/tuned", back)]
+    # blobs[i] moved the first i rows (16 entries each) by +1: row 1 moves in step 2, back in step 3
+    _, rows = query(store, "SELECT step, numel, changed_vs_base, changed_since_prev, changed_ever, cancelled "
+                           "FROM chain_steps('org/tuned@main')")
+    assert rows == [(1, 400, 16, 16, 16, 0), (2, 400, 32, 16, 32, 0), (3, 400, 16, 16, 32, 16)]
+    _, (total,) = query(store, "SELECT numel, never_updated, cancelled, subnetwork FROM chain_summary('org/tuned@main') "
+                               "WHERE module IS NULL")
+    assert total == (400, 1 - 32 / 400, 16 / 400, 16 / 400)
 
 
 # ------------------------------------------------------------------ the command, end to end

@@ -117,6 +117,35 @@ def identify(ref: str) -> Identity:
     return Identity(repo_id, sha, revision_fingerprint(sha))
 
 
+def content_ids(repo_id: str, sha: str) -> dict[str, str]:
+    """The content of what an analysis reads of a Hub commit (the files of
+    :data:`HUB_PATTERNS`), by path: a safetensors file's LFS sha256, any other file's git
+    blob id. One listing of the commit's files, nothing downloaded.
+
+    Two commits with equal content ids give equal results against any base, so ``raydiff
+    watch`` skips a commit that changed only, say, its README.
+
+    Example:
+        >>> content_ids("org/name", "3f0c" + "0" * 36)  # doctest: +SKIP
+        {'config.json': '9a1b…', 'model.safetensors': 'e3b0c442…'}
+
+    Raises:
+        CheckpointNotFound: no such repo or commit, or a private or gated one.
+        HubError: the Hub cannot be reached or failed.
+    """
+    import fnmatch
+
+    with hub_errors(repo_id, sha):
+        entries = list(_api().list_repo_tree(repo_id, revision=sha, recursive=True))
+    out: dict[str, str] = {}
+    for e in entries:
+        path = getattr(e, "path", "")
+        if getattr(e, "blob_id", None) and any(fnmatch.fnmatchcase(path, p) for p in HUB_PATTERNS):
+            lfs = getattr(e, "lfs", None)
+            out[path] = f"sha256:{lfs.sha256}" if lfs is not None else f"git:{e.blob_id}"
+    return out
+
+
 def _hub_ref(ref: str) -> tuple[str, str | None]:
     """``(repo_id, revision)`` of a reference that is not a local path, or a clear error."""
     hub = parse_hub_id(ref)

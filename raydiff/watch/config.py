@@ -32,11 +32,15 @@ class Tuned:
         repo: ``org/name``, or a pattern such as ``org/name-*`` (the ``org`` part literal).
         branches: branch names or globs whose head commits are analysed (default ``main``).
         tags: tag names or globs whose commits are analysed (default none).
+        chain: each new revision of a watched branch is also analysed against the branch's
+            previous analysed revision, and joins the chain ``<repo>@<branch>``
+            (:func:`raydiff.run.chain.extend_chain`; default off).
     """
 
     repo: str
     branches: tuple[str, ...] = ("main",)
     tags: tuple[str, ...] = ()
+    chain: bool = False
 
 
 @dataclass(frozen=True)
@@ -78,9 +82,10 @@ class WatchList:
 # -- the watch file -----------------------------------------------------------------------
 
 _TOP_KEYS = ("name", "store", "base", "every", "cron", "options", "retry", "tuned")
-_TUNED_KEYS = ("repo", "branches", "tags")
+_TUNED_KEYS = ("repo", "branches", "tags", "chain")
 _RETRY_KEYS = ("first", "max")
-_DIFF_KEYS = {"atol": float, "rel_eta": float, "rank": str, "top_k": int, "sketch_rank": int,
+_DIFF_KEYS = {"atol": float, "rel_eta": float, "rank": str, "top_k": int, "sketch_rank": int, "subspace_k": int,
+              "hash": bool,
               "chunk_elems": int, "rename": list}
 _CLUSTER_KEYS = {"address": str, "workers": int, "gpus_per_actor": float, "hub_fetch": str}
 _OPTION_KEYS = {**_DIFF_KEYS, **_CLUSTER_KEYS, "strict": bool}
@@ -223,4 +228,8 @@ def _tuned(r: _Reader, t: dict, where: str) -> Tuned:
     tags = r.strings(t.get("tags", []), f"{where}.tags")
     if not branches and not tags:
         raise r.fail(where, "follows no branch and no tag; set branches = [\"main\"] or tags = [\"v*\"]")
-    return Tuned(repo, branches, tags)
+    chain = r.typed(t.get("chain", False), bool, f"{where}.chain")
+    if chain and not branches:
+        raise r.fail(f"{where}.chain", "a chain follows the revisions of a branch, and this entry follows none; "
+                     "set branches = [\"main\"]")
+    return Tuned(repo, branches, tags, chain)
