@@ -96,3 +96,39 @@ def test_gaps_at_and_around_multiples_of_255_are_written_and_read_exactly(tail):
     expected = [b for g in gaps for b in [255] * (g // 255) + [g % 255]]
     assert list(stream) == expected
     np.testing.assert_array_equal(decode_mask(codec, payload, n), mask)
+
+
+def test_a_chunk_whose_every_bit_is_set_fits_the_encoders_buffers():
+    """The encoder gathers a chunk's set-bit positions in a buffer sized for a chunk whose
+    every bit is set; compiled again with bounds checks, an index past it raises instead of
+    writing past it unseen (mutation testing found a smaller buffer survived every test)."""
+    from numba import njit
+
+    from raydiff.kernel import _gaps
+
+    checked = njit(boundscheck=True)(_gaps.encode.py_func)
+    full = _gaps._CHUNK * 64
+    n = 3 * full + 13
+    mask = np.zeros(n, bool)
+    mask[full:2 * full] = True  # the second chunk: every bit
+    mask[-5] = True  # and the tail bytes
+    packed = np.packbits(mask, bitorder="little")
+    out = np.zeros(n + n // 255 + 1, np.uint8)
+    k = checked(packed, out)
+    fast = np.zeros_like(out)
+    assert _gaps.encode(packed, fast) == k and (fast[:k] == out[:k]).all()
+    back = np.zeros_like(packed)
+    assert _gaps.decode(out[:k], n, back) == int(mask.sum())
+    assert (np.unpackbits(back, count=n, bitorder="little").view(bool) == mask).all()
+
+
+def test_codec_names_read_back_from_a_file_are_recognised():
+    """A codec name read from Parquet is a new string, not the module's constant: decoding
+    compares names by value (a mutant comparing by identity survived every other test)."""
+    rng = np.random.default_rng(5)
+    for density in (0.0, 0.01, 0.3, 0.97):
+        mask = rng.random(4099) < density
+        codec, payload = encode_mask(mask)
+        fresh = "".join(list(codec))  # the same name, another object
+        assert fresh == codec
+        assert (decode_mask(fresh, payload, mask.size) == mask).all(), codec

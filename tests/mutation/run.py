@@ -11,7 +11,9 @@ is never touched), one target after another:
 | target | functions | tests |
 | --- | --- | --- |
 | kernel | ``kernel/diff.py``: cut-offs, rounding, decoding, the numpy path, the fused loops' counts | test_kernel, test_kernel_torch |
-| masks | ``kernel/masks.py``, ``kernel/_gaps.py``: the mask codecs | test_masks |
+| masks, gaps | ``kernel/masks.py``, ``kernel/_gaps.py``: the mask codecs | test_masks |
+| counts | ``kernel/_gaps.py``: row/column and magnitude counts from packed masks | test_science's stripe and magnitude tests |
+| science | ``kernel/science.py``: subspaces, principal angles, spectral shift, energy rank, CVs, magnitude masks | test_science's kernel-level tests |
 | plan, units, formats | ``plan/``: pairing, dtypes, units, FP8 block grids, fused slices, expert stacks | test_plan (formats: + test_formats' grid errors) |
 | submit | ``run/submit.py``: run identity, resume, --strict | test_submit (resume, strict, atol), test_quirks (strict) |
 | overlap | ``query/overlap.py``: intersections, consensus | test_overlap |
@@ -52,6 +54,8 @@ class Target:
     timeout: float
 
 
+_SCIENCE = "tests/test_science.py::"
+
 TARGETS = (
     Target("kernel", "raydiff/kernel/diff.py",
            ("cutoff", "round_to", "decode", "diff_unit", "_subprecision", "_diff_fused", "_sum_sq", "_touched"),
@@ -59,6 +63,18 @@ TARGETS = (
     Target("masks", "raydiff/kernel/masks.py", ("encode_mask", "encode_packed", "decode_packed", "decode_mask",
                                                 "_decode_gaps"), ("tests/test_masks.py",), 180),
     Target("gaps", "raydiff/kernel/_gaps.py", ("_put", "encode", "decode"), ("tests/test_masks.py",), 300),
+    Target("counts", "raydiff/kernel/_gaps.py", ("_counts_aligned", "_counts_any", "row_col_counts", "magnitude_counts"),
+           (f"{_SCIENCE}test_striped_masks_have_the_coefficient_of_variation_numpy_gives",
+            f"{_SCIENCE}test_magnitude_masks_planted_on_the_smallest_weights"), 300),
+    Target("science", "raydiff/kernel/science.py",
+           ("range_basis", "top_subspace", "principal_cosines", "subspace", "spectral_shift", "energy_rank",
+            "cv_of_counts", "cv_random", "low_magnitude_overlap_bits", "low_magnitude_overlap"),
+           tuple(f"{_SCIENCE}{t}" for t in (
+               "test_principal_angles_of_a_known_rotation", "test_spectral_shift_of_scaled_singular_values",
+               "test_subspace_of_non_finite_matrices_is_not_computed", "test_energy_rank_of_a_planted_low_rank_update",
+               "test_striped_masks_have_the_coefficient_of_variation_numpy_gives",
+               "test_random_baseline_of_the_cv_is_that_of_random_masks",
+               "test_magnitude_masks_planted_on_the_smallest_weights")), 300),
     Target("plan", "raydiff/plan/match.py", ("compare_dtype", "_renamed", "_ties", "_split_fused", "match_tensors",
                                              "_pair"), ("tests/test_plan.py",), 180),
     Target("units", "raydiff/plan/units.py", ("unit_elems_for", "_starts", "make_plan"), ("tests/test_plan.py",), 180),
