@@ -351,6 +351,33 @@ def gpu() -> None:
           f"1024×{k} exact rank CPU {cpu_ref.rank} = GPU {gpu_ref.rank}")
 
 
+def hash_cost(work: Path, gb: float = 2.0) -> None:
+    """What `--hash` adds: fresh `raydiff submit --rank off` processes of a warm bf16 pair
+    (20 % changed), without and with `--hash`, alternating, two runs each."""
+    import shutil
+    import subprocess
+
+    root = work / f"pair-{gb:g}"
+    if not (root / "tuned" / "model.safetensors.index.json").exists():
+        make_pair(root, int(gb * GB))
+    files = _files(root / "base", root / "tuned")
+    _read_all(files)
+    cli = [sys.executable, "-m", "raydiff.cli.main", "submit", str(root / "base"), str(root / "tuned"), "--rank", "off"]
+    seconds: dict[bool, list[float]] = {False: [], True: []}
+    for _ in range(2):
+        for hashed in (False, True):
+            store = work / "store-hash"
+            shutil.rmtree(store, ignore_errors=True)
+            t0 = time.perf_counter()
+            subprocess.run([*cli, "--store", str(store)] + (["--hash"] if hashed else []), check=True,
+                           capture_output=True)
+            seconds[hashed].append(time.perf_counter() - t0)
+    shutil.rmtree(work / "store-hash", ignore_errors=True)
+    size = sum(os.path.getsize(p) for p in files) / GB
+    print(f"--hash on a warm {size:.2f} GB bf16 pair, fresh processes: without "
+          f"{' / '.join(f'{s:.1f}' for s in seconds[False])} s, with {' / '.join(f'{s:.1f}' for s in seconds[True])} s")
+
+
 def science(full: bool) -> None:
     """The follow-up metrics' added cost per 4096×14336 bf16 matrix (the largest of an 8 B
     Llama), each part timed alone on this machine's cores and on the GPU where there is one:
@@ -421,11 +448,11 @@ def main() -> None:
     ap.add_argument("--science-full", action="store_true",
                     help="science: also time spectral_shift_full's two exact SVDs on the CPU (~1 min per matrix)")
     ap.add_argument("--only", nargs="*", default=None,
-                    help="sections: machine kernel e2e paper rank science overlap gpu (default: all)")
+                    help="sections: machine kernel e2e paper rank science hash overlap gpu (default: all)")
     args = ap.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    only = set(args.only or ["machine", "kernel", "e2e", "paper", "rank", "science", "overlap", "gpu"])
+    only = set(args.only or ["machine", "kernel", "e2e", "paper", "rank", "science", "hash", "overlap", "gpu"])
     print(f"raydiff benchmarks on {os.cpu_count()} cores; input bytes = base + tuned")
     if "machine" in only:
         machine(work)
@@ -440,6 +467,8 @@ def main() -> None:
         rank()
     if "science" in only:
         science(args.science_full)
+    if "hash" in only:
+        hash_cost(work)
     if "overlap" in only:
         overlap()
     if "gpu" in only:
