@@ -55,18 +55,13 @@ def resolve_runs(store: Store, refs: Sequence[str]) -> list[RunRecord]:
     store.check_layout()
     cat = store.catalog()
     complete = cat.complete
-    latest: dict[str, tuple[object, str]] = {}
-    names = dict(zip(cat.runs.column("run_id").to_pylist(), cat.runs.column("name").to_pylist()))
-    for run_id, done in zip(cat.commits.column("run_id").to_pylist(), cat.commits.column("completed_at").to_pylist()):
-        name = names.get(run_id)
-        if name is not None and (name not in latest or latest[name][0] < done):
-            latest[name] = (done, run_id)
+    latest = cat.latest_by_name()
     ids = []
     for ref in refs:
         if ref in complete:
             ids.append(ref)
         elif ref in latest:
-            ids.append(latest[ref][1])
+            ids.append(latest[ref])
         else:
             raise RunNotFound(f"no complete run has id or name {ref!r}; see `raydiff runs`")
     out = []

@@ -143,18 +143,13 @@ def _functions(con: duckdb.DuckDBPyConnection, store: Store, cat) -> None:
     """The store's Python functions: ``run_ref`` (folded into a constant by DuckDB, so a
     filter on it opens one run's files) and the mask intersections behind the macros."""
     complete = cat.complete
-    latest: dict[str, tuple[object, str]] = {}
-    names = dict(zip(cat.runs.column("run_id").to_pylist(), cat.runs.column("name").to_pylist()))
-    for run_id, done in zip(cat.commits.column("run_id").to_pylist(), cat.commits.column("completed_at").to_pylist()):
-        name = names.get(run_id)
-        if name is not None and (name not in latest or latest[name][0] < done):
-            latest[name] = (done, run_id)
+    latest = cat.latest_by_name()
 
     def run_ref(x: str) -> str:
         if x in complete:
             return x
         if x in latest:
-            return latest[x][1]
+            return latest[x]
         raise RunNotFound(f"no complete run has id or name {x!r}; see `raydiff runs`")
 
     runs = {r["run_id"]: r for r in cat.runs.select(["run_id", "base", "base_fingerprint", "chunk_elems"]).to_pylist()}

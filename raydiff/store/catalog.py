@@ -35,6 +35,18 @@ class Snapshot:
         """Ids of every run, complete or not."""
         return self.runs.column("run_id").to_pylist()
 
+    def latest_by_name(self) -> dict[str, str]:
+        """Run name → id of the most recently completed run of that name (how a name
+        stands for a run in queries and commands)."""
+        names = dict(zip(self.runs.column("run_id").to_pylist(), self.runs.column("name").to_pylist()))
+        latest: dict[str, tuple[object, str]] = {}
+        for run_id, done in zip(self.commits.column("run_id").to_pylist(),
+                                self.commits.column("completed_at").to_pylist()):
+            name = names.get(run_id)
+            if name is not None and (name not in latest or latest[name][0] < done):
+                latest[name] = (done, run_id)
+        return {name: run_id for name, (_, run_id) in latest.items()}
+
     def run(self, run_id: str) -> RunRecord | None:
         rows = from_table(self.runs.filter(pa.compute.equal(self.runs.column("run_id"), run_id)), RunRecord)
         return rows[0] if rows else None
