@@ -17,7 +17,6 @@ actors; and, where CUDA is present, the GPU actor's kernel and rank times. Throu
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import sys
 import time
@@ -27,6 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pairs import make_pair  # noqa: E402
+import fresh as fresh_processes  # noqa: E402
 
 GB = 1e9
 
@@ -258,27 +258,13 @@ def end_to_end(work: Path, small_gb: float, large_gb: float) -> dict[str, float]
 
 
 def paper_baseline(work: Path, large_gb: float) -> float:
-    import torch
-    from safetensors.torch import load_file
+    from paper_style import count
 
     root = work / f"pair-{large_gb:g}"
     files = _files(root / "base", root / "tuned")
     nbytes = sum(os.path.getsize(p) for p in files)
     _read_all(files)
-    torch.set_num_threads(os.cpu_count() or 1)
-
-    def run() -> int:
-        changed = 0
-        for shard in sorted((root / "base").glob("*.safetensors")):
-            b = load_file(str(shard))
-            t = load_file(str(root / "tuned" / shard.name))
-            for k in b:
-                changed += int((~((t[k] - b[k]).abs() <= 1e-5)).sum())
-            del b, t
-            gc.collect()
-        return changed
-
-    dt = _best(run, repeat=2)
+    dt = _best(lambda: count(root), repeat=2)
     print(f"paper-style baseline (safetensors load + torch bf16 Δ + abs() <= 1e-5): {nbytes / dt / GB:.2f} GB/s")
     return nbytes / dt
 
@@ -448,21 +434,28 @@ def main() -> None:
     ap.add_argument("--science-full", action="store_true",
                     help="science: also time spectral_shift_full's two exact SVDs on the CPU (~1 min per matrix)")
     ap.add_argument("--only", nargs="*", default=None,
-                    help="sections: machine kernel e2e paper rank science hash overlap gpu (default: all)")
+                    help="sections: machine kernel e2e fresh disk paper rank science hash overlap gpu (default: all "
+                         "but disk, which writes a pair bigger than RAM: about 1.4× its size of free disk)")
+    ap.add_argument("--keep-big", action="store_true", help="disk: keep the big pair for the next run")
     args = ap.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    only = set(args.only or ["machine", "kernel", "e2e", "paper", "rank", "science", "hash", "overlap", "gpu"])
+    only = set(args.only or ["machine", "kernel", "e2e", "fresh", "paper", "rank", "science", "hash", "overlap", "gpu"])
     print(f"raydiff benchmarks on {os.cpu_count()} cores; input bytes = base + tuned")
     if "machine" in only:
         machine(work)
     if "kernel" in only:
         kernel()
     e2e = end_to_end(work, args.small_gb, args.large_gb) if "e2e" in only else {}
+    fr = fresh_processes.fresh(work) if "fresh" in only else {}
+    if "disk" in only:
+        fresh_processes.disk(work, keep=args.keep_big)
     if "paper" in only:
         base = paper_baseline(work, args.large_gb)
         if e2e:
             print(f"raydiff warm marginal / paper-style baseline: {e2e['warm'] / base:.1f}×")
+        if fr:
+            fresh_processes.versus_paper(work, args.large_gb)
     if "rank" in only:
         rank()
     if "science" in only:

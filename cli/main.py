@@ -94,11 +94,12 @@ def submit(
     rename: list[str] = typer.Option([], "--rename", metavar="OLD=NEW", help="Rewrite tensor-name prefix OLD to NEW on both sides before pairing (repeatable; first match wins)."),
     strict: bool = typer.Option(False, "--strict", help="Refuse to run unless every tensor matches exactly (no renames, ties, resized rows, dtype widening, FP8 block scales, fused slices or unmatched tensors)."),
     address: str | None = typer.Option(None, "--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster)."),
-    workers: int | None = typer.Option(None, "--workers", help="Number of diff actors (default: one per CPU, or per GPU share); more than the cluster holds run on those that start."),
+    workers: int | None = typer.Option(None, "--workers", help="Number of diff actors (default: one per CPU, or per GPU share; more than the cluster holds run on those that start), or of threads with --backend local."),
     gpus_per_actor: float = typer.Option(1.0, "--gpus-per-actor", help="GPU fraction per actor on GPU clusters."),
     hub_fetch: str = typer.Option("ranges", "--hub-fetch", help="How actors read Hub checkpoints missing from their node's HF cache: ranges (each unit's bytes by HTTP range, no disk) or cache (download each needed shard once into the node's cache)."),
+    backend: str = typer.Option("auto", "--backend", help="Where the work runs: ray (a Ray cluster's actors: --address, $RAY_ADDRESS, else a new local cluster), local (this process, --workers threads, default one per core) or auto: local on one machine with no GPU when no cluster is given, else ray. One machine gains no speed from a local Ray cluster, which costs about 7 s to start and 1.4 s to stop."),
 ) -> None:
-    """Diff TUNED against BASE on Ray into the store; prints the run id.
+    """Diff TUNED against BASE into the store, on a Ray cluster or in this process; prints the run id.
 
     Resubmitting the same pair with the same options resumes an interrupted run instead of
     starting over, and returns a complete run unchanged. With --chain, several TUNED are the
@@ -117,7 +118,8 @@ def submit(
         diff=DiffOptions(atol=atol, rel_eta=rel_eta, rank=rank, top_k=top_k,  # type: ignore[arg-type]
                          sketch_rank=sketch_rank, subspace_k=subspace_k, hash=hash_, chunk_elems=chunk_elems,
                          rename=parse_rename(rename)),
-        cluster=ClusterOptions(address=address, workers=workers, gpus_per_actor=gpus_per_actor, hub_fetch=hub_fetch),
+        cluster=ClusterOptions(address=address, workers=workers, gpus_per_actor=gpus_per_actor, hub_fetch=hub_fetch,
+                               backend=backend),
     ))
     from raydiff.cli.progress import submit_with_progress
 

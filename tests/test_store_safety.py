@@ -231,7 +231,7 @@ def _start(v: _Victim, base: Path, tuned: Path) -> None:
     with open(v.log, "wb") as err:
         v.proc = subprocess.Popen(
             [*nice, sys.executable, "-m", "raydiff.cli.main", "submit", str(base), str(tuned), "--store", str(v.store),
-             "--chunk-elems", "1024", "--rank", "off", "--workers", "1"],
+             "--chunk-elems", "1024", "--rank", "off", "--workers", "1", "--backend", "ray"],
             env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=err, cwd=v.store.parent)
 
 
@@ -566,7 +566,7 @@ def test_two_processes_submit_one_run_into_one_store(small_pairs, small_referenc
             env.update({"RAY_TMPDIR": tmps[-1], _TAG: tag, "RAY_USAGE_STATS_ENABLED": "0"})
             procs.append(subprocess.Popen(
                 [sys.executable, "-m", "raydiff.cli.main", "submit", str(base), str(t1), "--store", str(store),
-                 "--chunk-elems", "1024", "--workers", "1"],
+                 "--chunk-elems", "1024", "--workers", "1", "--backend", "ray"],
                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
         outs = [p.communicate(timeout=180) for p in procs]
     finally:

@@ -48,7 +48,9 @@ def run_demo(store: str, family_dir: str | None, cluster, log: Callable[[str], N
         raise InvalidOption("family_dir must be a local directory for the demo checkpoints when the store is an "
                             "object store", option="family_dir")
     fam = build_family(fam_root, config, log)
-    cluster = dataclasses.replace(cluster, keep_actors=True)  # seven submissions in a row
+    # The demo shows the Ray path (a local cluster, its actor pool kept for the seven submissions)
+    # unless told otherwise.
+    cluster = dataclasses.replace(cluster, keep_actors=True, backend="ray" if cluster.backend == "auto" else cluster.backend)
     run_ids = {}
     for name, path in fam.members.items():
         res = submit(str(fam.base), str(path), SubmitOptions(store=store, name=name, diff=DiffOptions(),

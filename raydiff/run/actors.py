@@ -46,6 +46,11 @@ _START_WAIT_S = 30.0
 _STILL_WAITING_S = 60.0  # while no actor has started, a note this often
 
 
+def connected() -> bool:
+    """Whether this process is connected to a Ray cluster already."""
+    return ray.is_initialized()
+
+
 def connect(address: str | None) -> dict[str, float]:
     """Connect to a Ray cluster (``address``, else ``$RAY_ADDRESS``), or start a local one.
 
@@ -85,7 +90,7 @@ class DiffActor:
     """Diffs units and computes spectra, on the node it was placed on, for any run."""
 
     def __init__(self, device: str) -> None:
-        from raydiff.run import execute  # noqa: F401  (torch and the compiled kernel, loaded as the actor starts)
+        from raydiff.run import execute  # noqa: F401  (the compiled kernel, loaded as the actor starts)
 
         self._node_id = ray.get_runtime_context().get_node_id()
         self._device = device

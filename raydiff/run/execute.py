@@ -14,10 +14,9 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
-import torch
 
 from raydiff.inputs.reader import TensorReader
 from raydiff.errors import RaydiffError, WorkFailed
@@ -28,8 +27,10 @@ from raydiff.records import HashRecord, SpectrumRecord, UnitRecord
 from raydiff.inputs.remote import HubAccess, HubFiles
 from raydiff.kernel import science
 from raydiff.kernel.masks import decode_mask, decode_packed
-from raydiff.kernel.spectrum import spectrum
 from raydiff.store import Store
+
+if TYPE_CHECKING:  # torch is imported by the spectra that need it: a --rank off run never loads it (≈ 1.5 s)
+    import torch
 
 
 def _rss_anon() -> int:
@@ -243,6 +244,8 @@ class Executor:
     def delta_matrix(self, s: SpectrumTask, w: tuple[np.ndarray, np.ndarray] | None = None) -> torch.Tensor:
         """ΔW of a 2-D tensor (or an expert's matrix) as float32, taken in the compared dtype
         as the paper does (block-scaled FP8 dequantized first)."""
+        import torch
+
         b, t = w if w is not None else self.matrices(s)
         with np.errstate(invalid="ignore", over="ignore"):
             d = round_to((t - b).astype(np.float32, copy=False).reshape(-1), s.compare_dtype)
@@ -252,6 +255,8 @@ class Executor:
         """The follow-up papers' metrics of one matrix (:mod:`raydiff.kernel.science`): the
         subspace ones (``subspace_k`` > 0), the full spectral shift (``rank_mode`` exact)
         and the overlap of the changed mask with the smallest ``|W0|``."""
+        import torch
+
         t0 = time.perf_counter()
         m, n = w0.shape
         out: dict[str, object] = {}
@@ -282,6 +287,8 @@ class Executor:
         return out
 
     def _spectrum(self, s: SpectrumTask) -> Done:
+        from raydiff.kernel.spectrum import spectrum
+
         t0 = time.perf_counter()
         w = self.matrices(s)
         delta = self.delta_matrix(s, w).to(self.device)

@@ -1,4 +1,6 @@
-"""``submit``: resolve references → plan → run actors → commit. The one path data takes.
+"""``submit``: resolve references → plan → run the work (Ray actors, or this process's threads) → commit.
+
+The one path data takes.
 
 Example:
     >>> from raydiff.run.submit import submit
@@ -135,7 +137,8 @@ def _check_strict(plan: Plan) -> None:
 
 def submit(base: str, tuned: str, options: SubmitOptions | None = None,
            progress: Progress | None = None) -> SubmitResult:
-    """Diff ``tuned`` against ``base`` on Ray and commit a complete run to the store.
+    """Diff ``tuned`` against ``base`` (on Ray, or on this process's threads: ``options.cluster.backend``)
+    and commit a complete run to the store.
 
     Resubmitting the same pair with the same result-changing options resumes the same run:
     units already in the store are skipped, and a complete run is returned as it is.
@@ -194,9 +197,16 @@ def submit(base: str, tuned: str, options: SubmitOptions | None = None,
     ctx = RunContext(run_id=run_id, store_root=store.root, criteria=Criteria(d.atol, d.rel_eta, d.ladder),
                      rank_mode=d.rank, top_k=d.top_k, sketch_rank=d.sketch_rank, hub=hub,
                      subspace_k=d.subspace_k)
-    from raydiff.run import actors  # Ray is imported only when there is work for it
+    from raydiff.run import local
 
-    actors.run_work(ctx, units, spectra, options.cluster, progress.advanced, progress.note, hashes)
+    if not (units or spectra or hashes):
+        pass  # every result is stored: only the commit is left
+    elif local.chosen(options.cluster):
+        local.run_work(ctx, units, spectra, options.cluster, progress.advanced, progress.note, hashes)
+    else:
+        from raydiff.run import actors  # Ray is imported only when there is work for it
+
+        actors.run_work(ctx, units, spectra, options.cluster, progress.advanced, progress.note, hashes)
     commit = store.commit(record, planned)
     resumed = bool(done_units or done_spectra)
     return SubmitResult(record, commit, resumed=resumed, already_complete=False, matching=summarize(plan))

@@ -87,7 +87,7 @@ _RETRY_KEYS = ("first", "max")
 _DIFF_KEYS = {"atol": float, "rel_eta": float, "rank": str, "top_k": int, "sketch_rank": int, "subspace_k": int,
               "hash": bool,
               "chunk_elems": int, "rename": list}
-_CLUSTER_KEYS = {"address": str, "workers": int, "gpus_per_actor": float, "hub_fetch": str}
+_CLUSTER_KEYS = {"address": str, "workers": int, "gpus_per_actor": float, "hub_fetch": str, "backend": str}
 _OPTION_KEYS = {**_DIFF_KEYS, **_CLUSTER_KEYS, "strict": bool}
 
 

@@ -1,0 +1,156 @@
+"""The local backend (this process's threads, no Ray): what it counts, when ``auto`` picks it,
+and that a failed local run resumes like a Ray one.
+
+Counts are checked against torch/numpy (tests/builders.py); the Ray run of the same pair is
+an invariance check on top.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from builders import SUM_REL, perturb, ref_diff, write_checkpoint
+from raydiff.cli.main import app
+from raydiff.errors import InvalidCheckpoint, InvalidOption
+from raydiff.options import ClusterOptions, DiffOptions, SubmitOptions
+from raydiff.run import local
+from raydiff.run.submit import Progress, submit
+from raydiff.query.views import query
+
+_COUNTS = ("numel", "changed", "changed_bits", "changed_1e8", "changed_1e7", "changed_1e6", "changed_1e5",
+           "changed_1e4", "changed_rel")
+
+
+def _pair(tmp_path):
+    g = torch.Generator().manual_seed(7)
+    base = {
+        "model.layers.0.mlp.up_proj.weight": torch.randn(160, 64, generator=g).bfloat16(),
+        "model.layers.0.self_attn.q_proj.weight": torch.randn(64, 64, generator=g).bfloat16(),
+        "model.layers.0.input_layernorm.weight": torch.randn(64, generator=g),
+        "model.layers.0.mlp.down_proj.weight": torch.randn(64, 160, generator=g).half(),
+    }
+    tuned = {k: perturb(v, frac, scale, i) for i, ((k, v), frac, scale) in
+             enumerate(zip(base.items(), (0.3, 0.05, 0.5, 0.2), (1e-2, 3e-3, 1e-6, 1e-3)))}
+    return (write_checkpoint(tmp_path / "base", base, shards=2), write_checkpoint(tmp_path / "tuned", tuned, shards=2),
+            base, tuned)
+
+
+def _tensors(store, run_id):
+    cols, rows = query(store, f"SELECT * FROM tensors WHERE run_id = '{run_id}' ORDER BY tensor")
+    return {r[cols.index("tensor")]: dict(zip(cols, r)) for r in rows}
+
+
+def _sha(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def test_local_backend_counts_what_torch_counts_and_stores_what_ray_stores(tmp_path, ray_cluster):
+    b, t, base, tuned = _pair(tmp_path)
+    diff = DiffOptions(chunk_elems=1024, hash=True)
+    store = str(tmp_path / "local")
+    res = submit(str(b), str(t), SubmitOptions(store=store, diff=diff,
+                                               cluster=ClusterOptions(backend="local", workers=2)))
+    got = _tensors(store, res.run_id)
+    for name in base:
+        ref = ref_diff(base[name], tuned[name])
+        for k in _COUNTS:
+            assert got[name][k] == ref[k], (name, k)
+        assert got[name]["delta_fro"] == pytest.approx(ref["delta_fro"], rel=SUM_REL)
+        assert (got[name]["base_sha256"], got[name]["tuned_sha256"]) == (_sha(base[name]), _sha(tuned[name]))
+        if base[name].ndim == 2:
+            assert got[name]["rank"] == ref["rank"], name
+    _, nodes = query(store, f"SELECT DISTINCT node_id FROM units WHERE run_id = '{res.run_id}'")
+    assert nodes == [(f"local:{os.uname().nodename}",)]
+    # the same run id and the same results as Ray's actors
+    ray_store = str(tmp_path / "ray")
+    on_ray = submit(str(b), str(t), SubmitOptions(store=ray_store, diff=diff, cluster=ClusterOptions(backend="ray")))
+    assert on_ray.run_id == res.run_id
+    same = ("changed", "changed_bits", "changed_rel", "max_abs_delta", "delta_fro", "rank", "top_sv",
+            "base_sha256", "tuned_sha256", "rows_touched", "cols_touched")
+    assert {n: [r[c] for c in same] for n, r in _tensors(ray_store, res.run_id).items()} == \
+           {n: [r[c] for c in same] for n, r in got.items()}
+
+
+def test_auto_runs_locally_only_with_no_cluster_given(monkeypatch, ray_cluster):
+    assert local.chosen(ClusterOptions(backend="local"))
+    assert not local.chosen(ClusterOptions(backend="ray"))
+    assert not local.chosen(ClusterOptions())  # this process is connected to Ray: keep it
+    monkeypatch.setattr(local, "has_gpu", lambda: False)
+    assert not local.chosen(ClusterOptions(address="10.0.0.1:6379"))
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    assert not local.chosen(ClusterOptions())
+    with pytest.raises(InvalidOption, match="backend"):
+        ClusterOptions(backend="local", address="10.0.0.1:6379")
+    with pytest.raises(InvalidOption, match="backend must be one of auto, ray, local"):
+        ClusterOptions(backend="threads")
+
+
+def test_has_gpu_honours_cuda_visible_devices(monkeypatch):
+    monkeypatch.delitem(sys.modules, "torch")  # as if not loaded: decided from the devices
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert local.has_gpu() is False
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    nvidia = "/proc/driver/nvidia/gpus"
+    expect = (os.path.isdir(nvidia) and bool(os.listdir(nvidia))) or os.path.exists("/dev/kfd")
+    assert local.has_gpu() is expect
+
+
+def test_a_fresh_cli_process_with_no_cluster_runs_locally_without_ray(tmp_path):
+    b, t, base, tuned = _pair(tmp_path)
+    store = tmp_path / "store"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    # -X importtime lists every module the process imported: Ray and torch must not be among them
+    p = subprocess.run([sys.executable, "-X", "importtime", "-m", "raydiff.cli.main", "submit", str(b), str(t),
+                        "--store", str(store), "--rank", "off", "--chunk-elems", "1024"],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    imported = {line.split("|")[-1].strip() for line in p.stderr.splitlines() if line.startswith("import time:")}
+    assert "ray" not in imported and "torch" not in imported
+    run_id = p.stdout.strip()
+    got = _tensors(str(store), run_id)
+    for name in base:
+        ref = ref_diff(base[name], tuned[name])
+        assert [got[name][k] for k in _COUNTS] == [ref[k] for k in _COUNTS], name
+    _, rows = query(str(store), f"SELECT count(*), count(DISTINCT node_id), min(node_id) FROM units "
+                                f"WHERE run_id = '{run_id}'")
+    assert rows[0][0] > len(base) and rows[0][1:] == (1, f"local:{os.uname().nodename}")
+
+
+class _Truncate(Progress):
+    """Cuts a shard short once the plan is made: the units reading past its end fail."""
+
+    def __init__(self, path) -> None:
+        self.path, self.saved = path, path.read_bytes()
+
+    def planned(self, p) -> None:
+        self.path.write_bytes(self.saved[: len(self.saved) // 2])
+
+
+def test_a_failed_local_run_names_the_tensor_and_resumes(tmp_path):
+    b, t, base, tuned = _pair(tmp_path)
+    store = str(tmp_path / "store")
+    opts = SubmitOptions(store=store, diff=DiffOptions(chunk_elems=1024, rank="off"),
+                         cluster=ClusterOptions(backend="local", workers=2))
+    shard = sorted(t.glob("*.safetensors"))[-1]
+    cut = _Truncate(shard)
+    with pytest.raises(InvalidCheckpoint, match=r"tensor \"model\.layers\.0\.[a-z_.]+\" extends past the end of the file"):
+        submit(str(b), str(t), opts, cut)
+    _, rows = query(store, "SELECT status FROM runs")
+    assert rows == [("incomplete",)]
+    shard.write_bytes(cut.saved)
+    res = submit(str(b), str(t), opts)
+    assert res.commit.changed == sum(ref_diff(base[n], tuned[n])["changed"] for n in base)
+
+
+def test_cli_backend_option(tmp_path):
+    r = CliRunner().invoke(app, ["submit", "a", "b", "--store", str(tmp_path / "s"), "--backend", "threads"])
+    assert r.exit_code == 1
+    assert r.output.strip().splitlines()[-1].startswith("Error: --backend must be one of auto, ray, local")
