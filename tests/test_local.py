@@ -12,6 +12,8 @@ import os
 import subprocess
 import sys
 
+import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -19,6 +21,7 @@ from typer.testing import CliRunner
 from builders import SUM_REL, perturb, ref_diff, write_checkpoint
 from raydiff.cli.main import app
 from raydiff.errors import InvalidCheckpoint, InvalidOption
+from raydiff.kernel.masks import decode_mask
 from raydiff.options import ClusterOptions, DiffOptions, SubmitOptions
 from raydiff.run import local
 from raydiff.run.submit import Progress, submit
@@ -128,10 +131,15 @@ class _Truncate(Progress):
     """Cuts a shard short once the plan is made: the units reading past its end fail."""
 
     def __init__(self, path) -> None:
-        self.path, self.saved = path, path.read_bytes()
+        self.path, self.saved, self.mtime = path, path.read_bytes(), path.stat().st_mtime_ns
 
     def planned(self, p) -> None:
         self.path.write_bytes(self.saved[: len(self.saved) // 2])
+
+    def restore(self) -> None:
+        """The file as it was, mtime included: the same checkpoint, so the same run resumes."""
+        self.path.write_bytes(self.saved)
+        os.utime(self.path, ns=(self.mtime, self.mtime))
 
 
 def test_a_failed_local_run_names_the_tensor_and_resumes(tmp_path):
@@ -145,9 +153,25 @@ def test_a_failed_local_run_names_the_tensor_and_resumes(tmp_path):
         submit(str(b), str(t), opts, cut)
     _, rows = query(store, "SELECT status FROM runs")
     assert rows == [("incomplete",)]
-    shard.write_bytes(cut.saved)
+    # the units.parquet folded while the run went on is dropped with it: no temporary is left
+    assert not [p for p in (tmp_path / "store").rglob("*") if ".tmp-" in p.name]
+    # one a killed process would leave (in the run's units/ folder) goes with the commit
+    run_dir = next((tmp_path / "store" / "runs").iterdir())
+    (run_dir / "units").mkdir(exist_ok=True)
+    (run_dir / "units" / f"units.parquet.tmp-{'0' * 32}").write_bytes(b"torn")
+    cut.restore()
     res = submit(str(b), str(t), opts)
+    assert res.run_id == run_dir.name
     assert res.commit.changed == sum(ref_diff(base[n], tuned[n])["changed"] for n in base)
+    assert not [p for p in (tmp_path / "store").rglob("*") if ".tmp-" in p.name]
+    # folded as the units arrived: one row group per tensor, every unit once, masks as numpy's
+    folded = pq.ParquetFile(run_dir / "units.parquet")
+    assert folded.metadata.num_row_groups == len(base) and folded.metadata.num_rows == res.run.n_units
+    _, rows = query(store, f"SELECT tensor, start, stop, mask_codec, mask FROM masks WHERE run_id = '{res.run_id}' "
+                           "ORDER BY tensor, start")
+    for name in base:
+        got = np.concatenate([decode_mask(c, m, stop - start) for t_, start, stop, c, m in rows if t_ == name])
+        np.testing.assert_array_equal(got, ref_diff(base[name], tuned[name])["mask"], err_msg=name)
 
 
 def test_cli_backend_option(tmp_path):

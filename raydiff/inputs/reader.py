@@ -63,5 +63,19 @@ class TensorReader:
             )
         return np.frombuffer(m, dtype=np.dtype(d.bits), count=count, offset=off)
 
+    def prefetch(self, info: TensorInfo, start: int, stop: int) -> None:
+        """Start reading elements ``[start, stop)`` of a local tensor into the page cache and
+        return at once (``MADV_WILLNEED``), so that the disk works on the next unit while the
+        kernel works on this one. Hub files and short files are left alone."""
+        if is_remote(info.file) or not hasattr(mmap, "MADV_WILLNEED"):
+            return
+        d = DTYPES[info.dtype]
+        off = info.offset + start * d.itemsize
+        m = self._map(info.file)
+        end = min(len(m), off + (stop - start) * d.itemsize)
+        lo = off - off % mmap.ALLOCATIONGRANULARITY
+        if end > lo:
+            m.madvise(mmap.MADV_WILLNEED, lo, end - lo)
+
     def close(self) -> None:
         self._maps.clear()

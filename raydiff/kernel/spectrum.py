@@ -97,7 +97,7 @@ def spectrum(delta: torch.Tensor, method: str = "exact", top_k: int = 32,
         what = "entry" if bad == 1 else "entries"
         return Spectrum(method, str(delta.device), None, max_rank, (), None, None, (), None,
                         time.perf_counter() - t0, f"ΔW has {bad} non-finite {what} (NaN or ±Inf)")
-    fro2 = float(torch.sum(delta.double() ** 2)) if delta.numel() else 0.0
+    fro2 = _sum_sq(delta)
     if method == "exact":
         s = torch.linalg.svdvals(delta).double().cpu()
     elif method == "sketch":
@@ -125,6 +125,15 @@ def spectrum(delta: torch.Tensor, method: str = "exact", top_k: int = 32,
     return Spectrum(method, str(delta.device), rank, max_rank, tuple(float(x) for x in s[:top_k]),
                     fro2 / (s1 * s1), effective, cutoffs, math.sqrt(fro2), seconds,
                     energy_rank_99=energy_rank(s.numpy(), fro2))
+
+
+def _sum_sq(a: torch.Tensor, rows: int = 1024) -> float:
+    """Σ a², accumulated in float64 a block of rows at a time: a float64 copy of the whole
+    matrix would be twice its size (8.4 GB for a 128256×4096 embedding's ΔW)."""
+    total = 0.0
+    for i in range(0, a.shape[0], rows):
+        total += float(torch.sum(a[i:i + rows].double() ** 2))
+    return total
 
 
 def _sketch_svdvals(a: torch.Tensor, k: int, seed: int) -> torch.Tensor:

@@ -123,6 +123,11 @@ class Executor:
         return self._guard(f"unit {u.unit_id} (elements {u.start}…{u.stop - 1}) of tensor {u.tensor!r}",
                            lambda: self._unit(u, seen))
 
+    def prefetch(self, u: WorkUnit) -> None:
+        """Start reading a unit's bytes on both sides (see :meth:`TensorReader.prefetch`)."""
+        for info in (u.base, u.tuned):
+            self.reader.prefetch(info, u.start, u.stop)
+
     def spectrum(self, s: SpectrumTask) -> Done:
         """Rank/spectrum of ΔW for one matrix and write its :class:`SpectrumRecord`."""
         what = f"tensor {s.tensor!r}" + (f" (expert {s.expert})" if s.expert is not None else "")
@@ -247,9 +252,15 @@ class Executor:
         import torch
 
         b, t = w if w is not None else self.matrices(s)
+        # a block of rows at a time: the rounding's temporaries stay a block's size, not a few
+        # copies of the matrix (2.1 GB each for a 128256×4096 embedding)
+        d = np.empty(b.shape, np.float32)
+        rows = max(1, (1 << 22) // max(1, b.shape[1]))
         with np.errstate(invalid="ignore", over="ignore"):
-            d = round_to((t - b).astype(np.float32, copy=False).reshape(-1), s.compare_dtype)
-        return torch.from_numpy(np.ascontiguousarray(d).reshape(b.shape))
+            for i in range(0, b.shape[0], rows):
+                d[i:i + rows] = round_to((t[i:i + rows] - b[i:i + rows]).astype(np.float32, copy=False),
+                                         s.compare_dtype)
+        return torch.from_numpy(d)
 
     def _science(self, s: SpectrumTask, w0: np.ndarray, w1: np.ndarray) -> dict[str, object]:
         """The follow-up papers' metrics of one matrix (:mod:`raydiff.kernel.science`): the

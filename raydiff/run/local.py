@@ -17,10 +17,12 @@ import os
 import socket
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import TYPE_CHECKING
 
+from raydiff.dtypes import DTYPES
 from raydiff.options import ClusterOptions
 from raydiff.plan import HashTask, SpectrumTask, WorkUnit
 
@@ -80,18 +82,31 @@ def run_work(ctx: RunContext, units: Sequence[WorkUnit], spectra: Sequence[Spect
         return
     from raydiff.run.execute import Executor
 
+    # Spectra first, the costliest first, so that no long decomposition is left for the end;
+    # then units (and hashed tensors) in the order of their bytes in the base's files: the
+    # threads sweep the checkpoint front to back, which a disk reads fastest (largest-first
+    # would read every tensor's full units first and come back for the short last ones).
     work: list[tuple[str, object]] = [("spectrum", s) for s in sorted(spectra, key=lambda s: -s.flops)]
-    sized = [(h.nbytes, "hashed", h) for h in hashes] + [(u.nbytes, "unit", u) for u in units]
-    work += [(kind, item) for _, kind, item in sorted(sized, key=lambda x: -x[0])]
+    placed = [(_where(h.units[0] if h.units else None, h.base or h.tuned), "hashed", h) for h in hashes]
+    placed += [(_where(u, u.base), "unit", u) for u in units]
+    work += [(kind, item) for _, kind, item in sorted(placed, key=lambda x: x[0])]
     n = max(1, min(options.workers or cores(), len(work)))
     node = f"local:{socket.gethostname()}"
     mine = threading.local()
+    memory = _Budget(available_memory() // 2)
 
-    def run(kind: str, item: object) -> Done | list[Done]:
+    def run(i: int) -> Done | list[Done]:
+        kind, item = work[i]
         ex: Executor | None = getattr(mine, "ex", None)
         if ex is None:
             ex = mine.ex = Executor(ctx, node_id=node)
-        return getattr(ex, kind)(item)
+        # the unit that starts when this one ends (n threads take items in order): its bytes
+        # come from the disk while this one is computed
+        if i + n < len(work) and work[i + n][0] == "unit":
+            ex.prefetch(work[i + n][1])  # type: ignore[arg-type]
+        need = spectrum_bytes(item) if isinstance(item, SpectrumTask) else 0
+        with memory.held(need):
+            return getattr(ex, kind)(item)
 
     torch = None
     if spectra:  # torch only where it is used: a --rank off run never loads it
@@ -101,7 +116,7 @@ def run_work(ctx: RunContext, units: Sequence[WorkUnit], spectra: Sequence[Spect
         torch.set_num_threads(max(1, cores() // n))
     pool = ThreadPoolExecutor(n, thread_name_prefix="raydiff-diff")
     try:
-        pending: set[Future] = {pool.submit(run, kind, item) for kind, item in work}
+        pending: set[Future] = {pool.submit(run, i) for i in range(len(work))}
         while pending:
             # a timeout, so that Ctrl-C reaches this thread while the work runs
             finished, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
@@ -114,3 +129,55 @@ def run_work(ctx: RunContext, units: Sequence[WorkUnit], spectra: Sequence[Spect
         pool.shutdown(wait=True, cancel_futures=True)
         if torch is not None:
             torch.set_num_threads(threads)
+
+
+def spectrum_bytes(s: SpectrumTask) -> int:
+    """What a spectrum task holds at its peak: both sides decoded, ΔW, and as much again for
+    the decomposition's and the metrics' working copies (4 bytes an entry each; 8 for F64)."""
+    m, n = s.base.shape[-2:]
+    return 4 * m * n * (8 if "F64" in (s.base.dtype, s.tuned.dtype) else 4)
+
+
+def available_memory() -> int:
+    """Memory the machine can give without swapping (``MemAvailable``), else all of it."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+class _Budget:
+    """Bytes that running items may hold together. An item waits while the others hold too
+    much for it, and runs alone when it is bigger than the whole budget: two threads never
+    decompose a 128256×4096 embedding each at once on a machine that holds one."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.used, self.running = total, 0, 0
+        self._cv = threading.Condition()
+
+    @contextmanager
+    def held(self, need: int) -> Iterator[None]:
+        if not need:
+            yield
+            return
+        with self._cv:
+            self._cv.wait_for(lambda: self.running == 0 or self.used + need <= self.total)
+            self.used += need
+            self.running += 1
+        try:
+            yield
+        finally:
+            with self._cv:
+                self.used -= need
+                self.running -= 1
+                self._cv.notify_all()
+
+
+def _where(u: WorkUnit | None, info) -> tuple[str, int]:
+    """Where an item's bytes start: its base file (its tuned one for a tensor only in tuned)
+    and the offset in it."""
+    if info is None:
+        return "", 0
+    start = u.start if u is not None else 0
+    return info.file, info.offset + start * DTYPES[info.dtype].itemsize

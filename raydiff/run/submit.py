@@ -199,14 +199,26 @@ def submit(base: str, tuned: str, options: SubmitOptions | None = None,
                      subspace_k=d.subspace_k)
     from raydiff.run import local
 
-    if not (units or spectra or hashes):
-        pass  # every result is stored: only the commit is left
-    elif local.chosen(options.cluster):
-        local.run_work(ctx, units, spectra, options.cluster, progress.advanced, progress.note, hashes)
-    else:
-        from raydiff.run import actors  # Ray is imported only when there is work for it
+    # units.parquet is written as the units arrive, so that the commit has little left to do
+    folding = store.folding(run_id, planned, done_units) if units or hashes else None
 
-        actors.run_work(ctx, units, spectra, options.cluster, progress.advanced, progress.note, hashes)
-    commit = store.commit(record, planned)
+    def advanced(done: Done) -> None:
+        if folding is not None and done.kind == "unit":
+            folding.unit_done(done.key)
+        progress.advanced(done)
+
+    try:
+        if not (units or spectra or hashes):
+            pass  # every result is stored: only the commit is left
+        elif local.chosen(options.cluster):
+            local.run_work(ctx, units, spectra, options.cluster, advanced, progress.note, hashes)
+        else:
+            from raydiff.run import actors  # Ray is imported only when there is work for it
+
+            actors.run_work(ctx, units, spectra, options.cluster, advanced, progress.note, hashes)
+        commit = store.commit(record, planned, folding)
+    finally:
+        if folding is not None:
+            folding.abandon()  # after a failure: the temporary goes (after the commit: nothing to do)
     resumed = bool(done_units or done_spectra)
     return SubmitResult(record, commit, resumed=resumed, already_complete=False, matching=summarize(plan))

@@ -9,8 +9,12 @@ bounded by one tensor's units, not by the model.
 
 from __future__ import annotations
 
+import bisect
+import contextlib
+
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from raydiff.dtypes import DTYPES
 from raydiff.kernel.science import cv_of_counts, cv_random
@@ -25,8 +29,10 @@ def spectrum_keys(plan: list[PlanRecord]) -> list[tuple[int, int]]:
             for e in (range(p.experts) if p.experts else (-1,))]
 
 
-def compact(files: Files, run_id: str, plan: list[PlanRecord]) -> tuple[pa.Table | None, pa.Table | None]:
-    """Write a run's ``units.parquet`` and ``spectra.parquet`` from its per-unit files.
+def compact(files: Files, run_id: str, plan: list[PlanRecord],
+            folding: Folding | None = None) -> tuple[pa.Table | None, pa.Table | None]:
+    """Write a run's ``units.parquet`` and ``spectra.parquet`` from its per-unit files
+    (``units.parquet`` from ``folding`` when it folded every tensor while the run went on).
 
     Returns:
         ``(units, spectra)``: every unit row less ``mask`` (``None`` for a run without
@@ -37,7 +43,10 @@ def compact(files: Files, run_id: str, plan: list[PlanRecord]) -> tuple[pa.Table
     """
     groups = [(p.tensor_index, range(p.first_unit, p.first_unit + p.n_units)) for p in plan if p.n_units]
     parts = []
-    if groups:
+    folded = folding.finish() if folding is not None else None
+    if folded is not None:
+        parts.append(folded)
+    elif groups:
         with files.writer(layout.units_file(run_id), UnitRecord) as w:
             for _, ids in groups:
                 table = files.read_many([layout.unit_file(run_id, u) for u in ids], UnitRecord)
@@ -51,6 +60,93 @@ def compact(files: Files, run_id: str, plan: list[PlanRecord]) -> tuple[pa.Table
         with files.writer(layout.spectra_file(run_id), SpectrumRecord) as w:
             w.write_table(spectra.sort_by([("tensor_index", "ascending"), ("expert", "ascending")]))
     return (pa.concat_tables(parts) if parts else None), spectra
+
+
+class Folding:
+    """A run's ``units.parquet`` written while the run goes on: each tensor's row group as
+    soon as its last unit is stored (its unit files are then still in the page cache), so
+    that the commit only moves the finished file into place. On a 32 GB pair that is ≈ 1 GB
+    of masks read and written again, ≈ 6 s the commit no longer spends after the last unit.
+
+    The file grows under a temporary name in the run's ``units/`` folder, which the commit
+    removes, so a killed run leaves nothing behind once it completes. Folding is only a
+    head start: any failure (another process committed the run and removed its unit files,
+    a store error) stops it, and the commit folds what is left the usual way.
+
+    Example:
+        >>> f = Folding(store, run_id, plan, done); f.unit_done(7); units = f.finish()  # doctest: +SKIP
+    """
+
+    def __init__(self, files: Files, run_id: str, plan: list[PlanRecord], done: set[int]) -> None:
+        self._files, self._run_id = files, run_id
+        self._left: dict[int, set[int]] = {}
+        self._ids: dict[int, range] = {}
+        self._first: list[tuple[int, int]] = []  # (first unit, tensor index), for finding a unit's tensor
+        for p in plan:
+            if p.n_units:
+                ids = range(p.first_unit, p.first_unit + p.n_units)
+                self._ids[p.tensor_index] = ids
+                self._left[p.tensor_index] = set(ids) - done
+                self._first.append((p.first_unit, p.tensor_index))
+        self._first.sort()
+        self._parts: dict[int, pa.Table] = {}
+        self._cm = files.writer(layout.units_file(run_id), UnitRecord, staging=layout.units_dir(run_id))
+        self._w: pq.ParquetWriter | None = self._cm.__enter__()
+        for ti, left in list(self._left.items()):
+            if not left:
+                self._fold(ti)
+
+    @property
+    def active(self) -> bool:
+        return self._w is not None
+
+    def unit_done(self, unit_id: int) -> None:
+        """A unit is stored: fold its tensor when it was the last one."""
+        if self._w is None:
+            return
+        k = bisect.bisect_right(self._first, (unit_id, 1 << 62)) - 1
+        if k < 0:
+            return
+        ti = self._first[k][1]
+        left = self._left.get(ti)
+        if left is None or unit_id not in left:
+            return
+        left.discard(unit_id)
+        if not left:
+            self._fold(ti)
+
+    def _fold(self, ti: int) -> None:
+        try:
+            table = self._files.read_many([layout.unit_file(self._run_id, u) for u in self._ids[ti]], UnitRecord)
+            assert table is not None and self._w is not None
+            table = table.sort_by("unit_id")
+            self._w.write_table(table, row_group_size=max(1, table.num_rows))  # one row group per tensor
+            self._parts[ti] = table.drop_columns(["mask"])
+        except Exception as e:  # a head start only: the commit folds the usual way
+            self.abandon(e)
+
+    def finish(self) -> pa.Table | None:
+        """Move the file into place and return every unit row less ``mask`` (plan order);
+        ``None`` when folding stopped or some tensor is not folded."""
+        if self._w is None or len(self._parts) != len(self._ids):
+            self.abandon()
+            return None
+        self._w = None
+        try:
+            self._cm.__exit__(None, None, None)
+        except Exception:
+            return None
+        return pa.concat_tables([self._parts[ti] for ti in sorted(self._parts)]) if self._parts else None
+
+    def abandon(self, why: BaseException | None = None) -> None:
+        """Stop folding and remove the temporary file."""
+        if self._w is None:
+            return
+        self._w = None
+        self._parts.clear()
+        err = why or RuntimeError("folding abandoned")
+        with contextlib.suppress(BaseException):
+            self._cm.__exit__(type(err), err, None)
 
 
 #: Columns a tensor takes from its matrix's spectrum row as they are.

@@ -153,16 +153,19 @@ class Files:
             _write_parquet(table, full, fs)  # one PUT
 
     @contextlib.contextmanager
-    def writer(self, rel: str, kind: type) -> Iterator[pq.ParquetWriter]:
+    def writer(self, rel: str, kind: type, staging: str | None = None) -> Iterator[pq.ParquetWriter]:
         """A Parquet writer of ``kind``'s schema whose file appears at ``rel`` only once it is
         whole: each ``write_table`` is one or more row groups of it.
 
         The file is written under a temporary name (locally) or key (object stores: a
-        streamed upload completes even when a write fails) and moved into place after the
-        writer closed without error.
+        streamed upload completes even when a write fails) next to ``rel``, or in the folder
+        ``staging`` (one whose removal cleans up after a writer that was killed), and moved
+        into place after the writer closed without error.
         """
         full = self.path(rel)
-        tmp = f"{full}.tmp-{uuid.uuid4().hex}"
+        name = full.rsplit("/", 1)[-1]
+        tmp = f"{self.path(staging) if staging else full.rsplit('/', 1)[0]}/{name}.tmp-{uuid.uuid4().hex}"
+        self.fs.create_dir(tmp.rsplit("/", 1)[0], recursive=True)
         self.fs.create_dir(full.rsplit("/", 1)[0], recursive=True)
         s = schema(kind)
         plain = [f.name for f in s if not pa.types.is_binary(f.type)]

@@ -36,7 +36,7 @@ from raydiff.records import (
 )
 from raydiff.store import layout
 from raydiff.store.catalog import Catalog, Snapshot
-from raydiff.store.commit import aggregate, compact, spectrum_keys
+from raydiff.store.commit import Folding, aggregate, compact, spectrum_keys
 from raydiff.store.files import Files
 from raydiff.store.log import RecordLog
 
@@ -173,12 +173,18 @@ class Store(Files):
         return {(int(m.group(1)), int(m.group(2)) if m.group(2) else -1)
                 for n in names if (m := layout.SPECTRUM_FILE.match(n))}
 
-    def commit(self, run: RunRecord, plan: list[PlanRecord]) -> CommitRecord:
+    def folding(self, run_id: str, plan: list[PlanRecord], done: set[int]) -> Folding:
+        """Start folding a run's units into its ``units.parquet`` as they are stored
+        (:class:`~raydiff.store.commit.Folding`; ``done``: the units already stored)."""
+        return Folding(self, run_id, plan, done)
+
+    def commit(self, run: RunRecord, plan: list[PlanRecord], folding: Folding | None = None) -> CommitRecord:
         """Fold a run's units and spectra into its per-run files, total them per tensor and
         mark the run complete.
 
-        ``plan`` is the run's plan (one :class:`PlanRecord` per tensor). When another process
-        committed the run meanwhile, its commit is returned.
+        ``plan`` is the run's plan (one :class:`PlanRecord` per tensor); ``folding``, the
+        units folded while the run went on, if any. When another process committed the run
+        meanwhile, its commit is returned.
 
         Raises:
             StoreError: a unit or spectrum of the plan is missing (the run stays incomplete).
@@ -188,6 +194,8 @@ class Store(Files):
         spectra_of = spectrum_keys(plan)
         done = self.done_units(d)
         missing = [u for u in unit_ids if u not in done]
+        if missing and folding is not None:
+            folding.abandon()
         if missing:
             if (other := self._committed_elsewhere(d)) is not None:
                 return other
@@ -212,7 +220,7 @@ class Store(Files):
                                    HashRecord)
             hashes = {r["tensor_index"]: r for r in (table.to_pylist() if table is not None else [])}
         try:
-            units, spectra = compact(self, d, plan)
+            units, spectra = compact(self, d, plan, folding)
         except StoreError:
             if (other := self._committed_elsewhere(d)) is not None:  # its cleanup took our inputs
                 return other
