@@ -250,7 +250,8 @@ def end_to_end(work: Path, small_gb: float, large_gb: float) -> dict[str, float]
         print(f"submit {mode}: marginal throughput {marginal / GB:.2f} GB/s")
     ray.shutdown()
     print("(best of 3 per size; the driver's actor pool is already started, as for every submit after")
-    print(" the first in one process — a fresh `raydiff submit` adds Ray start-up, ~5 s, and actor start, ~2 s)")
+    print(" the first in one process — with --backend ray a fresh `raydiff submit` adds Ray start-up, ~5 s, and actor")
+    print(" start, ~2 s; the fresh section measures fresh processes)")
     print("peak memory: " + ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in rss.items())
           + " (actors: anonymous RSS after each unit's kernel, max over units; driver: anonymous RSS)")
     results["large_bytes"] = sizes["large"]
@@ -437,6 +438,7 @@ def main() -> None:
                     help="sections: machine kernel e2e fresh disk paper rank science hash overlap gpu (default: all "
                          "but disk, which writes a pair bigger than RAM: about 1.4× its size of free disk)")
     ap.add_argument("--keep-big", action="store_true", help="disk: keep the big pair for the next run")
+    ap.add_argument("--disk-sketch", action="store_true", help="disk: also time --rank sketch on the big pair")
     args = ap.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -449,7 +451,7 @@ def main() -> None:
     e2e = end_to_end(work, args.small_gb, args.large_gb) if "e2e" in only else {}
     fr = fresh_processes.fresh(work) if "fresh" in only else {}
     if "disk" in only:
-        fresh_processes.disk(work, keep=args.keep_big)
+        fresh_processes.disk(work, keep=args.keep_big, sketch=args.disk_sketch)
     if "paper" in only:
         base = paper_baseline(work, args.large_gb)
         if e2e:
