@@ -6,9 +6,9 @@ actors would. What a local cluster does add is ≈ 7 s to start and ≈ 1.4 s to
 more than diffing a 4 GB pair. So with no cluster given, ``auto`` runs here; Ray stays the
 backend of what only it gives: several nodes, and GPUs (see :mod:`raydiff.run.actors`).
 
-The work, its order (largest first) and its results are those of the actors: each thread
-holds an :class:`~raydiff.run.execute.Executor` and writes to the store directly, so an
-interrupted local run resumes like any other.
+The work and its results are those of the actors: each thread holds an
+:class:`~raydiff.run.execute.Executor` and writes to the store directly, so an interrupted
+local run resumes like any other, on either backend.
 """
 
 from __future__ import annotations
@@ -70,8 +70,10 @@ def run_work(ctx: RunContext, units: Sequence[WorkUnit], spectra: Sequence[Spect
     """Run every unit, spectrum task and ``--hash`` task on ``options.workers`` threads (default:
     one per core); return when all are stored.
 
-    Spectra first, by cost, then hashed tensors and units by size, as the actors take them.
-    Each thread's torch operations get an equal share of the cores (as an actor's one CPU).
+    Spectra first, by cost; then units and hashed tensors in the order of their bytes on
+    disk, each thread starting to read its next unit while it computes this one. Spectra
+    run together only while their estimated memory fits in half of ``MemAvailable``. Each
+    thread's torch operations get an equal share of the cores (as an actor's one CPU).
     On an error or Ctrl-C, work not started is dropped, the items running finish (each writes
     a whole file or nothing), and the first error is raised.
 

@@ -69,7 +69,9 @@ class Folding:
     of masks read and written again, ≈ 6 s the commit no longer spends after the last unit.
 
     The file grows under a temporary name in the run's ``units/`` folder, which the commit
-    removes, so a killed run leaves nothing behind once it completes. Folding is only a
+    removes, so a killed run leaves nothing behind once it completes. Its row groups (one
+    per tensor) are in the order the tensors finished, not the plan's; every reader finds a
+    tensor's rows by their values. Folding is only a
     head start: any failure (another process committed the run and removed its unit files,
     a store error) stops it, and the commit folds what is left the usual way.
 
@@ -95,10 +97,6 @@ class Folding:
         for ti, left in list(self._left.items()):
             if not left:
                 self._fold(ti)
-
-    @property
-    def active(self) -> bool:
-        return self._w is not None
 
     def unit_done(self, unit_id: int) -> None:
         """A unit is stored: fold its tensor when it was the last one."""
