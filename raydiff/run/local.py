@@ -72,8 +72,9 @@ def run_work(ctx: RunContext, units: Sequence[WorkUnit], spectra: Sequence[Spect
 
     Spectra first, by cost; then units and hashed tensors in the order of their bytes on
     disk, each thread starting to read its next unit while it computes this one. Spectra
-    run together only while their estimated memory fits in half of ``MemAvailable``. Each
-    thread's torch operations get an equal share of the cores (as an actor's one CPU).
+    run together only while their estimated memory fits in half of ``MemAvailable``. Torch
+    runs on one thread per worker (as on an actor's one CPU), so spectra are bitwise those
+    of the Ray backend.
     On an error or Ctrl-C, work not started is dropped, the items running finish (each writes
     a whole file or nothing), and the first error is raised.
 
@@ -114,8 +115,11 @@ def run_work(ctx: RunContext, units: Sequence[WorkUnit], spectra: Sequence[Spect
     if spectra:  # torch only where it is used: a --rank off run never loads it
         import torch
 
+        # One torch thread per worker, as an actor has one CPU: a float reduction's order
+        # depends on the thread count, and a run's spectra are then bitwise the same on
+        # either backend, with any --workers.
         threads = torch.get_num_threads()
-        torch.set_num_threads(max(1, cores() // n))
+        torch.set_num_threads(1)
     pool = ThreadPoolExecutor(n, thread_name_prefix="raydiff-diff")
     try:
         pending: set[Future] = {pool.submit(run, i) for i in range(len(work))}
