@@ -52,7 +52,7 @@ def test_gaps_layout_is_the_documented_byte_stream():
     assert list(stream) == [0, 2, 255, 41, 255, 255, 188]
 
 
-@pytest.mark.parametrize("damage", ["short", "size", "past_end", "dangling"])
+@pytest.mark.parametrize("damage", ["short", "size", "past_end", "far_past_end", "dangling"])
 def test_corrupt_gaps_payloads_are_refused(damage):
     n = 1000
     zstd = pa.Codec("zstd", compression_level=1)
@@ -64,6 +64,9 @@ def test_corrupt_gaps_payloads_are_refused(damage):
         "short": b"\x01\x02",  # not even the length
         "size": np.array([10**9], "<u8").tobytes() + zstd.compress(b"\x00", asbytes=True),  # impossible length
         "past_end": payload([255, 255, 255, 235]),  # element 1000 of a 1000-element mask
+        # element 1120, past the packed bytes themselves: a check for position == n alone
+        # would let the decoder write beyond its buffer (numba checks no bounds)
+        "far_past_end": payload([255, 255, 255, 255, 100]),
         "dangling": payload([0, 255]),  # a run of 255s with no final byte
     }[damage]
     with pytest.raises(ValueError):
