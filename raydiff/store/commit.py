@@ -49,17 +49,22 @@ def compact(files: Files, run_id: str, plan: list[PlanRecord],
     elif groups:
         with files.writer(layout.units_file(run_id), UnitRecord) as w:
             for _, ids in groups:
-                table = files.read_many([layout.unit_file(run_id, u) for u in ids], UnitRecord)
-                assert table is not None
-                table = table.sort_by("unit_id")
-                w.write_table(table, row_group_size=max(1, table.num_rows))  # one row group per tensor
-                parts.append(table.drop_columns(["mask"]))
+                parts.append(_fold_tensor(files, w, run_id, ids))
     spectra = files.read_many([layout.spectrum_file(run_id, plan[i].tensor_index, e if e >= 0 else None)
                                for i, e in spectrum_keys(plan)], SpectrumRecord)
     if spectra is not None:
         with files.writer(layout.spectra_file(run_id), SpectrumRecord) as w:
             w.write_table(spectra.sort_by([("tensor_index", "ascending"), ("expert", "ascending")]))
     return (pa.concat_tables(parts) if parts else None), spectra
+
+
+def _fold_tensor(files: Files, w: pq.ParquetWriter, run_id: str, ids: range) -> pa.Table:
+    """Append one tensor's unit files to ``w`` as one row group; return its rows less ``mask``."""
+    table = files.read_many([layout.unit_file(run_id, u) for u in ids], UnitRecord)
+    assert table is not None
+    table = table.sort_by("unit_id")
+    w.write_table(table, row_group_size=max(1, table.num_rows))  # one row group per tensor
+    return table.drop_columns(["mask"])
 
 
 class Folding:
@@ -114,12 +119,9 @@ class Folding:
             self._fold(ti)
 
     def _fold(self, ti: int) -> None:
+        assert self._w is not None
         try:
-            table = self._files.read_many([layout.unit_file(self._run_id, u) for u in self._ids[ti]], UnitRecord)
-            assert table is not None and self._w is not None
-            table = table.sort_by("unit_id")
-            self._w.write_table(table, row_group_size=max(1, table.num_rows))  # one row group per tensor
-            self._parts[ti] = table.drop_columns(["mask"])
+            self._parts[ti] = _fold_tensor(self._files, self._w, self._run_id, self._ids[ti])
         except Exception as e:  # a head start only: the commit folds the usual way
             self.abandon(e)
 

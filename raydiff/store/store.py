@@ -194,8 +194,6 @@ class Store(Files):
         spectra_of = spectrum_keys(plan)
         done = self.done_units(d)
         missing = [u for u in unit_ids if u not in done]
-        if missing and folding is not None:
-            folding.abandon()
         if missing:
             if (other := self._committed_elsewhere(d)) is not None:
                 return other
