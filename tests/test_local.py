@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
+import threading
 import sys
 
 import numpy as np
@@ -178,3 +179,55 @@ def test_cli_backend_option(tmp_path):
     r = CliRunner().invoke(app, ["submit", "a", "b", "--store", str(tmp_path / "s"), "--backend", "threads"])
     assert r.exit_code == 1
     assert r.output.strip().splitlines()[-1].startswith("Error: --backend must be one of auto, ray, local")
+
+
+def test_the_memory_budget_runs_big_spectra_one_at_a_time_and_small_ones_together():
+    budget = local._Budget(10)
+    inside, most, lock = [0], [0], threading.Lock()
+    go = threading.Event()
+
+    def hold(need: int) -> None:
+        with budget.held(need):
+            with lock:
+                inside[0] += 1
+                most[0] = max(most[0], inside[0])
+            go.wait(0.2)
+            with lock:
+                inside[0] -= 1
+
+    def together(needs) -> int:
+        most[0] = 0
+        threads = [threading.Thread(target=hold, args=(k,)) for k in needs]
+        [t.start() for t in threads]
+        [t.join(10) for t in threads]
+        assert not any(t.is_alive() for t in threads)  # a task bigger than the budget still runs
+        return most[0]
+
+    assert together([8, 8]) == 1  # 16 > 10: one after the other
+    assert together([4, 4]) == 2  # 8 <= 10: side by side
+    assert together([30]) == 1  # bigger than the whole budget: alone, not never
+    assert budget.used == 0 and budget.running == 0
+
+
+def test_spectra_computed_a_block_of_rows_at_a_time_match_torch(tmp_path, monkeypatch):
+    """ΔW is rounded, and its ‖ΔW‖F² summed, a block of rows at a time (so that an embedding's
+    ΔW costs its own size, not several copies): blocks of 3 rows here, of a 1100-row matrix for
+    the sum, so every block boundary is crossed."""
+    from raydiff.kernel.spectrum import _sum_sq, spectrum
+    from raydiff.run import execute
+
+    monkeypatch.setattr(execute, "DELTA_BLOCK_ELEMS", 3 * 64)
+    g = torch.Generator().manual_seed(3)
+    base = {"m.weight": torch.randn(50, 64, generator=g).bfloat16()}
+    tuned = {"m.weight": perturb(base["m.weight"], 0.4, 1e-2, 9)}
+    b, t = write_checkpoint(tmp_path / "b", base), write_checkpoint(tmp_path / "t", tuned)
+    store = str(tmp_path / "s")
+    res = submit(str(b), str(t), SubmitOptions(store=store, diff=DiffOptions(subspace_k=0),
+                                               cluster=ClusterOptions(backend="local", workers=1)))
+    row = _tensors(store, res.run_id)["m.weight"]
+    delta = (tuned["m.weight"] - base["m.weight"]).float()  # the paper's Δ, in bf16
+    assert row["rank"] == int(torch.linalg.matrix_rank(delta))
+    assert row["top_sv"][:5] == pytest.approx(torch.linalg.svdvals(delta.double())[:5].tolist(), rel=1e-5)
+    big = torch.randn(1100, 7, generator=g)
+    assert _sum_sq(big) == pytest.approx(float((big.double() ** 2).sum()), rel=1e-12)
+    assert spectrum(big, "exact").fro == pytest.approx(float(big.double().norm()), rel=1e-12)

@@ -75,6 +75,9 @@ class Done:
 
 T = TypeVar("T")
 
+#: Entries of ΔW rounded at a time (whole rows): the rounding's temporaries stay this size.
+DELTA_BLOCK_ELEMS = 1 << 22
+
 #: The spectrum record's columns that :meth:`Executor._science` fills (NULL when not computed).
 _SCIENCE_FIELDS = ("subspace_k", "principal_cos_u", "principal_cos_v", "principal_angle_max_deg", "spectral_shift",
                    "spectral_shift_full", "low_mag_overlap_10", "low_mag_overlap_30", "low_mag_overlap_50",
@@ -255,7 +258,7 @@ class Executor:
         # a block of rows at a time: the rounding's temporaries stay a block's size, not a few
         # copies of the matrix (2.1 GB each for a 128256×4096 embedding)
         d = np.empty(b.shape, np.float32)
-        rows = max(1, (1 << 22) // max(1, b.shape[1]))
+        rows = max(1, DELTA_BLOCK_ELEMS // max(1, b.shape[1]))
         with np.errstate(invalid="ignore", over="ignore"):
             for i in range(0, b.shape[0], rows):
                 d[i:i + rows] = round_to((t[i:i + rows] - b[i:i + rows]).astype(np.float32, copy=False),
