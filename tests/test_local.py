@@ -159,6 +159,11 @@ def test_a_failed_local_run_names_the_tensor_and_resumes(tmp_path):
     # one a killed process would leave (in the run's units/ folder) goes with the commit
     run_dir = next((tmp_path / "store" / "runs").iterdir())
     (run_dir / "units").mkdir(exist_ok=True)
+    # the tensor the cut runs through has units done before the failure (read back from their
+    # files when it is folded) and units done on resume (folded from memory)
+    before = {int(p.name[1:9]) for p in (run_dir / "units").glob("u*.parquet")}
+    _, spans = query(store, "SELECT tensor, first_unit, n_units FROM plan")
+    assert any(0 < len(before & set(range(f, f + n))) < n for _, f, n in spans), (before, spans)
     (run_dir / "units" / f"units.parquet.tmp-{'0' * 32}").write_bytes(b"torn")
     cut.restore()
     res = submit(str(b), str(t), opts)
@@ -168,6 +173,9 @@ def test_a_failed_local_run_names_the_tensor_and_resumes(tmp_path):
     # folded as the units arrived: one row group per tensor, every unit once, masks as numpy's
     folded = pq.ParquetFile(run_dir / "units.parquet")
     assert folded.metadata.num_row_groups == len(base) and folded.metadata.num_rows == res.run.n_units
+    for g in range(folded.metadata.num_row_groups):  # each tensor's units in order, those in files and in memory
+        ids = folded.read_row_group(g, columns=["unit_id"]).column(0).to_pylist()
+        assert ids == list(range(ids[0], ids[0] + len(ids))), ids
     _, rows = query(store, f"SELECT tensor, start, stop, mask_codec, mask FROM masks WHERE run_id = '{res.run_id}' "
                            "ORDER BY tensor, start")
     for name in base:

@@ -71,6 +71,10 @@ class Done:
     key: int
     nbytes: int
     seconds: float
+    #: a unit's record itself, masks included, from an executor that keeps them (the local
+    #: backend's, in the driver's process): the run's fold takes it from memory instead of
+    #: reading its file back. Never set by an actor, whose results would carry it through Ray.
+    record: UnitRecord | None = None
 
 
 T = TypeVar("T")
@@ -93,14 +97,16 @@ class Executor:
         device: torch device of the spectra (and of the element kernel when ``torch_kernel``).
         torch_kernel: diff units with the torch kernel on ``device`` (GPU actors) instead of
             the CPU kernel; default: whenever ``device`` is not ``cpu``.
+        keep_records: return each unit's record in its :class:`Done` (in-process callers).
 
     Example:
         >>> ex = Executor(ctx); ex.unit(plan.units[0])  # doctest: +SKIP
     """
 
     def __init__(self, ctx: RunContext, node_id: str = "local", device: str = "cpu",
-                 torch_kernel: bool | None = None) -> None:
+                 torch_kernel: bool | None = None, keep_records: bool = False) -> None:
         self.ctx = ctx
+        self.keep_records = keep_records
         self.node_id = node_id
         self.device = device
         self.torch_kernel = device != "cpu" if torch_kernel is None else torch_kernel
@@ -239,7 +245,7 @@ class Executor:
             finished_at=dt.datetime.now(dt.timezone.utc),
         )
         self.store.write_unit(rec)
-        return Done("unit", u.unit_id, u.nbytes, time.perf_counter() - t0)
+        return Done("unit", u.unit_id, u.nbytes, time.perf_counter() - t0, rec if self.keep_records else None)
 
     def matrices(self, s: SpectrumTask) -> tuple[np.ndarray, np.ndarray]:
         """``(W0, W1)`` of a 2-D tensor (or an expert's matrix) as float32 (float64 for F64)

@@ -102,7 +102,7 @@ def run_work(ctx: RunContext, units: Sequence[WorkUnit], spectra: Sequence[Spect
         kind, item = work[i]
         ex: Executor | None = getattr(mine, "ex", None)
         if ex is None:
-            ex = mine.ex = Executor(ctx, node_id=node)
+            ex = mine.ex = Executor(ctx, node_id=node, keep_records=True)  # the fold takes them from memory
         # the unit that starts when this one ends (n threads take items in order): its bytes
         # come from the disk while this one is computed
         if i + n < len(work) and work[i + n][0] == "unit":

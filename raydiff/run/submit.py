@@ -204,7 +204,7 @@ def submit(base: str, tuned: str, options: SubmitOptions | None = None,
 
     def advanced(done: Done) -> None:
         if folding is not None and done.kind == "unit":
-            folding.unit_done(done.key)
+            folding.unit_done(done.key, done.record)
         progress.advanced(done)
 
     try:

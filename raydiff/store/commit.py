@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from raydiff.dtypes import DTYPES
 from raydiff.kernel.science import cv_of_counts, cv_random
-from raydiff.records import STATUS_OK, PlanRecord, SpectrumRecord, TensorRecord, UnitRecord
+from raydiff.records import STATUS_OK, PlanRecord, SpectrumRecord, TensorRecord, UnitRecord, to_table
 from raydiff.store import layout
 from raydiff.store.files import Files
 
@@ -58,11 +58,19 @@ def compact(files: Files, run_id: str, plan: list[PlanRecord],
     return (pa.concat_tables(parts) if parts else None), spectra
 
 
-def _fold_tensor(files: Files, w: pq.ParquetWriter, run_id: str, ids: range) -> pa.Table:
-    """Append one tensor's unit files to ``w`` as one row group; return its rows less ``mask``."""
-    table = files.read_many([layout.unit_file(run_id, u) for u in ids], UnitRecord)
-    assert table is not None
-    table = table.sort_by("unit_id")
+def _fold_tensor(files: Files, w: pq.ParquetWriter, run_id: str, ids: range,
+                 held: dict[int, UnitRecord] | None = None) -> pa.Table:
+    """Append one tensor's units to ``w`` as one row group, in unit order; return its rows
+    less ``mask``. Units in ``held`` (by id) are taken as they are, the others read from
+    their files."""
+    held = held or {}
+    parts = [to_table([held[u] for u in sorted(held)], UnitRecord)] if held else []
+    rest = [u for u in ids if u not in held]
+    if rest:  # read_many keeps the order of its files
+        parts.append(files.read_many([layout.unit_file(run_id, u) for u in rest], UnitRecord))
+    table = pa.concat_tables(parts) if len(parts) > 1 else parts[0]
+    if len(parts) > 1:
+        table = table.sort_by("unit_id")
     w.write_table(table, row_group_size=max(1, table.num_rows))  # one row group per tensor
     return table.drop_columns(["mask"])
 
@@ -74,7 +82,10 @@ class Folding:
     of masks read and written again, ≈ 6 s the commit no longer spends after the last unit.
 
     The file grows under a temporary name in the run's ``units/`` folder, which the commit
-    removes, so a killed run leaves nothing behind once it completes. Its row groups (one
+    removes, so a killed run leaves nothing behind once it completes. Units whose records
+    come with :meth:`unit_done` (the local backend's, masks included) are held in memory
+    until their tensor is folded, and not read back from their files: at most the tensors
+    in progress, one or two for a run in file order. Its row groups (one
     per tensor) are in the order the tensors finished, not the plan's; every reader finds a
     tensor's rows by their values. Folding is only a
     head start: any failure (another process committed the run and removed its unit files,
@@ -97,14 +108,16 @@ class Folding:
                 self._first.append((p.first_unit, p.tensor_index))
         self._first.sort()
         self._parts: dict[int, pa.Table] = {}
+        self._held: dict[int, dict[int, UnitRecord]] = {}  # records of the tensors in progress, by unit
         self._cm = files.writer(layout.units_file(run_id), UnitRecord, staging=layout.units_dir(run_id))
         self._w: pq.ParquetWriter | None = self._cm.__enter__()
         for ti, left in list(self._left.items()):
             if not left:
                 self._fold(ti)
 
-    def unit_done(self, unit_id: int) -> None:
-        """A unit is stored: fold its tensor when it was the last one."""
+    def unit_done(self, unit_id: int, record: UnitRecord | None = None) -> None:
+        """A unit is stored (``record``: its record, when the caller has it): fold its
+        tensor when it was the last one."""
         if self._w is None:
             return
         k = bisect.bisect_right(self._first, (unit_id, 1 << 62)) - 1
@@ -115,13 +128,15 @@ class Folding:
         if left is None or unit_id not in left:
             return
         left.discard(unit_id)
+        if record is not None:
+            self._held.setdefault(ti, {})[unit_id] = record
         if not left:
             self._fold(ti)
 
     def _fold(self, ti: int) -> None:
         assert self._w is not None
         try:
-            self._parts[ti] = _fold_tensor(self._files, self._w, self._run_id, self._ids[ti])
+            self._parts[ti] = _fold_tensor(self._files, self._w, self._run_id, self._ids[ti], self._held.pop(ti, None))
         except Exception as e:  # a head start only: the commit folds the usual way
             self.abandon(e)
 
@@ -144,6 +159,7 @@ class Folding:
             return
         self._w = None
         self._parts.clear()
+        self._held.clear()
         err = why or RuntimeError("folding abandoned")
         with contextlib.suppress(BaseException):
             self._cm.__exit__(type(err), err, None)
