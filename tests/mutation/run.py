@@ -1,12 +1,13 @@
 """Mutation testing of the code whose bugs would silently change results.
 
     .venv/bin/pip install -e '.[mutation]'
-    .venv/bin/python tests/mutation/run.py [--budget-minutes 120] [--only kernel masks …] [--out DIR]
+    .venv/bin/python tests/mutation/run.py [--budget-minutes 120] [--only kernel masks …] [--out DIR] [--jobs N]
 
 Cosmic Ray (``cosmic-ray``) mutates one spot at a time — a comparison, an arithmetic or
 boolean operator, a number, a loop — and runs the tests that cover it; a mutant whose tests
-still pass *survived*. This script runs it over a copy of the repository (the working tree
-is never touched), one target after another:
+still pass *survived*. This script runs it over copies of the repository (the working tree
+is never touched), one target after another, ``--jobs`` mutants at once (one per core by
+default, each in its own copy):
 
 | target | functions | tests |
 | --- | --- | --- |
@@ -20,8 +21,10 @@ is never touched), one target after another:
 
 plus hand-written mutants of the overlap macros' SQL (``queries/30_overlap.sql``), which no
 mutation tool for Python reads. Only the named functions are mutated (Cosmic Ray's other
-work items are marked skipped), tests run with a fixed Hypothesis seed, and targets stop
-being started once the budget is spent. It writes ``DIR/report.md`` (every survivor with its
+work items are marked skipped), tests run with a fixed Hypothesis seed, and a mutant whose
+tests run past four times the unmutated tests' time (at least 60 s) counts as killed. Once
+the budget is spent no mutant is started: those left stay pending in their session, and
+the next run with the same ``--out`` goes on from there. It writes ``DIR/report.md`` (every survivor with its
 diff) and ``DIR/<target>.sqlite`` (Cosmic Ray's sessions, resumable); ``docs/mutation.md``
 says why each survivor left standing is harmless.
 """
@@ -143,10 +146,85 @@ def _env(copy: Path) -> dict[str, str]:
     return env
 
 
-def run_target(t: Target, copy: Path, out: Path) -> dict:
+def _one() -> None:
+    """``--one``: apply one mutant (JSON on stdin) in the current directory, run its tests,
+    restore the file, and print Cosmic Ray's result as JSON."""
+    from cosmic_ray.mutating import mutate_and_test
+    from cosmic_ray.work_item import MutationSpec
+
+    job = json.load(sys.stdin)
+    r = mutate_and_test([MutationSpec(Path(m["module_path"]), m["operator"], m["occurrence"], (0, 0), (0, 1))
+                         for m in job["mutations"]], job["command"], job["timeout"])
+    print(json.dumps({"worker_outcome": r.worker_outcome.value, "output": (r.output or "")[-4000:],
+                      "test_outcome": r.test_outcome.value if r.test_outcome is not None else None,
+                      "diff": r.diff}))
+
+
+def _baseline(command: str, copy: Path) -> float:
+    """Seconds the unmutated tests take in ``copy`` (they must pass: a mutant is judged by them)."""
+    t0 = time.perf_counter()
+    r = subprocess.run(command.split(), cwd=copy, env=_env(copy), capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"the unmutated tests fail in the copy:\n{r.stdout[-3000:]}{r.stderr[-2000:]}")
+    return time.perf_counter() - t0
+
+
+def _execute(session: Path, copies: list[Path], command: str, timeout: float, deadline: float) -> int:
+    """Run a session's pending mutants, one per copy at a time (``len(copies)`` in parallel),
+    recording each result as it comes; mutants not started by ``deadline`` stay pending for
+    the next run. Returns how many are left."""
+    import queue
+    import threading
+
     from cosmic_ray.work_db import WorkDB, use_db
     from cosmic_ray.work_item import WorkerOutcome, WorkResult
 
+    with use_db(str(session), WorkDB.Mode.open) as db:
+        pending = list(db.pending_work_items)
+    todo: queue.Queue = queue.Queue()
+    for item in pending:
+        todo.put(item)
+    results: queue.Queue = queue.Queue()
+
+    def worker(copy: Path) -> None:
+        while time.time() < deadline:
+            try:
+                item = todo.get_nowait()
+            except queue.Empty:
+                return
+            job = {"mutations": [{"module_path": str(m.module_path), "operator": m.operator_name,
+                                  "occurrence": m.occurrence} for m in item.mutations],
+                   "command": command, "timeout": timeout}
+            r = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--one"], input=json.dumps(job),
+                               cwd=copy, env=_env(copy), capture_output=True, text=True)
+            try:
+                res = WorkResult(**json.loads(r.stdout.strip().splitlines()[-1]))
+            except (ValueError, IndexError, TypeError):
+                res = WorkResult(worker_outcome=WorkerOutcome.ABNORMAL, output=(r.stdout + r.stderr)[-4000:])
+            results.put((item.job_id, res))
+
+    threads = [threading.Thread(target=worker, args=(c,), daemon=True) for c in copies]
+    for th in threads:
+        th.start()
+    done = 0
+    with use_db(str(session), WorkDB.Mode.open) as db:
+        while any(th.is_alive() for th in threads) or not results.empty():
+            try:
+                job_id, res = results.get(timeout=1)
+            except queue.Empty:
+                continue
+            db.set_result(job_id, res)
+            done += 1
+            if done % 10 == 0:
+                print(f"  {done} of {len(pending)} mutants run", flush=True)
+    return len(pending) - done
+
+
+def run_target(t: Target, copies: list[Path], out: Path, deadline: float) -> dict:
+    from cosmic_ray.work_db import WorkDB, use_db
+    from cosmic_ray.work_item import WorkerOutcome, WorkResult
+
+    copy = copies[0]
     session = out / f"{t.name}.sqlite"
     config = out / f"{t.name}.toml"
     command = " ".join([*PYTEST, *t.tests])
@@ -171,8 +249,9 @@ name = "local"
                 if not inside or not spec.operator_name.startswith(OPERATORS):
                     db.set_result(item.job_id, WorkResult(worker_outcome=WorkerOutcome.SKIPPED))
     t0 = time.time()
-    subprocess.run([sys.executable, "-m", "cosmic_ray.cli", "exec", str(config), str(session)], cwd=copy, env=env,
-                   check=True)
+    # a mutant whose tests run past a few times their usual time is killed (an endless loop)
+    timeout = min(t.timeout, max(60.0, 4 * _baseline(command, copy)))
+    left = _execute(session, copies, command, timeout, deadline)
     with use_db(str(session), WorkDB.Mode.open) as db:
         results = list(db.completed_work_items)
     survivors, killed, other = [], 0, 0
@@ -186,7 +265,7 @@ name = "local"
             killed += 1
         else:
             other += 1
-    return {"target": t.name, "killed": killed, "survived": len(survivors), "other": other,
+    return {"target": t.name, "killed": killed, "survived": len(survivors), "other": other, "left": left,
             "minutes": (time.time() - t0) / 60, "survivors": survivors}
 
 
@@ -208,7 +287,7 @@ def run_sql(copy: Path) -> dict:
             survivors.append({"where": rel, "operator": f"sql: {what}", "diff": diff})
         else:
             killed += 1
-    return {"target": "overlap SQL", "killed": killed, "survived": len(survivors), "other": 0,
+    return {"target": "overlap SQL", "killed": killed, "survived": len(survivors), "other": 0, "left": 0,
             "minutes": (time.time() - t0) / 60, "survivors": survivors}
 
 
@@ -217,31 +296,43 @@ def main() -> None:
     ap.add_argument("--budget-minutes", type=float, default=180.0)
     ap.add_argument("--only", nargs="*", default=None, help=f"targets: {' '.join(t.name for t in TARGETS)} sql")
     ap.add_argument("--out", default=str(ROOT / ".mutation"))
+    ap.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)),
+                    help="mutants tested at once, each in its own copy of the repository (default: one per core)")
+    ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.one:
+        _one()
+        return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    copy = Path(tempfile.mkdtemp(prefix="raydiff-mutation-"))
-    _copy(copy)
+    base = Path(tempfile.mkdtemp(prefix="raydiff-mutation-"))
+    copies = [base / str(k) for k in range(max(1, args.jobs))]
+    for c in copies:
+        c.mkdir()
+        _copy(c)
+    copy = copies[0]
     start = time.time()
+    deadline = start + 60 * args.budget_minutes
     reports = []
     try:
         for t in TARGETS:
             if args.only and t.name not in args.only:
                 continue
-            if (time.time() - start) / 60 > args.budget_minutes:
+            if time.time() > deadline:
                 print(f"budget spent: {t.name} not started", flush=True)
                 continue
             print(f"target {t.name}: {t.module}", flush=True)
-            reports.append(run_target(t, copy, out))
+            reports.append(run_target(t, copies, out, deadline))
             print(json.dumps({k: v for k, v in reports[-1].items() if k != "survivors"}), flush=True)
         if not args.only or "sql" in args.only:
             reports.append(run_sql(copy))
             print(json.dumps({k: v for k, v in reports[-1].items() if k != "survivors"}), flush=True)
     finally:
-        shutil.rmtree(copy, ignore_errors=True)
-    lines = ["# Mutation testing: survivors", "", "| target | killed | survived | other | minutes |",
-             "| --- | --- | --- | --- | --- |"]
-    lines += [f"| {r['target']} | {r['killed']} | {r['survived']} | {r['other']} | {r['minutes']:.0f} |"
+        shutil.rmtree(base, ignore_errors=True)
+    lines = ["# Mutation testing: survivors", "",
+             "| target | killed | survived | other | left for the next run | minutes |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['target']} | {r['killed']} | {r['survived']} | {r['other']} | {r['left']} | {r['minutes']:.0f} |"
               for r in reports]
     for r in reports:
         for s in r["survivors"]:
