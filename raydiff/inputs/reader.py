@@ -42,7 +42,7 @@ class TensorReader:
         page cache (no copy) for local files, by one buffer per call for Hub ranges.
         """
         d = DTYPES[info.dtype]
-        off = info.offset + start * d.itemsize
+        off, end = info.span(start, stop)
         count = stop - start
         path = info.file
         if is_remote(path):
@@ -50,13 +50,13 @@ class TensorReader:
                 self._hub = HubFiles(HubAccess())
             local = self._hub.local_path(path)
             if local is None:
-                data = self._hub.read(path, off, off + count * d.itemsize, f"tensor {_show(info.name)}")
+                data = self._hub.read(path, off, end, f"tensor {_show(info.name)}")
                 out = np.frombuffer(data, dtype=np.dtype(d.bits), count=count)
                 out.flags.writeable = False
                 return out
             path = local
         m = self._map(path)
-        if off + count * d.itemsize > len(m):
+        if end > len(m):
             raise InvalidCheckpoint(
                 f"{_path(info.file)}: tensor {_show(info.name)} extends past the end of the file; "
                 "the file changed or was truncated since its header was read"
@@ -69,10 +69,9 @@ class TensorReader:
         kernel works on this one. Hub files and short files are left alone."""
         if is_remote(info.file) or not hasattr(mmap, "MADV_WILLNEED"):
             return
-        d = DTYPES[info.dtype]
-        off = info.offset + start * d.itemsize
+        off, end = info.span(start, stop)
         m = self._map(info.file)
-        end = min(len(m), off + (stop - start) * d.itemsize)
+        end = min(len(m), end)
         lo = off - off % mmap.ALLOCATIONGRANULARITY
         if end > lo:
             m.madvise(mmap.MADV_WILLNEED, lo, end - lo)

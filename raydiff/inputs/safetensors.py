@@ -49,6 +49,11 @@ class TensorInfo:
     def numel(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
 
+    def span(self, start: int, stop: int) -> tuple[int, int]:
+        """Byte range ``[begin, end)`` in ``file`` of elements ``[start, stop)`` (flat)."""
+        size = DTYPES[self.dtype].itemsize
+        return self.offset + start * size, self.offset + stop * size
+
 
 @dataclass(frozen=True)
 class ShardHeader:

@@ -22,7 +22,6 @@ from contextlib import contextmanager
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import TYPE_CHECKING
 
-from raydiff.dtypes import DTYPES
 from raydiff.options import ClusterOptions
 from raydiff.plan import HashTask, SpectrumTask, WorkUnit
 
@@ -186,4 +185,4 @@ def _where(u: WorkUnit | None, info) -> tuple[str, int]:
     if info is None:
         return "", 0
     start = u.start if u is not None else 0
-    return info.file, info.offset + start * DTYPES[info.dtype].itemsize
+    return info.file, info.span(start, start)[0]
