@@ -86,6 +86,27 @@ def test_spectral_shift_of_scaled_singular_values():
     assert all(c == pytest.approx(1.0, abs=1e-4) for c in sub.cos_u + sub.cos_v)
 
 
+@pytest.mark.parametrize("planted", ["none", "nan", "+inf", "-inf", "mixed", "all nan", "huge"])
+def test_nonfinite_counts_what_numpy_counts(planted):
+    """The fast path (minimum and maximum) sees each kind of non-finite entry alone, and a
+    matrix of finite values at float32's limits counts as finite."""
+    x = np.random.default_rng(5).standard_normal((37, 29)).astype(np.float32)
+    if planted in ("nan", "mixed"):
+        x[3, 4] = np.nan
+    if planted in ("+inf", "mixed"):
+        x[10, 0] = np.inf
+    if planted in ("-inf", "mixed"):
+        x[36, 28] = -np.inf
+        x[0, 0] = -np.inf
+    if planted == "all nan":
+        x[:] = np.nan
+    if planted == "huge":
+        x[1, 1], x[2, 2] = np.finfo(np.float32).max, -np.finfo(np.float32).max
+    assert science.nonfinite(torch.from_numpy(x)) == np.count_nonzero(~np.isfinite(x))
+    assert science.nonfinite(torch.from_numpy(x.astype(np.float64))) == np.count_nonzero(~np.isfinite(x))
+    assert science.nonfinite(torch.empty(0, 3)) == 0
+
+
 def test_subspace_of_non_finite_matrices_is_not_computed():
     a = torch.ones(4, 5)
     b = a.clone()

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from raydiff.kernel.science import energy_rank, range_basis
+from raydiff.kernel.science import energy_rank, nonfinite, range_basis
 from raydiff.options import RANK_CUTOFFS
 
 _POWER_ITERS = 2
@@ -92,7 +92,7 @@ def spectrum(delta: torch.Tensor, method: str = "exact", top_k: int = 32,
     m, n = delta.shape
     max_rank = min(m, n)
     t0 = time.perf_counter()
-    bad = int(delta.numel() - torch.count_nonzero(torch.isfinite(delta))) if delta.numel() else 0
+    bad = nonfinite(delta)
     if bad:
         what = "entry" if bad == 1 else "entries"
         return Spectrum(method, str(delta.device), None, max_rank, (), None, None, (), None,

@@ -282,13 +282,12 @@ class Executor:
         out: dict[str, object] = {}
         a = torch.from_numpy(np.ascontiguousarray(w0, np.float32)).to(self.device)
         b = torch.from_numpy(np.ascontiguousarray(w1, np.float32)).to(self.device)
-        finite = bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())
-        if self.ctx.subspace_k and finite:
+        if self.ctx.subspace_k:  # None for a matrix holding NaN or ±Inf
             sub = science.subspace(a, b, self.ctx.subspace_k)
             if sub is not None:
                 out.update(subspace_k=sub.k, principal_cos_u=sub.cos_u, principal_cos_v=sub.cos_v,
                            principal_angle_max_deg=sub.angle_max_deg, spectral_shift=sub.shift_topk)
-        if self.ctx.rank_mode == "exact" and finite:
+        if self.ctx.rank_mode == "exact" and not (science.nonfinite(a) or science.nonfinite(b)):
             out["spectral_shift_full"] = science.spectral_shift(torch.linalg.svdvals(a), torch.linalg.svdvals(b))
         del a, b
         # the run's changed mask of the whole matrix, by the same kernel as its units
