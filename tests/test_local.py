@@ -219,8 +219,8 @@ def test_the_memory_budget_runs_big_spectra_one_at_a_time_and_small_ones_togethe
 
 def test_spectra_computed_a_block_of_rows_at_a_time_match_torch(tmp_path, monkeypatch):
     """ΔW is rounded, and its ‖ΔW‖F² summed, a block of rows at a time (so that an embedding's
-    ΔW costs its own size, not several copies): blocks of 3 rows here, of a 1100-row matrix for
-    the sum, so every block boundary is crossed."""
+    ΔW costs its own size, not several copies): blocks of 3 rows here, of 100 rows of a
+    1100-row matrix for the sum, so every block boundary is crossed."""
     from raydiff.kernel.spectrum import _sum_sq, spectrum
     from raydiff.run import execute
 
@@ -237,5 +237,6 @@ def test_spectra_computed_a_block_of_rows_at_a_time_match_torch(tmp_path, monkey
     assert row["rank"] == int(torch.linalg.matrix_rank(delta))
     assert row["top_sv"][:5] == pytest.approx(torch.linalg.svdvals(delta.double())[:5].tolist(), rel=1e-5)
     big = torch.randn(1100, 7, generator=g)
-    assert _sum_sq(big) == pytest.approx(float((big.double() ** 2).sum()), rel=1e-12)
+    for block in (7 * 100, 1 << 16):
+        assert _sum_sq(big, block) == pytest.approx(float((big.double() ** 2).sum()), rel=1e-12)
     assert spectrum(big, "exact").fro == pytest.approx(float(big.double().norm()), rel=1e-12)

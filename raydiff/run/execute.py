@@ -79,8 +79,9 @@ class Done:
 
 T = TypeVar("T")
 
-#: Entries of ΔW rounded at a time (whole rows): the rounding's temporaries stay this size.
-DELTA_BLOCK_ELEMS = 1 << 22
+#: Entries of ΔW rounded at a time (whole rows): the rounding's temporaries stay this size,
+#: small enough for the CPU's cache (a 4096×14336 ΔW in 0.3 s, against 0.75 s with 4 Mi).
+DELTA_BLOCK_ELEMS = 1 << 16
 
 #: The spectrum record's columns that :meth:`Executor._science` fills (NULL when not computed).
 _SCIENCE_FIELDS = ("subspace_k", "principal_cos_u", "principal_cos_v", "principal_angle_max_deg", "spectral_shift",
