@@ -133,10 +133,15 @@ class Executor:
         return self._guard(f"unit {u.unit_id} (elements {u.start}…{u.stop - 1}) of tensor {u.tensor!r}",
                            lambda: self._unit(u, seen))
 
-    def prefetch(self, u: WorkUnit) -> None:
-        """Start reading a unit's bytes on both sides (see :meth:`TensorReader.prefetch`)."""
-        for info in (u.base, u.tuned):
-            self.reader.prefetch(info, u.start, u.stop)
+    def prefetch(self, item: WorkUnit | SpectrumTask) -> None:
+        """Start reading the bytes of a unit, or of a spectrum's matrix, on both sides (see
+        :meth:`TensorReader.prefetch`)."""
+        if isinstance(item, SpectrumTask):
+            for info in (item.base, item.tuned):
+                self.reader.prefetch(info, 0, info.numel)
+            return
+        for info in (item.base, item.tuned):
+            self.reader.prefetch(info, item.start, item.stop)
 
     def spectrum(self, s: SpectrumTask) -> Done:
         """Rank/spectrum of ΔW for one matrix and write its :class:`SpectrumRecord`."""

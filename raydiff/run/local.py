@@ -69,9 +69,11 @@ def run_work(ctx: RunContext, units: Sequence[WorkUnit], spectra: Sequence[Spect
     """Run every unit, spectrum task and ``--hash`` task on ``options.workers`` threads (default:
     one per core); return when all are stored.
 
-    Spectra first, by cost; then units and hashed tensors in the order of their bytes on
-    disk, each thread starting to read its next unit while it computes this one. Spectra
-    run together only while their estimated memory fits in half of ``MemAvailable``. Torch
+    The few spectra that are each a large share of the work first, by cost; then the
+    other spectra, units and hashed tensors in the order of their bytes on disk (a matrix's
+    spectrum just before its units, which then find its bytes in the page cache), each
+    thread starting to read its next item while it computes this one. Spectra run
+    together only while their estimated memory fits in half of ``MemAvailable``. Torch
     runs on one thread per worker (as on an actor's one CPU), so spectra are bitwise those
     of the Ray backend.
     On an error or Ctrl-C, work not started is dropped, the items running finish (each writes
@@ -84,15 +86,22 @@ def run_work(ctx: RunContext, units: Sequence[WorkUnit], spectra: Sequence[Spect
         return
     from raydiff.run.execute import Executor
 
-    # Spectra first, the costliest first, so that no long decomposition is left for the end;
-    # then units (and hashed tensors) in the order of their bytes in the base's files: the
-    # threads sweep the checkpoint front to back, which a disk reads fastest (largest-first
-    # would read every tensor's full units first and come back for the short last ones).
-    work: list[tuple[str, object]] = [("spectrum", s) for s in sorted(spectra, key=lambda s: -s.flops)]
-    placed = [(_where(h.units[0] if h.units else None, h.base or h.tuned), "hashed", h) for h in hashes]
-    placed += [(_where(u, u.base), "unit", u) for u in units]
-    work += [(kind, item) for _, kind, item in sorted(placed, key=lambda x: x[0])]
-    n = max(1, min(options.workers or cores(), len(work)))
+    # The spectra that are each a large share of the work first, the costliest first, so
+    # that no long decomposition is left for the end. Then everything else in the order of
+    # its bytes in the base's files: the threads sweep the checkpoint front to back, which a
+    # disk reads fastest (largest-first would read every tensor's full units first and come
+    # back for the short last ones), and a matrix's units follow its spectrum, so that a
+    # pair bigger than memory is read from the disk once, not once for each.
+    workers = max(1, options.workers or cores())
+    total = sum(s.flops for s in spectra)
+    first = sorted((s for s in spectra if s.flops > total / (4 * workers)), key=lambda s: -s.flops)
+    work: list[tuple[str, object]] = [("spectrum", s) for s in first]
+    chosen = {id(s) for s in first}
+    placed = [(_where(None, s.base), 0, "spectrum", s) for s in spectra if id(s) not in chosen]
+    placed += [(_where(h.units[0] if h.units else None, h.base or h.tuned), 1, "hashed", h) for h in hashes]
+    placed += [(_where(u, u.base), 1, "unit", u) for u in units]
+    work += [(kind, item) for *_, kind, item in sorted(placed, key=lambda x: x[:2])]
+    n = max(1, min(workers, len(work)))
     node = f"local:{socket.gethostname()}"
     mine = threading.local()
     memory = _Budget(available_memory() // 2)
@@ -102,9 +111,9 @@ def run_work(ctx: RunContext, units: Sequence[WorkUnit], spectra: Sequence[Spect
         ex: Executor | None = getattr(mine, "ex", None)
         if ex is None:
             ex = mine.ex = Executor(ctx, node_id=node, keep_records=True)  # the fold takes them from memory
-        # the unit that starts when this one ends (n threads take items in order): its bytes
+        # the item that starts when this one ends (n threads take items in order): its bytes
         # come from the disk while this one is computed
-        if i + n < len(work) and work[i + n][0] == "unit":
+        if i + n < len(work) and work[i + n][0] in ("unit", "spectrum"):
             ex.prefetch(work[i + n][1])  # type: ignore[arg-type]
         need = spectrum_bytes(item) if isinstance(item, SpectrumTask) else 0
         with memory.held(need):
