@@ -75,11 +75,13 @@ def test_corrupt_gaps_payloads_are_refused(damage):
 
 @pytest.mark.parametrize("tail", [False, True])
 def test_gaps_at_and_around_multiples_of_255_are_written_and_read_exactly(tail):
-    """Gaps of 254, 255, 256, 510 and 65,280 (= 255·256) are the ones an escape-byte codec gets
-    wrong; each is written as ``gap // 255`` bytes of 255 and one byte ``gap % 255``. With
+    """Gaps of 254, 255, 256, 509 (= 255 + 254), 510 and 65,280 (= 255·256) are the ones an
+    escape-byte codec gets wrong; each is written as ``gap // 255`` bytes of 255 and one byte
+    ``gap % 255``. 509 is the one whose escape loop must stop one short of a final 254 (a
+    mutation run's survivor: the loop's ``gap >= 254`` for ``>= 255`` passed the others). With
     ``tail`` the mask ends in 7 bytes after its last whole 8-byte word, where the last two
     set bits are (the encoder walks those bytes by a loop of its own)."""
-    gaps = [0, 254, 255, 256, 510, 65_280, 1, 255]
+    gaps = [0, 254, 255, 256, 509, 510, 65_280, 1, 255]
     pos = list(np.cumsum(np.array(gaps) + 1) - 1)
     if tail:
         words = pos[-1] // 64 + 2
