@@ -9,9 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from builders import LADDER, SUM_REL, boundary_pair, ref_diff
-from raydiff.kernel.diff import Criteria, decode
+from raydiff.kernel.diff import Criteria, decode, round_to
 from raydiff.kernel.diff import diff_unit as _diff_unit
-from raydiff.kernel.masks import decode_mask
+from raydiff.kernel.masks import CODEC_PACKBITS, decode_mask
 from raydiff.kernel.spectrum import spectrum
 
 _TORCH = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
@@ -292,3 +292,71 @@ def test_squares_beyond_float32_are_summed_in_float64(dtype):
     assert r.sum_sq_base == pytest.approx(ref["base_fro"] ** 2, rel=SUM_REL)
     assert r.sum_sq_delta == pytest.approx(ref["delta_fro"] ** 2, rel=SUM_REL)
     assert r.sum_abs_delta == pytest.approx(ref["mean_abs_delta"] * base.numel(), rel=SUM_REL)
+
+
+@pytest.mark.parametrize("pair", [("BF16", "F32"), ("F32", "F16"), ("F32", "F64"), ("F64", "BF16"), ("BF16", "F16"),
+                                  ("F8_E4M3", "F32")])
+def test_mixed_pairs_count_the_changes_a_resave_in_the_narrower_dtype_erases(pair):
+    """``changed_subprecision``: of the entries whose widened values differ, those that are
+    equal once the wider side is rounded to the narrower dtype, as torch's ``.to()`` rounds.
+    Moves up and down, below and above the narrower type's precision; ``None`` where neither dtype is
+    narrower (BF16 vs F16) or the narrower one is fp8."""
+    g = torch.Generator().manual_seed(4)
+    n = 4000
+    base = torch.randn(n, generator=g, dtype=torch.float64).to(_TORCH[pair[0]])
+    w = base.double()
+    fine = 2.0 ** -12 if {"BF16", "F16"} & set(pair) else 2.0 ** -30  # below the narrower type's precision
+    step = w.abs() * torch.where(torch.rand(n, generator=g) < 0.5, fine, 2.0 ** -4)
+    sign = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
+    tuned = (w + step * sign * (torch.rand(n, generator=g) < 0.6)).to(_TORCH[pair[1]])
+    r = diff_unit(_bits(base), _bits(tuned), pair[0], pair[1], "F64" if "F64" in pair else "F32", Criteria(), 0)
+    if base.element_size() == tuned.element_size() or "F8_E4M3" in pair:
+        assert r.changed_subprecision is None
+        return
+    narrow, wide = (base, tuned) if base.element_size() < tuned.element_size() else (tuned, base)
+    differs = base.double() != tuned.double()
+    erased = wide.to(narrow.dtype).double() == narrow.double()
+    want = int((differs & erased).sum())
+    assert r.changed_subprecision == want
+    assert 0 < want < int(differs.sum())  # entries a re-save erases and entries it keeps
+
+
+def test_dtype_names_read_from_a_header_are_recognised():
+    """Dtype names come from a shard's JSON header: new string objects, not the literals of
+    the kernel's source (mutants comparing them by identity survived tests that passed
+    literals only)."""
+    import json
+
+    g = torch.Generator().manual_seed(8)
+    for names in (["BF16", "BF16", "BF16"], ["F16", "F16", "F16"], ["BF16", "F32", "F32"], ["F32", "F64", "F64"]):
+        read = json.loads(json.dumps(names))
+        assert all(a is not b for a, b in zip(read, names))  # other objects, as a header's are
+        base = torch.randn(500, generator=g).to(_TORCH[names[0]])
+        tuned = (base.double() + 1e-3 * torch.randn(500, generator=g, dtype=torch.float64)).to(_TORCH[names[1]])
+        _check(base, tuned, *read)  # against torch
+        assert diff_unit(_bits(base), _bits(tuned), *read, Criteria(), 0) == \
+            diff_unit(_bits(base), _bits(tuned), *names, Criteria(), 0)
+
+
+@pytest.mark.parametrize("dtype", ["BF16", "F16", "F32", "F64"])
+def test_round_to_rounds_as_torch_does_and_leaves_wider_types_alone(dtype):
+    rng = np.random.default_rng(2)
+    x = (rng.standard_normal(20_000) * 10.0 ** rng.integers(-30, 30, 20_000)).astype(np.float32)
+    x[:6] = [np.nan, np.inf, -np.inf, 0.0, -0.0, 7e4]  # 7e4 overflows F16
+    got = round_to(x.copy(), dtype)
+    want = torch.from_numpy(x).to(_TORCH[dtype]).float().numpy() if dtype in ("BF16", "F16") else x
+    np.testing.assert_array_equal(got.view(np.uint32)[3:], want.view(np.uint32)[3:])  # bit for bit, ±0 too
+    np.testing.assert_array_equal(got[:3], want[:3])  # NaN where NaN (its payload aside), ±Inf
+
+
+def test_a_half_changed_unit_stores_its_mask_as_the_packed_bits():
+    """At half changed a mask is stored as its ``ceil(n/8)`` packed bytes (a mutant sizing
+    the kernel's mask buffer wrong changed only the codec it picked, not the decoded mask)."""
+    n = 8 * 1000 + 3
+    g = torch.Generator().manual_seed(6)
+    base = torch.randn(n, generator=g).bfloat16()
+    tuned = base.clone()
+    moved = torch.rand(n, generator=g) < 0.5
+    tuned[moved] = (base[moved].float() * 1.5 + 0.1).bfloat16()
+    r = _check(base, tuned, "BF16", "BF16", "BF16")
+    assert (r.mask_codec, len(r.mask)) == (CODEC_PACKBITS, (n + 7) // 8)
