@@ -185,8 +185,21 @@ def test_fp8_and_integer_tensors():
     b = a.copy()
     b[[3, 50]] += 1
     r = diff_unit(a, b, "I32", "I32", "I32", Criteria())
-    assert (r.changed_bits, r.changed, r.changed_rel, r.max_abs_delta) == (2, 2, 2, None)
+    assert (r.changed_bits, r.changed, r.changed_rel, r.max_abs_delta, r.nonfinite) == (2, 2, 2, None, 0)
     assert r.changed_ladder == (2,) * 5
+    flags = np.zeros(77, np.uint8)  # BOOL: bits compared, as integers are
+    flipped = flags.copy()
+    flipped[[0, 9, 76]] = 1
+    r = diff_unit(flags, flipped, "BOOL", "BOOL", "BOOL", Criteria())
+    assert (r.changed_bits, r.changed, r.changed_ladder, r.nonfinite) == (3, 3, (3,) * 5, 0)
+    np.testing.assert_array_equal(decode_mask(r.mask_codec, r.mask, 77), flags != flipped)
+
+
+@pytest.mark.parametrize("extra", [-1, 1])
+def test_units_of_different_sizes_are_refused(extra):
+    a = np.zeros(10, np.uint16)
+    with pytest.raises(ValueError, match="^unit sizes differ: base 10, tuned "):
+        diff_unit(a, np.zeros(10 + extra, np.uint16), "BF16", "BF16", "BF16", Criteria())
 
 
 def test_nonfinite_deltas_count_as_changed():
@@ -327,12 +340,20 @@ def test_dtype_names_read_from_a_header_are_recognised():
     literals only)."""
     import json
 
+    from raydiff.kernel.diff import cutoff
+
+    cutoff.cache_clear()  # cut-offs cached for the literals by earlier tests would hide it
     g = torch.Generator().manual_seed(8)
-    for names in (["BF16", "BF16", "BF16"], ["F16", "F16", "F16"], ["BF16", "F32", "F32"], ["F32", "F64", "F64"]):
+    for names in (["BF16", "BF16", "BF16"], ["F16", "F16", "F16"], ["BF16", "F32", "F32"], ["F32", "F64", "F64"],
+                  ["F64", "F64", "F64"]):
         read = json.loads(json.dumps(names))
         assert all(a is not b for a, b in zip(read, names))  # other objects, as a header's are
         base = torch.randn(500, generator=g).to(_TORCH[names[0]])
-        tuned = (base.double() + 1e-3 * torch.randn(500, generator=g, dtype=torch.float64)).to(_TORCH[names[1]])
+        w = base.double()
+        # moves of 1e-3 and, for the F64 side, of 2^-30 (below float32's precision)
+        tuned = (w + torch.where(torch.arange(500) % 2 == 0, 1e-3, 2.0 ** -30 * w.abs())).to(_TORCH[names[1]])
+        if names[1] == "F64":
+            tuned[0], base[0] = 1e-5, 0.0  # a Δ exactly at the atol, in float64: unchanged
         _check(base, tuned, *read)  # against torch
         assert diff_unit(_bits(base), _bits(tuned), *read, Criteria(), 0) == \
             diff_unit(_bits(base), _bits(tuned), *names, Criteria(), 0)
