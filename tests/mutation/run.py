@@ -24,7 +24,8 @@ mutation tool for Python reads. Only the named functions are mutated (Cosmic Ray
 work items are marked skipped), tests run with a fixed Hypothesis seed, and a mutant whose
 tests run past four times the unmutated tests' time (at least 60 s) counts as killed. Once
 the budget is spent no mutant is started: those left stay pending in their session, and
-the next run with the same ``--out`` goes on from there. It writes ``DIR/report.md`` (every survivor with its
+the next run with the same ``--out`` goes on from there (a session begun on another version
+of its module is refused: its pending mutants would land on other code). It writes ``DIR/report.md`` (every survivor with its
 diff) and ``DIR/<target>.sqlite`` (Cosmic Ray's sessions, resumable); ``docs/mutation.md``
 says why each survivor left standing is harmless.
 """
@@ -34,6 +35,7 @@ from __future__ import annotations
 import argparse
 import ast
 import difflib
+import hashlib
 import json
 import os
 import shutil
@@ -238,6 +240,12 @@ test-command = "{command}"
 name = "local"
 """)
     env = _env(copy)
+    # Cosmic Ray names a mutant by its operator and occurrence in the module as it was when
+    # the session began: once the module changes, a pending mutant would land elsewhere.
+    stamp, digest = out / f"{t.name}.sha256", hashlib.sha256((copy / t.module).read_bytes()).hexdigest()
+    if session.exists() and stamp.exists() and stamp.read_text().strip() != digest:
+        raise SystemExit(f"{session} was begun on another version of {t.module}: its pending mutants would "
+                         f"mutate other code. Delete {session} (and {stamp}) to start that target over")
     if not session.exists():
         subprocess.run([sys.executable, "-m", "cosmic_ray.cli", "init", str(config), str(session)], cwd=copy,
                        env=env, check=True, capture_output=True)
@@ -248,6 +256,8 @@ name = "local"
                 inside = any(a <= spec.start_pos[0] <= b for a, b in spans)
                 if not inside or not spec.operator_name.startswith(OPERATORS):
                     db.set_result(item.job_id, WorkResult(worker_outcome=WorkerOutcome.SKIPPED))
+    if not stamp.exists():
+        stamp.write_text(digest + "\n")
     t0 = time.time()
     # a mutant whose tests run past a few times their usual time is killed (an endless loop)
     timeout = min(t.timeout, max(60.0, 4 * _baseline(command, copy)))
