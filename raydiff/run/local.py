@@ -93,11 +93,10 @@ def run_work(ctx: RunContext, units: Sequence[WorkUnit], spectra: Sequence[Spect
     # back for the short last ones), and a matrix's units follow its spectrum, so that a
     # pair bigger than memory is read from the disk once, not once for each.
     workers = max(1, options.workers or cores())
-    total = sum(s.flops for s in spectra)
-    first = sorted((s for s in spectra if s.flops > total / (4 * workers)), key=lambda s: -s.flops)
-    work: list[tuple[str, object]] = [("spectrum", s) for s in first]
-    chosen = {id(s) for s in first}
-    placed = [(_where(None, s.base), 0, "spectrum", s) for s in spectra if id(s) not in chosen]
+    big = sum(s.flops for s in spectra) / (4 * workers)
+    work: list[tuple[str, object]] = [("spectrum", s) for s in sorted(spectra, key=lambda s: -s.flops)
+                                      if s.flops > big]
+    placed = [(_where(None, s.base), 0, "spectrum", s) for s in spectra if s.flops <= big]
     placed += [(_where(h.units[0] if h.units else None, h.base or h.tuned), 1, "hashed", h) for h in hashes]
     placed += [(_where(u, u.base), 1, "unit", u) for u in units]
     work += [(kind, item) for *_, kind, item in sorted(placed, key=lambda x: x[:2])]

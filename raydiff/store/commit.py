@@ -68,18 +68,16 @@ def _fold_tensor(files: Files, w: pq.ParquetWriter, run_id: str, ids: range,
     rest = [u for u in ids if u not in held]
     if rest:  # read_many keeps the order of its files
         parts.append(files.read_many([layout.unit_file(run_id, u) for u in rest], UnitRecord))
-    table = pa.concat_tables(parts) if len(parts) > 1 else parts[0]
-    if len(parts) > 1:
-        table = table.sort_by("unit_id")
+    table = parts[0] if len(parts) == 1 else pa.concat_tables(parts).sort_by("unit_id")
     w.write_table(table, row_group_size=max(1, table.num_rows))  # one row group per tensor
     return table.drop_columns(["mask"])
 
 
 class Folding:
     """A run's ``units.parquet`` written while the run goes on: each tensor's row group as
-    soon as its last unit is stored (its unit files are then still in the page cache), so
-    that the commit only moves the finished file into place. On a 32 GB pair that is ≈ 1 GB
-    of masks read and written again, ≈ 6 s the commit no longer spends after the last unit.
+    soon as its last unit is stored, so that the commit only moves the finished file into
+    place. On a 32 GB pair that is ≈ 1 GB of masks written again, ≈ 6 s the commit no longer
+    spends after the last unit.
 
     The file grows under a temporary name in the run's ``units/`` folder, which the commit
     removes, so a killed run leaves nothing behind once it completes. Units whose records
