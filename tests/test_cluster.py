@@ -86,18 +86,22 @@ def test_two_node_cluster_submit_from_a_separate_process(tmp_path):
         cluster.wait_for_nodes()
         store = str(tmp_path / "multi")
         # Two one-CPU actors can only be placed one per node, and the driver hands out work once
-        # both have started (twice in CI, before it waited: every unit on one actor).
+        # both have started (twice in CI, before it waited: every unit on one actor). Spectra go
+        # out first, so one actor may still do every unit while the other decomposes: the claim
+        # is that both nodes did work, counted over units and spectra together.
         p = subprocess.run([sys.executable, "-m", "raydiff.cli.main", "submit", str(b), str(t), "--store", store,
                             "--chunk-elems", "2048", "--address", cluster.address, "--workers", "2"],
                            env=_env(), capture_output=True, text=True, timeout=300)
         assert p.returncode == 0, p.stderr
         run_id = p.stdout.strip()
         assert run_id == reference.run_id
-        _, rows = query(store, f"SELECT count(DISTINCT node_id), count(*), count(DISTINCT unit_id) FROM units "
-                               f"WHERE run_id = '{run_id}'")
-        _, placement = query(store, f"SELECT node_id, worker_pid, count(*) FROM units WHERE run_id = '{run_id}' "
-                                    "GROUP BY ALL")
-        assert rows == [(2, reference.run.n_units, reference.run.n_units)], (placement, p.stderr[-2000:])
+        _, rows = query(store, f"SELECT count(*), count(DISTINCT unit_id) FROM units WHERE run_id = '{run_id}'")
+        assert rows == [(reference.run.n_units, reference.run.n_units)]
+        work = (f"SELECT node_id, 'unit' AS kind FROM units WHERE run_id = '{run_id}' UNION ALL "
+                f"SELECT node_id, 'spectrum' FROM spectra WHERE run_id = '{run_id}'")
+        _, placement = query(store, f"SELECT node_id, kind, count(*) FROM ({work}) GROUP BY ALL ORDER BY ALL")
+        _, nodes = query(store, f"SELECT count(DISTINCT node_id), count(*) FROM ({work})")
+        assert nodes == [(2, reference.run.n_units + reference.run.n_spectra)], (placement, p.stderr[-2000:])
         assert _results(store, run_id) == _results(str(tmp_path / "single"), run_id)
         _check_independently(store, run_id, b, t)
     finally:

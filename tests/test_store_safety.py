@@ -556,6 +556,34 @@ def test_concurrent_submits_of_two_runs(small_pairs, small_references, tmp_path,
     _check_complete(tmp_path / "store", list(small_references))
 
 
+def test_a_folder_created_while_it_is_listed_lists(tmp_path):
+    # Two first submits into a new store: one lists runs/ as the other creates it. pyarrow's
+    # local listing then fails with "not found" for a folder that exists (CI saw it, once in
+    # ~20 full runs). Here a thread makes and removes the folder as fast as it can, so that
+    # ~4 % of bare listings hit the window; each listing must still answer.
+    from raydiff.store.files import Files
+
+    files, runs = Files(str(tmp_path)), tmp_path / "runs"
+    (runs / "r1").mkdir(parents=True)
+    stop = threading.Event()
+
+    def churn():
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                shutil.rmtree(runs)
+            with contextlib.suppress(OSError):
+                (runs / "r1").mkdir(parents=True)
+
+    thread = threading.Thread(target=churn)
+    thread.start()
+    try:
+        seen = Counter(tuple(files.list_subdirs("runs")) for _ in range(5000))
+    finally:
+        stop.set()
+        thread.join()
+    assert set(seen) <= {(), ("r1",)} and len(seen) == 2, seen
+
+
 def test_two_processes_submit_one_run_into_one_store(small_pairs, small_references, tmp_path):
     # Two `raydiff submit` processes, each starting its own Ray cluster, write the same run.
     base, t1, _ = small_pairs

@@ -24,6 +24,7 @@ from raydiff.records import conform, schema, to_table
 
 #: Temporaries: ``<name>.tmp-<32 hex>``; never read as results.
 TEMP = re.compile(r"\.tmp-[0-9a-f]{32}$")
+_LIST_TRIES = 5  # a folder created while it is listed: see Files._listing
 
 
 def _is_uri(root: str) -> bool:
@@ -105,20 +106,33 @@ class Files:
             raise StoreError(f"store {self.display}: cannot read results ({_short(e)})") from None
         return _select(pa.concat_tables(tables), columns)
 
+    def _listing(self, rel: str) -> list[pafs.FileInfo]:
+        """What is directly in a folder; nothing for a folder that does not exist.
+
+        A folder another writer creates while it is listed (the first runs of a new store,
+        submitted together) makes pyarrow's local listing fail with "not found" although the
+        folder exists by then: pyarrow checks whether it exists only after its listing failed.
+        Such a listing is taken again.
+        """
+        sel = pafs.FileSelector(self.path(rel), allow_not_found=True)
+        for attempt in range(_LIST_TRIES):
+            try:
+                return self.fs.get_file_info(sel)
+            except FileNotFoundError as e:
+                if attempt == _LIST_TRIES - 1:
+                    raise StoreError(f"store {self.display}: cannot list {rel} ({_short(e)})") from None
+            except (pa.ArrowException, OSError) as e:
+                raise StoreError(f"store {self.display}: cannot list {rel} ({_short(e)})") from None
+        raise AssertionError("unreachable")
+
     def list_dir(self, rel: str) -> list[str]:
         """Names of the finished ``.parquet`` files directly in a folder (temporaries excluded)."""
-        sel = pafs.FileSelector(self.path(rel), allow_not_found=True)
-        try:
-            infos = self.fs.get_file_info(sel)
-        except (pa.ArrowException, OSError) as e:
-            raise StoreError(f"store {self.display}: cannot list {rel} ({_short(e)})") from None
-        return sorted(i.base_name for i in infos
+        return sorted(i.base_name for i in self._listing(rel)
                       if i.type == pafs.FileType.File and i.base_name.endswith(".parquet"))
 
     def list_subdirs(self, rel: str) -> list[str]:
         """Names of the folders directly in a folder."""
-        sel = pafs.FileSelector(self.path(rel), allow_not_found=True)
-        return sorted(i.base_name for i in self.fs.get_file_info(sel) if i.type == pafs.FileType.Directory)
+        return sorted(i.base_name for i in self._listing(rel) if i.type == pafs.FileType.Directory)
 
     # -- writes ----------------------------------------------------------------------------
 
