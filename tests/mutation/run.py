@@ -21,13 +21,16 @@ default, each in its own copy):
 
 plus hand-written mutants of the overlap macros' SQL (``queries/30_overlap.sql``), which no
 mutation tool for Python reads. Only the named functions are mutated (Cosmic Ray's other
-work items are marked skipped), tests run with a fixed Hypothesis seed, and a mutant whose
-tests run past four times the unmutated tests' time (at least 60 s) counts as killed. Once
-the budget is spent no mutant is started: those left stay pending in their session, and
-the next run with the same ``--out`` goes on from there (a session begun on another version
-of its module is refused: its pending mutants would land on other code). It writes ``DIR/report.md`` (every survivor with its
-diff) and ``DIR/<target>.sqlite`` (Cosmic Ray's sessions, resumable); ``docs/mutation.md``
-says why each survivor left standing is harmless.
+work items are marked skipped), tests run with a fixed Hypothesis seed. A mutant first runs
+only the target's tests that reach its function (found once per run with coverage, one
+context per test, fastest first) and the whole list only if it survives those, so a
+survivor has always passed every test of its target. A mutant whose tests run past four
+times the unmutated tests' time (at least 60 s) counts as killed. Once the budget is spent
+no mutant is started: those left stay pending in their session, and the next run with the
+same ``--out`` goes on from there (a session begun on another version of its module is
+refused: its pending mutants would land on other code). It writes ``DIR/report.md`` (every
+survivor with its diff) and ``DIR/<target>.sqlite`` (Cosmic Ray's sessions, resumable);
+``docs/mutation.md`` says why each survivor left standing is harmless.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ import difflib
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -162,6 +166,82 @@ def _one() -> None:
                       "diff": r.diff}))
 
 
+def _cover_tests(module: str, out: str, tests: list[str]) -> None:
+    """``--cover``: run ``tests`` under coverage, each test its own context, and write
+    ``{line: [node ids]}`` for ``module``'s lines and ``{node id: seconds}`` to ``out``."""
+    import coverage
+    import pytest
+
+    cov = coverage.Coverage(data_file=None, include=[str(Path(module).resolve())])
+    seconds: dict[str, float] = {}
+
+    class Contexts:
+        @pytest.hookimpl(hookwrapper=True)
+        def pytest_runtest_protocol(self, item, nextitem):
+            cov.switch_context(item.nodeid)
+            t0 = time.perf_counter()
+            yield
+            seconds[item.nodeid] = time.perf_counter() - t0
+
+    cov.start()
+    try:
+        rc = pytest.main([*PYTEST[3:], *tests], plugins=[Contexts()])
+    finally:
+        cov.stop()
+    if rc != 0:
+        raise SystemExit(f"the unmutated tests fail under coverage (pytest exit {rc})")
+    data = cov.get_data()
+    lines: dict[int, list[str]] = {}
+    for f in data.measured_files():
+        for line, contexts in data.contexts_by_lineno(f).items():
+            lines.setdefault(line, []).extend(c for c in contexts if c)
+    Path(out).write_text(json.dumps({"lines": lines, "seconds": seconds}))
+
+
+def _selections(t: Target, copy: Path, command: str, timeout: float) -> dict[tuple[int, int], str]:
+    """The test command for each target function: only the tests whose run reaches one of its
+    lines (coverage, one context per test), fastest first, so that ``-x`` stops a killed
+    mutant early. A function no test reaches in this process (numba-compiled loops, code run
+    by Ray actors) keeps the whole command, as does one whose selection fails unmutated (a
+    test that needs another to run first). The selection is only a speed-up: a mutant that
+    survives it is run again with the whole command before it counts as a survivor."""
+    cover = copy / ".mutation-cover.json"
+    r = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--cover", t.module, str(cover), *t.tests],
+                       cwd=copy, env=_env(copy), capture_output=True, text=True)
+    if r.returncode != 0:
+        print(f"  coverage failed ({r.stdout[-500:]}{r.stderr[-500:]}); every mutant runs every test", flush=True)
+        return {}
+    data = json.loads(cover.read_text())
+    seconds = data["seconds"]
+    out: dict[tuple[int, int], str] = {}
+    for span in _spans(copy / t.module, t.functions):
+        ids = {i for line, ctx in data["lines"].items() if span[0] <= int(line) <= span[1] for i in ctx}
+        if not ids or len(ids) == len(seconds):
+            continue
+        chosen = " ".join([*PYTEST, *(shlex.quote(i) for i in sorted(ids, key=lambda i: (seconds.get(i, 0.0), i)))])
+        check = subprocess.run(shlex.split(chosen), cwd=copy, env=_env(copy), capture_output=True, text=True,
+                               timeout=timeout)
+        if check.returncode == 0:
+            out[span] = chosen
+    print(f"  {len(out)} of {len(t.functions)} functions run a selection of the tests", flush=True)
+    return out
+
+
+def _mutant(copy: Path, item, command: str, timeout: float):
+    """One mutant of ``item`` applied in ``copy`` and ``command`` run on it (``--one``)."""
+    from cosmic_ray.work_item import WorkerOutcome, WorkResult
+
+    job = {"mutations": [{"module_path": str(m.module_path), "operator": m.operator_name,
+                          "occurrence": m.occurrence} for m in item.mutations],
+           "command": command, "timeout": timeout}
+    r = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--one"], input=json.dumps(job),
+                       cwd=copy, env=_env(copy), capture_output=True, text=True)
+    try:
+        return WorkResult(**json.loads(r.stdout.strip().splitlines()[-1]))
+    except (ValueError, IndexError, TypeError):
+        return WorkResult(worker_outcome=WorkerOutcome.ABNORMAL, output=(r.stdout + r.stderr)[-4000:])
+
+
 def _baseline(command: str, copy: Path) -> float:
     """Seconds the unmutated tests take in ``copy`` (they must pass: a mutant is judged by them)."""
     t0 = time.perf_counter()
@@ -171,15 +251,16 @@ def _baseline(command: str, copy: Path) -> float:
     return time.perf_counter() - t0
 
 
-def _execute(session: Path, copies: list[Path], command: str, timeout: float, deadline: float) -> int:
+def _execute(session: Path, copies: list[Path], command: str, timeout: float, deadline: float,
+             selections: dict[tuple[int, int], str] | None = None) -> int:
     """Run a session's pending mutants, one per copy at a time (``len(copies)`` in parallel),
     recording each result as it comes; mutants not started by ``deadline`` stay pending for
-    the next run. Returns how many are left."""
+    the next run. A mutant inside a function of ``selections`` runs that function's tests
+    first, and the whole ``command`` only if it survives them. Returns how many are left."""
     import queue
     import threading
 
     from cosmic_ray.work_db import WorkDB, use_db
-    from cosmic_ray.work_item import WorkerOutcome, WorkResult
 
     with use_db(str(session), WorkDB.Mode.open) as db:
         pending = list(db.pending_work_items)
@@ -194,15 +275,11 @@ def _execute(session: Path, copies: list[Path], command: str, timeout: float, de
                 item = todo.get_nowait()
             except queue.Empty:
                 return
-            job = {"mutations": [{"module_path": str(m.module_path), "operator": m.operator_name,
-                                  "occurrence": m.occurrence} for m in item.mutations],
-                   "command": command, "timeout": timeout}
-            r = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--one"], input=json.dumps(job),
-                               cwd=copy, env=_env(copy), capture_output=True, text=True)
-            try:
-                res = WorkResult(**json.loads(r.stdout.strip().splitlines()[-1]))
-            except (ValueError, IndexError, TypeError):
-                res = WorkResult(worker_outcome=WorkerOutcome.ABNORMAL, output=(r.stdout + r.stderr)[-4000:])
+            line = item.mutations[0].start_pos[0]
+            chosen = next((c for (a, b), c in (selections or {}).items() if a <= line <= b), command)
+            res = _mutant(copy, item, chosen, timeout)
+            if chosen != command and res.test_outcome is not None and res.test_outcome.name == "SURVIVED":
+                res = _mutant(copy, item, command, timeout)
             results.put((item.job_id, res))
 
     threads = [threading.Thread(target=worker, args=(c,), daemon=True) for c in copies]
@@ -261,7 +338,10 @@ name = "local"
     t0 = time.time()
     # a mutant whose tests run past a few times their usual time is killed (an endless loop)
     timeout = min(t.timeout, max(60.0, 4 * _baseline(command, copy)))
-    left = _execute(session, copies, command, timeout, deadline)
+    with use_db(str(session), WorkDB.Mode.open) as db:
+        pending = next(iter(db.pending_work_items), None) is not None
+    selections = _selections(t, copy, command, timeout) if pending else {}
+    left = _execute(session, copies, command, timeout, deadline, selections)
     with use_db(str(session), WorkDB.Mode.open) as db:
         results = list(db.completed_work_items)
     survivors, killed, other = [], 0, 0
@@ -309,9 +389,13 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)),
                     help="mutants tested at once, each in its own copy of the repository (default: one per core)")
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--cover", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
         _one()
+        return
+    if args.cover:
+        _cover_tests(args.cover[0], args.cover[1], args.cover[2:])
         return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
