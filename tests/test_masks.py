@@ -14,9 +14,11 @@ from raydiff.kernel.masks import (
     CODEC_PACKBITS,
     CODEC_ZSTD,
     GAPS_BELOW,
+    RAW_FROM,
     decode_mask,
     decode_packed,
     encode_mask,
+    encode_packed,
 )
 
 
@@ -39,6 +41,32 @@ def test_any_mask_round_trips_through_the_codec_chosen_for_it(n, density, runs, 
     got = decode_mask(codec, payload, n)
     np.testing.assert_array_equal(got, mask)
     np.testing.assert_array_equal(decode_packed(codec, payload, n), np.packbits(mask, bitorder="little"))
+
+
+@pytest.mark.parametrize(("changed", "codec"), [
+    (0, CODEC_EMPTY),
+    (1, CODEC_GAPS),
+    (7_999, CODEC_GAPS),  # 7,999 · 12 < 96,000: gaps below one in GAPS_BELOW
+    (8_000, CODEC_ZSTD),
+    (19_199, CODEC_ZSTD),
+    (19_200, CODEC_PACKBITS),  # RAW_FROM · 96,000: raw from 20 % …
+    (76_800, CODEC_PACKBITS),  # … to 80 %
+    (76_801, CODEC_ZSTD),
+    (96_000, CODEC_ZSTD),
+])
+def test_the_codec_follows_the_documented_density_rule(changed, codec):
+    """The module's table: gaps below 1 in 12, raw packbits from 20 % to 80 % changed, zstd
+    elsewhere — at each boundary exactly (a random mask at these densities compresses)."""
+    assert GAPS_BELOW == 12 and RAW_FROM == 0.2
+    n = 96_000
+    mask = np.zeros(n, bool)
+    mask[np.random.default_rng(changed).permutation(n)[:changed]] = True
+    for got, payload in (encode_mask(mask), encode_packed(np.packbits(mask, bitorder="little"), changed)):
+        assert got == codec
+        assert (payload == b"") == (codec == CODEC_EMPTY)
+        assert (decode_mask(got, payload, n) == mask).all()
+        if codec == CODEC_PACKBITS:
+            assert payload == np.packbits(mask, bitorder="little").tobytes()
 
 
 def test_gaps_layout_is_the_documented_byte_stream():
