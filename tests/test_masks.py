@@ -69,6 +69,14 @@ def test_the_codec_follows_the_documented_density_rule(changed, codec):
             assert payload == np.packbits(mask, bitorder="little").tobytes()
 
 
+def test_a_mask_zstd_cannot_shrink_is_stored_raw():
+    # 2 of 16 changed: neither gaps (2 · 12 ≥ 16) nor the raw range, and a zstd frame of
+    # two bytes is longer than the two bytes themselves.
+    mask = np.zeros(16, bool)
+    mask[[3, 11]] = True
+    assert encode_mask(mask) == (CODEC_PACKBITS, np.packbits(mask, bitorder="little").tobytes())
+
+
 def test_gaps_layout_is_the_documented_byte_stream():
     n = 1000
     mask = np.zeros(n, bool)
@@ -97,7 +105,7 @@ def test_corrupt_gaps_payloads_are_refused(damage):
         "far_past_end": payload([255, 255, 255, 255, 100]),
         "dangling": payload([0, 255]),  # a run of 255s with no final byte
     }[damage]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="gaps mask payload"):  # ours, not numpy's or zstd's
         decode_mask(CODEC_GAPS, bad, n)
 
 
