@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import difflib
 import hashlib
 import json
@@ -145,6 +146,12 @@ def _copy(dst: Path) -> None:
     (dst / "raydiff" / "queries").symlink_to(dst / "queries", target_is_directory=True)
 
 
+def _script(copy: Path) -> Path:
+    """This script as copied with the repository: the runs a campaign starts use the copy's
+    version, whatever happens to the working tree while it lasts."""
+    return copy / Path(__file__).resolve().relative_to(ROOT)
+
+
 def _env(copy: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["PYTHONPATH"] = str(copy)
@@ -152,18 +159,100 @@ def _env(copy: Path) -> dict[str, str]:
     return env
 
 
-def _one() -> None:
-    """``--one``: apply one mutant (JSON on stdin) in the current directory, run its tests,
-    restore the file, and print Cosmic Ray's result as JSON."""
-    from cosmic_ray.mutating import mutate_and_test
-    from cosmic_ray.work_item import MutationSpec
+#: Imported once by each worker (``--serve``) and inherited by every mutant's forked test
+#: run: importing these took two thirds of a mutant's time when each ran a fresh pytest.
+#: None of them imports raydiff, which each forked run imports from the mutated files.
+_PRELOAD = ("numpy", "torch", "pyarrow", "pyarrow.parquet", "pyarrow.compute", "pyarrow.dataset", "duckdb",
+            "numba", "safetensors", "safetensors.torch", "huggingface_hub", "typer", "pytest", "hypothesis")
 
-    job = json.load(sys.stdin)
-    r = mutate_and_test([MutationSpec(Path(m["module_path"]), m["operator"], m["occurrence"], (0, 0), (0, 1))
-                         for m in job["mutations"]], job["command"], job["timeout"])
-    print(json.dumps({"worker_outcome": r.worker_outcome.value, "output": (r.output or "")[-4000:],
-                      "test_outcome": r.test_outcome.value if r.test_outcome is not None else None,
-                      "diff": r.diff}))
+
+def _serve() -> None:
+    """``--serve``: run mutants one after another in the current directory (a copy), each a
+    JSON line on stdin answered by a JSON line on stdout. The worker imports the heavy
+    libraries once; each mutant's tests run in a forked child, in a session of its own so
+    that a timeout kills every process it started, with the mutated module written to disk
+    for the child's imports and restored after."""
+    import importlib
+
+    for name in _PRELOAD:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
+    if any(m == "raydiff" or m.startswith("raydiff.") for m in sys.modules):
+        raise SystemExit("a preloaded library imported raydiff: forked runs would not see the mutant")
+    reply = os.fdopen(os.dup(1), "w")  # answers only: anything else printed goes to stderr
+    os.dup2(2, 1)
+    for line in sys.stdin:
+        reply.write(json.dumps(_run_mutant(json.loads(line))) + "\n")
+        reply.flush()
+
+
+def _run_mutant(job: dict) -> dict:
+    import cosmic_ray.plugins
+    from cosmic_ray.mutating import use_mutation
+    from cosmic_ray.work_item import TestOutcome, WorkerOutcome
+
+    (m,) = job["mutations"]
+    operator = cosmic_ray.plugins.get_operator(m["operator"])()
+    try:
+        with use_mutation(Path(m["module_path"]), operator, m["occurrence"]) as (original, mutated):
+            if mutated is None:
+                return {"worker_outcome": WorkerOutcome.NO_TEST.value}
+            outcome, output = _forked_pytest(shlex.split(job["command"])[3:], job["timeout"])
+    except Exception as e:  # noqa: BLE001 — reported as the mutant's outcome, like Cosmic Ray's worker
+        return {"worker_outcome": WorkerOutcome.EXCEPTION.value, "output": repr(e),
+                "test_outcome": TestOutcome.INCOMPETENT.value}
+    path = m["module_path"]
+    diff = "".join(difflib.unified_diff(original.splitlines(True), mutated.splitlines(True), f"a/{path}", f"b/{path}"))
+    return {"worker_outcome": WorkerOutcome.NORMAL.value, "output": output[-4000:], "test_outcome": outcome.value,
+            "diff": diff}
+
+
+def _forked_pytest(args: list[str], timeout: float):
+    """``pytest args`` in a forked child: killed if the tests fail, or run past ``timeout``."""
+    import signal
+
+    from cosmic_ray.work_item import TestOutcome
+
+    log = Path(tempfile.mkstemp(prefix="mutant-", suffix=".log")[1])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns
+        rc = 70
+        try:
+            os.setsid()
+            fd = os.open(log, os.O_WRONLY | os.O_TRUNC)
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            null = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(null, 0)
+            sys.dont_write_bytecode = True  # a mutant's bytecode must never be cached
+            import pytest
+
+            rc = int(pytest.main(args))
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(rc)
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            with contextlib.suppress(OSError):
+                os.killpg(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            log.unlink(missing_ok=True)
+            return TestOutcome.KILLED, "timeout"
+        time.sleep(0.02)
+    output = log.read_text(errors="replace")
+    log.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # what the tests left running (a Ray cluster)
+        os.killpg(pid, signal.SIGKILL)
+    return (TestOutcome.SURVIVED if os.waitstatus_to_exitcode(status) == 0 else TestOutcome.KILLED), output
 
 
 def _cover_tests(module: str, out: str, tests: list[str]) -> None:
@@ -206,7 +295,7 @@ def _selections(t: Target, copy: Path, command: str, timeout: float) -> dict[tup
     test that needs another to run first). The selection is only a speed-up: a mutant that
     survives it is run again with the whole command before it counts as a survivor."""
     cover = copy / ".mutation-cover.json"
-    r = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--cover", t.module, str(cover), *t.tests],
+    r = subprocess.run([sys.executable, str(_script(copy)), "--cover", t.module, str(cover), *t.tests],
                        cwd=copy, env=_env(copy), capture_output=True, text=True)
     if r.returncode != 0:
         print(f"  coverage failed ({r.stdout[-500:]}{r.stderr[-500:]}); every mutant runs every test", flush=True)
@@ -227,19 +316,39 @@ def _selections(t: Target, copy: Path, command: str, timeout: float) -> dict[tup
     return out
 
 
-def _mutant(copy: Path, item, command: str, timeout: float):
-    """One mutant of ``item`` applied in ``copy`` and ``command`` run on it (``--one``)."""
-    from cosmic_ray.work_item import WorkerOutcome, WorkResult
+class _Worker:
+    """A ``--serve`` process in one copy of the repository, started on first use and again
+    if it dies."""
 
-    job = {"mutations": [{"module_path": str(m.module_path), "operator": m.operator_name,
-                          "occurrence": m.occurrence} for m in item.mutations],
-           "command": command, "timeout": timeout}
-    r = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--one"], input=json.dumps(job),
-                       cwd=copy, env=_env(copy), capture_output=True, text=True)
-    try:
-        return WorkResult(**json.loads(r.stdout.strip().splitlines()[-1]))
-    except (ValueError, IndexError, TypeError):
-        return WorkResult(worker_outcome=WorkerOutcome.ABNORMAL, output=(r.stdout + r.stderr)[-4000:])
+    def __init__(self, copy: Path) -> None:
+        self.copy = copy
+        self.proc: subprocess.Popen | None = None
+
+    def run(self, item, command: str, timeout: float):
+        from cosmic_ray.work_item import WorkerOutcome, WorkResult
+
+        job = {"mutations": [{"module_path": str(m.module_path), "operator": m.operator_name,
+                              "occurrence": m.occurrence} for m in item.mutations],
+               "command": command, "timeout": timeout}
+        if self.proc is None or self.proc.poll() is not None:
+            self.proc = subprocess.Popen([sys.executable, str(_script(self.copy)), "--serve"], cwd=self.copy,
+                                         env=_env(self.copy), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         text=True)
+        try:
+            self.proc.stdin.write(json.dumps(job) + "\n")
+            self.proc.stdin.flush()
+            return WorkResult(**json.loads(self.proc.stdout.readline()))
+        except (OSError, ValueError, TypeError) as e:
+            self.close()
+            return WorkResult(worker_outcome=WorkerOutcome.ABNORMAL, output=f"the worker died: {e!r}")
+
+    def close(self) -> None:
+        if self.proc is not None:
+            with contextlib.suppress(OSError):
+                self.proc.stdin.close()
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
 
 
 def _baseline(command: str, copy: Path) -> float:
@@ -270,17 +379,21 @@ def _execute(session: Path, copies: list[Path], command: str, timeout: float, de
     results: queue.Queue = queue.Queue()
 
     def worker(copy: Path) -> None:
-        while time.time() < deadline:
-            try:
-                item = todo.get_nowait()
-            except queue.Empty:
-                return
-            line = item.mutations[0].start_pos[0]
-            chosen = next((c for (a, b), c in (selections or {}).items() if a <= line <= b), command)
-            res = _mutant(copy, item, chosen, timeout)
-            if chosen != command and res.test_outcome is not None and res.test_outcome.name == "SURVIVED":
-                res = _mutant(copy, item, command, timeout)
-            results.put((item.job_id, res))
+        w = _Worker(copy)
+        try:
+            while time.time() < deadline:
+                try:
+                    item = todo.get_nowait()
+                except queue.Empty:
+                    return
+                line = item.mutations[0].start_pos[0]
+                chosen = next((c for (a, b), c in (selections or {}).items() if a <= line <= b), command)
+                res = w.run(item, chosen, timeout)
+                if chosen != command and res.test_outcome is not None and res.test_outcome.name == "SURVIVED":
+                    res = w.run(item, command, timeout)
+                results.put((item.job_id, res))
+        finally:
+            w.close()
 
     threads = [threading.Thread(target=worker, args=(c,), daemon=True) for c in copies]
     for th in threads:
@@ -388,11 +501,11 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / ".mutation"))
     ap.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)),
                     help="mutants tested at once, each in its own copy of the repository (default: one per core)")
-    ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--cover", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.one:
-        _one()
+    if args.serve:
+        _serve()
         return
     if args.cover:
         _cover_tests(args.cover[0], args.cover[1], args.cover[2:])
