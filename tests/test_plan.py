@@ -22,18 +22,23 @@ def _ck(path, tensors, config=None):
 
 def test_every_decision_has_its_status_match_and_note(tmp_path):
     z = torch.zeros
-    base = {"same": z(4, 3).bfloat16(), "widen": z(5).bfloat16(), "model.embed_tokens.weight": z(6, 2),
-            "rows": z(7, 3), "shape": z(2, 3), "ints": z(4, dtype=torch.int32), "gone": z(2),
+    base = {"same": z(4, 3).bfloat16(), "widen": z(5).bfloat16(), "narrow": z(5), "model.embed_tokens.weight": z(6, 2),
+            "rows": z(7, 3), "cut": z(9, 3), "shape": z(2, 3), "ints": z(4, dtype=torch.int32), "gone": z(2),
             "old.name": z(3)}
-    tuned = {"same": z(4, 3).bfloat16(), "widen": z(5), "model.embed_tokens.weight": z(6, 2), "lm_head.weight": z(6, 2),
-             "rows": z(9, 3), "shape": z(3, 2), "ints": z(4), "new": z(1), "new.name": z(3)}
+    tuned = {"same": z(4, 3).bfloat16(), "widen": z(5), "narrow": z(5).bfloat16(), "model.embed_tokens.weight": z(6, 2),
+             "lm_head.weight": z(6, 2), "rows": z(9, 3), "cut": z(7, 3), "shape": z(3, 2), "ints": z(4), "new": z(1),
+             "new.name": z(3)}
     b = _ck(tmp_path / "b", base, config={"tie_word_embeddings": True})
     t = _ck(tmp_path / "t", tuned)
-    rows = {(p.name, p.status): p for p in match_tensors(b, t, DiffOptions(rename=(("old.", "new."),)))}
+    pairs = match_tensors(b, t, DiffOptions(rename=(("old.", "new."),)))
+    rows = {(p.name, p.status): p for p in pairs}
     got = {k: (p.match, p.compare_dtype) for k, p in rows.items()}
     assert got == {
         ("same", "ok"): ("exact", "BF16"),
         ("widen", "ok"): ("dtype_widened", "F32"),
+        ("narrow", "ok"): ("dtype_widened", "F32"),  # the wider side may be either
+        ("cut", "ok"): ("resized_rows", "F32"),
+        ("cut", "rows_only_in_base"): ("resized_rows", None),
         ("model.embed_tokens.weight", "ok"): ("exact", "F32"),
         ("lm_head.weight", "ok"): ("tied_in_base", "F32"),
         ("rows", "ok"): ("resized_rows", "F32"),
@@ -44,10 +49,20 @@ def test_every_decision_has_its_status_match_and_note(tmp_path):
         ("new", "only_in_tuned"): ("none", None),
         ("new.name", "ok"): ("renamed", "F32"),
     }
+    assert [p.name for p in pairs] == sorted(p.name for p in pairs)
+    assert [p.status for p in pairs if p.name == "rows"] == ["ok", "rows_only_in_tuned"]
     assert rows[("rows", "ok")].base.shape == rows[("rows", "ok")].tuned.shape == (7, 3)
-    assert rows[("rows", "rows_only_in_tuned")].tuned.shape == (2, 3)
-    assert rows[("rows", "rows_only_in_tuned")].tuned.offset == t.tensors["rows"].offset + 7 * 3 * 4
-    assert "rows 7…8 (2 rows) exist only in tuned" in rows[("rows", "rows_only_in_tuned")].note
+    extra = rows[("rows", "rows_only_in_tuned")]
+    assert extra.base is None and extra.tuned.shape == (2, 3)
+    assert extra.tuned.offset == t.tensors["rows"].offset + 7 * 3 * 4
+    assert "rows 7…8 (2 rows) exist only in tuned" in extra.note
+    extra = rows[("cut", "rows_only_in_base")]  # the longer side is the base: its rows, and no tuned
+    assert extra.tuned is None and extra.base.shape == (2, 3)
+    assert extra.base.offset == b.tensors["cut"].offset + 7 * 3 * 4
+    assert extra.note == "rows 7…8 (2 rows) exist only in base: shape [9, 3] in base, [7, 3] in tuned"
+    assert rows[("cut", "ok")].base.shape == rows[("cut", "ok")].tuned.shape == (7, 3)
+    assert rows[("narrow", "ok")].note == "F32 vs BF16, compared in F32"
+    assert rows[("ints", "dtype_mismatch")].note == "dtype I32 in base, F32 in tuned cannot be compared"
     assert "[2, 3] in base, [3, 2] in tuned" in rows[("shape", "shape_mismatch")].note
     assert "'old.name' in base" in rows[("new.name", "ok")].note
     assert "ties it to model.embed_tokens.weight" in rows[("lm_head.weight", "ok")].note
@@ -126,9 +141,10 @@ def test_layout_decisions_slice_fused_rows_pair_scales_and_keep_units_inside_exp
     p = "model.layers.0"
     split = {f"{p}.self_attn.q_proj.weight": z(32, 8), f"{p}.self_attn.k_proj.weight": z(16, 8),
              f"{p}.self_attn.v_proj.weight": z(16, 8), f"{p}.mlp.experts.down_proj": z(3, 8, 5),
-             f"{p}.mlp.w.weight": z(300, 200).to(torch.float8_e4m3fn), f"{p}.mlp.w.weight_scale_inv": z(3, 2)}
+             f"{p}.mlp.w.weight": z(300, 200).to(torch.float8_e4m3fn), f"{p}.mlp.w.weight_scale_inv": z(3, 2),
+             f"{p}.mlp.x.weight": z(300, 200).to(torch.float8_e4m3fn), f"{p}.mlp.x.weight_scale_inv": z(3, 2)}
     fused = {f"{p}.self_attn.qkv_proj.weight": z(64, 8), f"{p}.mlp.experts.down_proj": z(3, 8, 5),
-             f"{p}.mlp.w.weight": z(300, 200).bfloat16()}
+             f"{p}.mlp.w.weight": z(300, 200).bfloat16(), f"{p}.mlp.x.weight": z(300, 200, dtype=torch.int32)}
     config = {"num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "hidden_size": 32}
     b, t = _ck(tmp_path / "b", split, config), _ck(tmp_path / "t", fused, config)
     plan = make_plan(b, t, DiffOptions(chunk_elems=1024))
@@ -138,12 +154,19 @@ def test_layout_decisions_slice_fused_rows_pair_scales_and_keep_units_inside_exp
         x = by[(f"{p}.self_attn.{name}.weight", "ok")]
         assert x.match == "fused_slice" and x.tuned.shape == (rows, 8) and x.tuned.offset == qkv.offset + first * 8 * 4
         assert f"rows {first}…{first + rows - 1} of tuned's fused" in x.note
-    assert by[(f"{p}.self_attn.qkv_proj.weight", "fused")].tuned is qkv
+    fused_row = by[(f"{p}.self_attn.qkv_proj.weight", "fused")]
+    assert fused_row.tuned is qkv and fused_row.base is None
+    assert fused_row.note == ("fused in tuned; compared part by part with base's q_proj (rows 0…31), "
+                              "k_proj (rows 32…47), v_proj (rows 48…63)")
     w = by[(f"{p}.mlp.w.weight", "ok")]
     assert (w.match, w.compare_dtype, w.tuned_scale) == ("fp8_block_scaled+dtype_widened", "F32", None)
     assert w.base_scale.scale.name == f"{p}.mlp.w.weight_scale_inv" and (w.base_scale.rows, w.base_scale.cols) == (128, 128)
     assert {u.base_scale for u in plan.units if u.tensor == w.name} == {w.base_scale}
-    assert by[(f"{p}.mlp.w.weight_scale_inv", "block_scale")].base is not None
+    x = by[(f"{p}.mlp.x.weight", "dtype_mismatch")]  # block-scaled codes against integers
+    assert (x.match, x.compare_dtype, x.note) == ("none", None, "dtype F8_E4M3 in base, I32 in tuned cannot be compared")
+    scale_row = by[(f"{p}.mlp.w.weight_scale_inv", "block_scale")]
+    assert scale_row.base is not None and scale_row.tuned is None
+    assert scale_row.note.startswith(f"block scales of {p}.mlp.w.weight in base: compared as part of that weight")
     stack = by[(f"{p}.mlp.experts.down_proj", "ok")]
     units = [(u.start, u.stop) for u in plan.units if u.tensor_index == stack.index]
     assert stack.experts == 3 and units == [(0, 40), (40, 80), (80, 120)]  # one per expert, though 1024 would hold all

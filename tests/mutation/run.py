@@ -1,7 +1,7 @@
 """Mutation testing of the code whose bugs would silently change results.
 
     .venv/bin/pip install -e '.[mutation]'
-    .venv/bin/python tests/mutation/run.py [--budget-minutes 120] [--only kernel masks …] [--out DIR] [--jobs N]
+    .venv/bin/python tests/mutation/run.py [--budget-minutes 120] [--only kernel masks …] [--out DIR] [--jobs N] [--again]
 
 Cosmic Ray (``cosmic-ray``) mutates one spot at a time — a comparison, an arithmetic or
 boolean operator, a number, a loop — and runs the tests that cover it; a mutant whose tests
@@ -30,7 +30,8 @@ no mutant is started: those left stay pending in their session, and the next run
 same ``--out`` goes on from there (a session begun on another version of its module is
 refused: its pending mutants would land on other code). It writes ``DIR/report.md`` (every
 survivor with its diff) and ``DIR/<target>.sqlite`` (Cosmic Ray's sessions, resumable);
-``docs/mutation.md`` says why each survivor left standing is harmless.
+``docs/mutation.md`` says why each survivor left standing is harmless; once tests are added
+for survivors, ``--again`` runs a session's survivors again before its pending mutants.
 """
 
 from __future__ import annotations
@@ -412,7 +413,7 @@ def _execute(session: Path, copies: list[Path], command: str, timeout: float, de
     return len(pending) - done
 
 
-def run_target(t: Target, copies: list[Path], out: Path, deadline: float) -> dict:
+def run_target(t: Target, copies: list[Path], out: Path, deadline: float, again: bool = False) -> dict:
     from cosmic_ray.work_db import WorkDB, use_db
     from cosmic_ray.work_item import WorkerOutcome, WorkResult
 
@@ -448,6 +449,12 @@ name = "local"
                     db.set_result(item.job_id, WorkResult(worker_outcome=WorkerOutcome.SKIPPED))
     if not stamp.exists():
         stamp.write_text(digest + "\n")
+    if again:  # --again: the survivors run again, against the tests as they are now
+        import sqlite3
+
+        with contextlib.closing(sqlite3.connect(session)) as db, db:
+            n = db.execute("DELETE FROM work_results WHERE test_outcome = 'SURVIVED'").rowcount
+        print(f"  {n} survivors run again", flush=True)
     t0 = time.time()
     # a mutant whose tests run past a few times their usual time is killed (an endless loop)
     timeout = min(t.timeout, max(60.0, 4 * _baseline(command, copy)))
@@ -501,6 +508,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / ".mutation"))
     ap.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)),
                     help="mutants tested at once, each in its own copy of the repository (default: one per core)")
+    ap.add_argument("--again", action="store_true",
+                    help="run the sessions' survivors again first (after tests were added for them)")
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--cover", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -529,7 +538,7 @@ def main() -> None:
                 print(f"budget spent: {t.name} not started", flush=True)
                 continue
             print(f"target {t.name}: {t.module}", flush=True)
-            reports.append(run_target(t, copies, out, deadline))
+            reports.append(run_target(t, copies, out, deadline, args.again))
             print(json.dumps({k: v for k, v in reports[-1].items() if k != "survivors"}), flush=True)
         if not args.only or "sql" in args.only:
             reports.append(run_sql(copy))
