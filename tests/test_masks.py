@@ -109,6 +109,26 @@ def test_corrupt_gaps_payloads_are_refused(damage):
         decode_mask(CODEC_GAPS, bad, n)
 
 
+def test_declared_stream_sizes_at_the_decoders_bounds():
+    """A gaps stream is at most n bytes (a byte per set bit, plus one per 255 of gap): the
+    longest, every bit set, decodes; a declared size of 0, or one past the decoder's bound
+    (n + n // 255 + 1), is refused before zstd or the decoder see it."""
+    from raydiff.kernel import _gaps
+
+    n = 1000
+    zstd = pa.Codec("zstd", compression_level=1)
+    full = np.packbits(np.ones(n, bool), bitorder="little")
+    stream = np.zeros(n + n // 255 + 1, np.uint8)
+    k = _gaps.encode(full, stream)
+    assert k == n
+    longest = np.array([k], "<u8").tobytes() + zstd.compress(stream[:k].tobytes(), asbytes=True)
+    assert decode_mask(CODEC_GAPS, longest, n).all()
+    for size in (0, n + n // 255 + 2):
+        bad = np.array([size], "<u8").tobytes() + zstd.compress(bytes(size), asbytes=True)
+        with pytest.raises(ValueError, match=f"declares {size} stream bytes"):
+            decode_mask(CODEC_GAPS, bad, n)
+
+
 @pytest.mark.parametrize("tail", [False, True])
 def test_gaps_at_and_around_multiples_of_255_are_written_and_read_exactly(tail):
     """Gaps of 254, 255, 256, 509 (= 255 + 254), 510 and 65,280 (= 255·256) are the ones an
