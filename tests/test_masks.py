@@ -109,6 +109,19 @@ def test_corrupt_gaps_payloads_are_refused(damage):
         decode_mask(CODEC_GAPS, bad, n)
 
 
+def test_unknown_codecs_and_payloads_of_the_wrong_size_are_refused():
+    # Names sorting before, between and after the known ones (a range compare would take them).
+    for codec in ("aaa", "gaps", "packbits+lz4", "zzz"):
+        with pytest.raises(ValueError, match="unknown mask codec"):
+            decode_mask(codec, b"\x00" * 2, 16)
+    mask = np.arange(100) % 3 == 0  # 34 of 100: packbits
+    codec, payload = encode_mask(mask)
+    assert codec == CODEC_PACKBITS and len(payload) == 13
+    for bad in (payload[:-1], payload + b"\x00"):  # a short one would decode with zeros padded
+        with pytest.raises(ValueError, match=f"holds {len(bad)} bytes, expected 13"):
+            decode_mask(codec, bad, 100)
+
+
 def test_declared_stream_sizes_at_the_decoders_bounds():
     """A gaps stream is at most n bytes (a byte per set bit, plus one per 255 of gap): the
     longest, every bit set, decodes; a declared size of 0, or one past the decoder's bound
