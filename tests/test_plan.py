@@ -24,10 +24,10 @@ def test_every_decision_has_its_status_match_and_note(tmp_path):
     z = torch.zeros
     base = {"same": z(4, 3).bfloat16(), "widen": z(5).bfloat16(), "narrow": z(5), "model.embed_tokens.weight": z(6, 2),
             "rows": z(7, 3), "cut": z(9, 3), "shape": z(2, 3), "ints": z(4, dtype=torch.int32), "gone": z(2),
-            "old.name": z(3)}
+            "old.name": z(3), "sq1": z(5, 3), "sq2": z(3, 3), "wide": z(4, 2), "grow": z(3, 2), "vocab": z(300, 2)}
     tuned = {"same": z(4, 3).bfloat16(), "widen": z(5), "narrow": z(5).bfloat16(), "model.embed_tokens.weight": z(6, 2),
              "lm_head.weight": z(6, 2), "rows": z(9, 3), "cut": z(7, 3), "shape": z(3, 2), "ints": z(4), "new": z(1),
-             "new.name": z(3)}
+             "new.name": z(3), "sq1": z(3, 3), "sq2": z(5, 3), "wide": z(5, 3), "grow": z(8, 2), "vocab": z(320, 2)}
     b = _ck(tmp_path / "b", base, config={"tie_word_embeddings": True})
     t = _ck(tmp_path / "t", tuned)
     pairs = match_tensors(b, t, DiffOptions(rename=(("old.", "new."),)))
@@ -44,6 +44,12 @@ def test_every_decision_has_its_status_match_and_note(tmp_path):
         ("rows", "ok"): ("resized_rows", "F32"),
         ("rows", "rows_only_in_tuned"): ("resized_rows", None),
         ("shape", "shape_mismatch"): ("none", None),
+        ("wide", "shape_mismatch"): ("none", None),  # rows and columns both differ
+        # rows equal to the other side's columns; 3 → 8 rows; rows past the small-int cache
+        ("sq1", "ok"): ("resized_rows", "F32"), ("sq1", "rows_only_in_base"): ("resized_rows", None),
+        ("sq2", "ok"): ("resized_rows", "F32"), ("sq2", "rows_only_in_tuned"): ("resized_rows", None),
+        ("grow", "ok"): ("resized_rows", "F32"), ("grow", "rows_only_in_tuned"): ("resized_rows", None),
+        ("vocab", "ok"): ("resized_rows", "F32"), ("vocab", "rows_only_in_tuned"): ("resized_rows", None),
         ("ints", "dtype_mismatch"): ("none", None),
         ("gone", "only_in_base"): ("none", None),
         ("new", "only_in_tuned"): ("none", None),
@@ -61,6 +67,11 @@ def test_every_decision_has_its_status_match_and_note(tmp_path):
     assert extra.base.offset == b.tensors["cut"].offset + 7 * 3 * 4
     assert extra.note == "rows 7…8 (2 rows) exist only in base: shape [9, 3] in base, [7, 3] in tuned"
     assert rows[("cut", "ok")].base.shape == rows[("cut", "ok")].tuned.shape == (7, 3)
+    assert rows[("grow", "rows_only_in_tuned")].note.startswith("rows 3…7 (5 rows) exist only in tuned")
+    assert rows[("vocab", "rows_only_in_tuned")].note.startswith("rows 300…319 (20 rows) exist only in tuned")
+    assert rows[("vocab", "rows_only_in_tuned")].tuned.shape == (20, 2) and rows[("vocab", "rows_only_in_tuned")].base is None
+    assert (rows[("gone", "only_in_base")].note, rows[("new", "only_in_tuned")].note) == ("absent from tuned",
+                                                                                        "absent from base")
     assert rows[("narrow", "ok")].note == "F32 vs BF16, compared in F32"
     assert rows[("ints", "dtype_mismatch")].note == "dtype I32 in base, F32 in tuned cannot be compared"
     assert "[2, 3] in base, [3, 2] in tuned" in rows[("shape", "shape_mismatch")].note
@@ -71,10 +82,11 @@ def test_every_decision_has_its_status_match_and_note(tmp_path):
 
 def test_a_tie_needs_the_config_and_the_other_side_to_have_the_head(tmp_path):
     z = torch.zeros
-    b = _ck(tmp_path / "b", {"model.embed_tokens.weight": z(6, 2)})
     t = _ck(tmp_path / "t", {"model.embed_tokens.weight": z(6, 2), "lm_head.weight": z(6, 2)})
-    statuses = {p.name: p.status for p in match_tensors(b, t, DiffOptions())}
-    assert statuses["lm_head.weight"] == "only_in_tuned"  # no tie_word_embeddings: not paired
+    for i, config in enumerate((None, {"tie_word_embeddings": False}, {"vocab_size": 6})):
+        b = _ck(tmp_path / f"b{i}", {"model.embed_tokens.weight": z(6, 2)}, config=config)
+        statuses = {p.name: p.status for p in match_tensors(b, t, DiffOptions())}
+        assert statuses["lm_head.weight"] == "only_in_tuned", config  # no tie declared: not paired
 
 
 def test_rename_rules_first_match_wins_and_collisions_are_refused(tmp_path):
@@ -142,9 +154,12 @@ def test_layout_decisions_slice_fused_rows_pair_scales_and_keep_units_inside_exp
     split = {f"{p}.self_attn.q_proj.weight": z(32, 8), f"{p}.self_attn.k_proj.weight": z(16, 8),
              f"{p}.self_attn.v_proj.weight": z(16, 8), f"{p}.mlp.experts.down_proj": z(3, 8, 5),
              f"{p}.mlp.w.weight": z(300, 200).to(torch.float8_e4m3fn), f"{p}.mlp.w.weight_scale_inv": z(3, 2),
-             f"{p}.mlp.x.weight": z(300, 200).to(torch.float8_e4m3fn), f"{p}.mlp.x.weight_scale_inv": z(3, 2)}
+             f"{p}.mlp.x.weight": z(300, 200).to(torch.float8_e4m3fn), f"{p}.mlp.x.weight_scale_inv": z(3, 2),
+             f"{p}.mlp.y.weight": z(256, 128).to(torch.float8_e4m3fn), f"{p}.mlp.y.weight_scale_inv": z(2, 1)}
     fused = {f"{p}.self_attn.qkv_proj.weight": z(64, 8), f"{p}.mlp.experts.down_proj": z(3, 8, 5),
-             f"{p}.mlp.w.weight": z(300, 200).bfloat16(), f"{p}.mlp.x.weight": z(300, 200, dtype=torch.int32)}
+             f"{p}.mlp.w.weight": z(300, 200).bfloat16(), f"{p}.mlp.x.weight": z(300, 200, dtype=torch.int32),
+             f"{p}.mlp.y.weight": z(384, 128).bfloat16(),
+             f"{p}.a_only.weight": z(2, 2)}  # sorts before the fused one, and is no fused projection
     config = {"num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "hidden_size": 32}
     b, t = _ck(tmp_path / "b", split, config), _ck(tmp_path / "t", fused, config)
     plan = make_plan(b, t, DiffOptions(chunk_elems=1024))
@@ -162,6 +177,8 @@ def test_layout_decisions_slice_fused_rows_pair_scales_and_keep_units_inside_exp
     assert (w.match, w.compare_dtype, w.tuned_scale) == ("fp8_block_scaled+dtype_widened", "F32", None)
     assert w.base_scale.scale.name == f"{p}.mlp.w.weight_scale_inv" and (w.base_scale.rows, w.base_scale.cols) == (128, 128)
     assert {u.base_scale for u in plan.units if u.tensor == w.name} == {w.base_scale}
+    assert by[(f"{p}.mlp.y.weight", "shape_mismatch")].match == "none"  # block scales do not follow a resize
+    assert [x.status for x in plan.tensors if x.name == f"{p}.mlp.w.weight_scale_inv"] == ["block_scale"]
     x = by[(f"{p}.mlp.x.weight", "dtype_mismatch")]  # block-scaled codes against integers
     assert (x.match, x.compare_dtype, x.note) == ("none", None, "dtype F8_E4M3 in base, I32 in tuned cannot be compared")
     scale_row = by[(f"{p}.mlp.w.weight_scale_inv", "block_scale")]
