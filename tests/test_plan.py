@@ -24,13 +24,13 @@ def test_every_decision_has_its_status_match_and_note(tmp_path):
     z = torch.zeros
     base = {"same": z(4, 3).bfloat16(), "widen": z(5).bfloat16(), "narrow": z(5), "model.embed_tokens.weight": z(6, 2),
             "rows": z(7, 3), "cut": z(9, 3), "shape": z(2, 3), "ints": z(4, dtype=torch.int32), "gone": z(2),
-            "old.name": z(3), "sq1": z(5, 3), "sq2": z(3, 3), "wide": z(4, 2), "grow": z(3, 2), "vocab": z(300, 2)}
+            "old.name": z(3), "a.name": z(3), "sq1": z(5, 3), "sq2": z(3, 3), "wide": z(4, 2), "grow": z(3, 2), "vocab": z(300, 2)}
     tuned = {"same": z(4, 3).bfloat16(), "widen": z(5), "narrow": z(5).bfloat16(), "model.embed_tokens.weight": z(6, 2),
              "lm_head.weight": z(6, 2), "rows": z(9, 3), "cut": z(7, 3), "shape": z(3, 2), "ints": z(4), "new": z(1),
-             "new.name": z(3), "sq1": z(3, 3), "sq2": z(5, 3), "wide": z(5, 3), "grow": z(8, 2), "vocab": z(320, 2)}
+             "new.name": z(3), "z.name": z(3), "sq1": z(3, 3), "sq2": z(5, 3), "wide": z(5, 3), "grow": z(8, 2), "vocab": z(320, 2)}
     b = _ck(tmp_path / "b", base, config={"tie_word_embeddings": True})
     t = _ck(tmp_path / "t", tuned)
-    pairs = match_tensors(b, t, DiffOptions(rename=(("old.", "new."),)))
+    pairs = match_tensors(b, t, DiffOptions(rename=(("old.", "new."), ("a.", "z."))))
     rows = {(p.name, p.status): p for p in pairs}
     got = {k: (p.match, p.compare_dtype) for k, p in rows.items()}
     assert got == {
@@ -54,6 +54,7 @@ def test_every_decision_has_its_status_match_and_note(tmp_path):
         ("gone", "only_in_base"): ("none", None),
         ("new", "only_in_tuned"): ("none", None),
         ("new.name", "ok"): ("renamed", "F32"),
+        ("z.name", "ok"): ("renamed", "F32"),  # renamed to a name sorting after the old one
     }
     assert [p.name for p in pairs] == sorted(p.name for p in pairs)
     assert [p.status for p in pairs if p.name == "rows"] == ["ok", "rows_only_in_tuned"]
