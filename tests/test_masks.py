@@ -69,6 +69,19 @@ def test_the_codec_follows_the_documented_density_rule(changed, codec):
             assert payload == np.packbits(mask, bitorder="little").tobytes()
 
 
+def test_every_small_mask_size_round_trips():
+    """Masks of 1 to 400 elements at several counts, every size once: the encoder's buffers
+    are sized from the packed length, and a mistake there shows only at some lengths (a
+    stream buffer of `size ^ 8` bytes is 0 bytes for an 8-byte mask)."""
+    rng = np.random.default_rng(7)
+    for n in range(1, 401):
+        for changed in sorted({1, 2, max(1, n // 13), n // 5, n // 2, n - 1, n}):
+            mask = np.zeros(n, bool)
+            mask[rng.permutation(n)[:changed]] = True
+            codec, payload = encode_mask(mask)
+            assert (decode_mask(codec, payload, n) == mask).all(), (n, changed, codec)
+
+
 def test_a_mask_zstd_cannot_shrink_is_stored_raw():
     # 2 of 16 changed: neither gaps (2 · 12 ≥ 16) nor the raw range, and a zstd frame of
     # two bytes is longer than the two bytes themselves.
