@@ -149,6 +149,20 @@ def test_the_plan_numbers_units_and_matrices_in_name_order(tmp_path):
                                                                            for t in base.values())
 
 
+def test_a_block_scaled_fused_projection_is_not_split(tmp_path):
+    # Its scale blocks span rows of several parts, so it keeps its rows, and so do the parts.
+    z = torch.zeros
+    p = "model.layers.0.self_attn"
+    config = {"num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 128, "hidden_size": 256}
+    b = _ck(tmp_path / "b", {f"{p}.qkv_proj.weight": z(512, 256).to(torch.float8_e4m3fn),
+                             f"{p}.qkv_proj.weight_scale_inv": z(4, 2)}, config)
+    t = _ck(tmp_path / "t", {f"{p}.q_proj.weight": z(256, 256), f"{p}.k_proj.weight": z(128, 256),
+                             f"{p}.v_proj.weight": z(128, 256)}, config)
+    got = sorted((x.name.rsplit(".", 2)[-2], x.status) for x in match_tensors(b, t, DiffOptions()))
+    assert got == [("k_proj", "only_in_tuned"), ("q_proj", "only_in_tuned"), ("qkv_proj", "block_scale"),
+                   ("qkv_proj", "only_in_base"), ("v_proj", "only_in_tuned")]
+
+
 def test_layout_decisions_slice_fused_rows_pair_scales_and_keep_units_inside_experts(tmp_path):
     z = torch.zeros
     p = "model.layers.0"

@@ -45,6 +45,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -212,8 +213,6 @@ def _run_mutant(job: dict) -> dict:
 
 def _forked_pytest(args: list[str], timeout: float):
     """``pytest args`` in a forked child: killed if the tests fail, or run past ``timeout``."""
-    import signal
-
     from cosmic_ray.work_item import TestOutcome
 
     log = Path(tempfile.mkstemp(prefix="mutant-", suffix=".log")[1])
@@ -521,6 +520,7 @@ def main() -> None:
         return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `kill` removes the copies too
     base = Path(tempfile.mkdtemp(prefix="raydiff-mutation-"))
     copies = [base / str(k) for k in range(max(1, args.jobs))]
     for c in copies:
