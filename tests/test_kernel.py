@@ -70,6 +70,23 @@ def _check(base: torch.Tensor, tuned: torch.Tensor, bd: str, td: str, cd: str, r
     return r
 
 
+@pytest.mark.parametrize("ladder", [(1e-6, 1e-4), (1e-8, 1e-7, 2e-6, 1e-5, 1e-4, 1e-3)])
+@pytest.mark.parametrize("dtype", ["BF16", "F16", "F32"])
+def test_a_ladder_of_any_length_is_counted(ladder, dtype):
+    """A user's ladder (``--ladder``) need not have the default's five steps, which the fused
+    loops are built for: the kernel counts it all the same, step by step against torch."""
+    g = torch.Generator().manual_seed(3)
+    t = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}[dtype]
+    base = torch.randn(4096, generator=g).to(t)
+    tuned = (base.float() + torch.randn(4096, generator=g) * 10.0 ** torch.randint(-9, -2, (4096,), generator=g)).to(t)
+    r = diff_unit(_bits(base), _bits(tuned), dtype, dtype, dtype, Criteria(atol=1e-5, ladder=ladder))
+    ref = ref_diff(base, tuned)
+    ad = (tuned - base).abs()
+    assert r.changed == ref["changed"]
+    assert r.changed_ladder == tuple(int((ref["neq"] & ~(ad <= tol).numpy()).sum()) for tol in ladder)
+    assert len(set(r.changed_ladder)) > 1  # the steps differ: a step counted at another's tolerance shows
+
+
 def _tensor_from_bits(raw: bytes, dtype: str) -> torch.Tensor:
     t = _TORCH[dtype]
     size = torch.empty(0, dtype=t).element_size()
@@ -226,6 +243,13 @@ def test_diff_with_itself_is_empty_and_chunking_adds_up():
     ref = torch.from_numpy(a.view(np.int16)).view(torch.bfloat16).double()
     assert whole.sum_sq_base == pytest.approx(float((ref ** 2).sum()), rel=SUM_REL)
     assert decode(a, "BF16").tolist() == ref.tolist()
+
+
+@pytest.mark.parametrize("dtype", ["BOOL", "I8", "I32", "U8", "F8_E8M0", "bf16"])
+def test_decode_refuses_what_is_not_a_stored_float_dtype(dtype):
+    # BOOL sorts before F32: a range compare for a float name would reinterpret its bytes.
+    with pytest.raises(ValueError, match=f"{dtype} is not a float dtype"):
+        decode(np.zeros(4, np.uint32), dtype)
 
 
 def test_spectrum_matches_torch_matrix_rank_and_sketch_finds_planted_rank():
