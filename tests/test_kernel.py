@@ -85,6 +85,7 @@ def test_a_ladder_of_any_length_is_counted(ladder, dtype):
     assert r.changed == ref["changed"]
     assert r.changed_ladder == tuple(int((ref["neq"] & ~(ad <= tol).numpy()).sum()) for tol in ladder)
     assert len(set(r.changed_ladder)) > 1  # the steps differ: a step counted at another's tolerance shows
+    assert r.rows_touched is r.cols_bitmap is r.row_changed_sq is None  # a unit of no matrix: no row profile
 
 
 def _tensor_from_bits(raw: bytes, dtype: str) -> torch.Tensor:
