@@ -246,6 +246,18 @@ def test_diff_with_itself_is_empty_and_chunking_adds_up():
     assert decode(a, "BF16").tolist() == ref.tolist()
 
 
+def test_the_base_norm_of_a_unit_of_many_blocks_is_every_entry_s():
+    """‖W0‖F² on the numpy path (F64 here) goes 65,536 entries at a time: a unit of three
+    blocks and a bit must sum every block (a bound as ``i | block`` skipped every other)."""
+    rng = np.random.default_rng(11)
+    a = rng.standard_normal(3 * 65536 + 5)
+    b = a.copy()
+    b[::7] += 1e-3
+    r = diff_unit(a.view(np.uint64), b.view(np.uint64), "F64", "F64", "F64", Criteria())
+    assert r.sum_sq_base == pytest.approx(float(np.dot(a, a)), rel=1e-12)
+    assert r.changed == int(np.count_nonzero(~(np.abs(b - a) <= 1e-5)))
+
+
 @pytest.mark.parametrize("dtype", ["BOOL", "I8", "I32", "U8", "F8_E8M0", "bf16"])
 def test_decode_refuses_what_is_not_a_stored_float_dtype(dtype):
     # BOOL sorts before F32: a range compare for a float name would reinterpret its bytes.
