@@ -170,6 +170,21 @@ def test_strict_refuses_any_decision(tmp_path):
     assert ok.matching == "1 tensors compared: 1 exact"
 
 
+@pytest.mark.parametrize("odd", [3, 4])
+def test_strict_names_three_decisions_and_counts_the_rest(tmp_path, odd):
+    g = _g(5)
+    base = {f"t{i}": torch.randn(4, generator=g).bfloat16() for i in range(6)}
+    tuned = {k: (v.float() if i < odd else v.clone()) for i, (k, v) in enumerate(base.items())}
+    write_checkpoint(tmp_path / "b", base)
+    write_checkpoint(tmp_path / "t", tuned)
+    with pytest.raises(PlanProblem) as e:
+        submit(str(tmp_path / "b"), str(tmp_path / "t"), SubmitOptions(store=str(tmp_path / "s"), strict=True))
+    shown = str(e.value).split(": ", 2)[2]
+    assert str(e.value).startswith(f"strict: {odd} tensors are not matched exactly")
+    assert [f"t{i}" for i in range(3)] == [x.split(" ")[0] for x in shown.split("; ")[:3]]
+    assert ("; … 1 more. " in shown) == (odd == 4)
+
+
 def test_single_file_against_oddly_named_shards_with_metadata(tmp_path):
     g = _g(3)
     base = {EMB: torch.randn(30, 8, generator=g).bfloat16(), Q: torch.randn(8, 8, generator=g).bfloat16(),

@@ -96,7 +96,8 @@ TARGETS = (
     Target("submit", "raydiff/run/submit.py", ("run_id_for", "_check_strict", "submit"),
            ("tests/test_submit.py::test_resubmit_resumes_and_never_duplicates",
             "tests/test_submit.py::test_a_user_atol_and_rel_eta_are_used_end_to_end_and_make_another_run",
-            "tests/test_quirks.py::test_strict_refuses_any_decision"), 600),
+            "tests/test_quirks.py::test_strict_refuses_any_decision",
+            "tests/test_quirks.py::test_strict_names_three_decisions_and_counts_the_rest"), 600),
     Target("overlap", "raydiff/query/overlap.py", ("and_count", "count_histogram", "overlap_units",
                                                    "consensus_units"), ("tests/test_overlap.py",), 600),
 )
