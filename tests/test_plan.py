@@ -81,6 +81,26 @@ def test_every_decision_has_its_status_match_and_note(tmp_path):
     assert rows[("lm_head.weight", "ok")].base.name == "model.embed_tokens.weight"
 
 
+def test_a_tie_on_the_tuned_side_and_a_fused_base(tmp_path):
+    """The mirror images of the cases above: the tuned side ties its head, the base fuses
+    its projections (names read from the files, as every name is)."""
+    z = torch.zeros
+    p = "model.layers.0.self_attn"
+    config = {"num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "hidden_size": 32,
+              "tie_word_embeddings": True}
+    b = _ck(tmp_path / "b", {"model.embed_tokens.weight": z(6, 2), "lm_head.weight": z(6, 2),
+                             f"{p}.qkv_proj.weight": z(64, 8)})
+    t = _ck(tmp_path / "t", {"model.embed_tokens.weight": z(6, 2), f"{p}.q_proj.weight": z(32, 8),
+                             f"{p}.k_proj.weight": z(16, 8), f"{p}.v_proj.weight": z(16, 8)}, config)
+    by = {(x.name, x.status): x for x in match_tensors(b, t, DiffOptions())}
+    head = by[("lm_head.weight", "ok")]
+    assert head.match == "tied_in_tuned" and head.tuned.name == "model.embed_tokens.weight"
+    assert "tuned has no lm_head.weight; its config ties it to model.embed_tokens.weight" in head.note
+    fused = by[(f"{p}.qkv_proj.weight", "fused")]
+    assert fused.base is b.tensors[f"{p}.qkv_proj.weight"] and fused.tuned is None
+    assert fused.note.startswith("fused in base; compared part by part with tuned's q_proj (rows 0…31)")
+
+
 def test_a_tie_needs_the_config_and_the_other_side_to_have_the_head(tmp_path):
     z = torch.zeros
     t = _ck(tmp_path / "t", {"model.embed_tokens.weight": z(6, 2), "lm_head.weight": z(6, 2)})
@@ -190,6 +210,7 @@ def test_layout_decisions_slice_fused_rows_pair_scales_and_keep_units_inside_exp
                               "k_proj (rows 32…47), v_proj (rows 48…63)")
     w = by[(f"{p}.mlp.w.weight", "ok")]
     assert (w.match, w.compare_dtype, w.tuned_scale) == ("fp8_block_scaled+dtype_widened", "F32", None)
+    assert w.note == "base: F8_E4M3 codes × 128×128 block scales, dequantized; compared in F32"
     assert w.base_scale.scale.name == f"{p}.mlp.w.weight_scale_inv" and (w.base_scale.rows, w.base_scale.cols) == (128, 128)
     assert {u.base_scale for u in plan.units if u.tensor == w.name} == {w.base_scale}
     assert by[(f"{p}.mlp.y.weight", "shape_mismatch")].match == "none"  # block scales do not follow a resize
