@@ -216,7 +216,9 @@ def _forked_pytest(args: list[str], timeout: float):
     """``pytest args`` in a forked child: killed if the tests fail, or run past ``timeout``."""
     from cosmic_ray.work_item import TestOutcome
 
-    log = Path(tempfile.mkstemp(prefix="mutant-", suffix=".log")[1])
+    fd, name = tempfile.mkstemp(prefix="mutant-", suffix=".log")
+    os.close(fd)  # a worker runs hundreds of mutants: no descriptor may stay open per mutant
+    log = Path(name)
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
@@ -224,9 +226,9 @@ def _forked_pytest(args: list[str], timeout: float):
         rc = 70
         try:
             os.setsid()
-            fd = os.open(log, os.O_WRONLY | os.O_TRUNC)
-            os.dup2(fd, 1)
-            os.dup2(fd, 2)
+            out = os.open(log, os.O_WRONLY | os.O_TRUNC)
+            os.dup2(out, 1)
+            os.dup2(out, 2)
             null = os.open(os.devnull, os.O_RDONLY)
             os.dup2(null, 0)
             sys.dont_write_bytecode = True  # a mutant's bytecode must never be cached
