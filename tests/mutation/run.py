@@ -1,7 +1,8 @@
 """Mutation testing of the code whose bugs would silently change results.
 
     .venv/bin/pip install -e '.[mutation]'
-    .venv/bin/python tests/mutation/run.py [--budget-minutes 120] [--only kernel masks …] [--out DIR] [--jobs N] [--again]
+    .venv/bin/python tests/mutation/run.py [--budget-minutes 120] [--only kernel masks …] [--out DIR] [--jobs N]
+                                           [--again]
 
 Cosmic Ray (``cosmic-ray``) mutates one spot at a time — a comparison, an arithmetic or
 boolean operator, a number, a loop — and runs the tests that cover it; a mutant whose tests
