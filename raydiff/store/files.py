@@ -115,15 +115,13 @@ class Files:
         Such a listing is taken again.
         """
         sel = pafs.FileSelector(self.path(rel), allow_not_found=True)
-        for attempt in range(_LIST_TRIES):
+        for attempt in range(1, _LIST_TRIES + 1):
             try:
                 return self.fs.get_file_info(sel)
-            except FileNotFoundError as e:
-                if attempt == _LIST_TRIES - 1:
-                    raise StoreError(f"store {self.display}: cannot list {rel} ({_short(e)})") from None
             except (pa.ArrowException, OSError) as e:
-                raise StoreError(f"store {self.display}: cannot list {rel} ({_short(e)})") from None
-        raise AssertionError("unreachable")
+                if not (isinstance(e, FileNotFoundError) and attempt < _LIST_TRIES):
+                    raise StoreError(f"store {self.display}: cannot list {rel} ({_short(e)})") from None
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     def list_dir(self, rel: str) -> list[str]:
         """Names of the finished ``.parquet`` files directly in a folder (temporaries excluded)."""
