@@ -7,6 +7,7 @@ kernel — so tests compare raydiff against an independent computation.
 from __future__ import annotations
 
 import json
+import struct
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -244,6 +245,42 @@ def started_run(b, t, opts):
     ctx = RunContext(run_id, store.root, Criteria(d.atol, d.rel_eta, d.ladder), d.rank, d.top_k, d.sketch_rank,
                      subspace_k=d.subspace_k)
     return store, plan, record, planned, ctx
+
+
+#: Bytes per element of each safetensors dtype code, from the format's definition.
+_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+             "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+
+
+def itemsizes(folder: Path) -> dict[str, int]:
+    """tensor name → bytes per element, from the raw headers of a folder's .safetensors files
+    (parsed here, not by raydiff)."""
+    out = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        out.update({k: _ITEMSIZE[v["dtype"]] for k, v in header.items() if k != "__metadata__"})
+    return out
+
+
+def recording_progress():
+    """A :class:`raydiff.run.submit.Progress` (the callbacks a display gets) that keeps what it
+    is told: ``.plans`` (each ``Planned``) and ``.done`` (``(kind, key)`` of each ``Done``)."""
+    from raydiff.run.submit import Progress
+
+    class Recording(Progress):
+        def __init__(self) -> None:
+            self.plans: list = []
+            self.done: list[tuple[str, int]] = []
+
+        def planned(self, p) -> None:
+            self.plans.append(p)
+
+        def advanced(self, done) -> None:
+            self.done.append((done.kind, done.key))
+
+    return Recording()
 
 
 def interrupted_run(b, t, opts, every: int = 2) -> tuple[str, int]:

@@ -17,6 +17,10 @@ def ray_cluster():
     Its workers hold ``HF_TOKEN`` = :data:`fake_hub.WORKER_TOKEN`, as every node of a real
     cluster holds the token from its Secret: in-process tests that analyse a private repo on
     the local fake Hub start that Hub with this token.
+
+    ``RAYDIFF_TEST_RAY`` (a cluster's address) joins a cluster that outlives the session
+    instead: ``tests/mutation/run.py`` keeps one per worker, so that a mutant does not pay
+    for a cluster's start.
     """
     import logging
 
@@ -24,7 +28,12 @@ def ray_cluster():
 
     from fake_hub import WORKER_TOKEN
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
-             runtime_env={"env_vars": {"HF_TOKEN": WORKER_TOKEN}})
+    kwargs = dict(logging_level=logging.WARNING, log_to_driver=False,
+                  runtime_env={"env_vars": {"HF_TOKEN": WORKER_TOKEN}})
+    held = os.environ.get("RAYDIFF_TEST_RAY")
+    if held:  # a cluster kept across test sessions (the mutation runner's): this session's job joins it
+        ray.init(address=held, **kwargs)
+    else:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, **kwargs)
     yield ray
     ray.shutdown()

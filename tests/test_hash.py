@@ -14,7 +14,7 @@ import duckdb
 import pytest
 import torch
 
-from builders import interrupted_run, write_checkpoint
+from builders import interrupted_run, itemsizes, recording_progress, write_checkpoint
 from raydiff.options import DiffOptions, SubmitOptions
 from raydiff.query.views import query
 from raydiff.run.submit import submit
@@ -83,8 +83,17 @@ def test_an_interrupted_hash_run_resumes_to_the_same_hashes(pair, tmp_path):
     store = str(tmp_path / "store")
     opts = SubmitOptions(store=store, diff=DiffOptions(chunk_elems=1024, hash=True, rank="off"))
     run_id, n = interrupted_run(pair / "base", pair / "tuned", opts)
-    res = submit(str(pair / "base"), str(pair / "tuned"), opts)
+    progress = recording_progress()
+    res = submit(str(pair / "base"), str(pair / "tuned"), opts, progress)
     assert res.run_id == run_id and res.resumed
+    # no tensor was hashed before the cut: every unit runs again, with its tensor's hash,
+    # and the progress display is told so (bytes from the files' own headers)
+    isb, ist = itemsizes(pair / "base"), itemsizes(pair / "tuned")
+    _, units = query(store, "SELECT tensor, start, stop FROM units WHERE run_id = ?", [run_id])
+    (told,) = progress.plans
+    assert (told.units_total, told.units_todo) == (n, n) and len(units) == n
+    assert told.bytes_todo == told.bytes_total == sum((stop - start) * (isb[t] + ist[t]) for t, start, stop in units)
+    assert sum(kind == "unit" for kind, _ in progress.done) == n
     hb, ht = _file_hashes(pair / "base"), _file_hashes(pair / "tuned")
     assert [(r[2], r[3]) for r in _stored(store, run_id)] == [(hb.get(r[0]), ht.get(r[0])) for r in
                                                               _stored(store, run_id)]

@@ -14,7 +14,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from builders import SUM_REL, interrupted_run, perturb, ref_diff, write_checkpoint
+from builders import SUM_REL, interrupted_run, itemsizes, perturb, recording_progress, ref_diff, write_checkpoint
 from raydiff.cli.main import app
 from raydiff.kernel.masks import decode_mask
 from raydiff.options import ClusterOptions, DiffOptions, SubmitOptions
@@ -163,9 +163,23 @@ def test_resubmit_resumes_and_never_duplicates(tmp_path):
     assert len(kept) == len(range(0, n_units, 2)) > 1
     assert query(store, "SELECT units_done, n_units FROM progress WHERE run_id = ?", [run_id])[1] == [
         (len(kept), n_units)]
-    resumed = submit(str(b), str(t), opts)
+    progress = recording_progress()
+    resumed = submit(str(b), str(t), opts, progress)
     assert resumed.resumed and not resumed.already_complete and resumed.run_id == run_id
     assert _tensors(store, run_id) == expected
+    # the progress display is told what is left: the missing units, their bytes (from the
+    # files' own headers) and every spectrum (the interrupted run decomposed none)
+    isb, ist = itemsizes(b), itemsizes(t)
+    nbytes = {u: (stop - start) * (isb[n] + ist[n]) for u, n, start, stop in query(
+        store, "SELECT unit_id, tensor, start, stop FROM units WHERE run_id = ?", [run_id])[1]}
+    spectra = query(store, "SELECT count(*) FROM spectra WHERE run_id = ?", [run_id])[1][0][0]
+    (told,) = progress.plans
+    assert (told.units_total, told.units_todo) == (n_units, n_units - len(kept))
+    assert (told.bytes_total, told.bytes_todo) == (sum(nbytes.values()),
+                                                   sum(v for u, v in nbytes.items() if u not in kept))
+    assert (told.spectra_total, told.spectra_todo) == (spectra, spectra) and spectra > 0
+    assert sorted(k for kind, k in progress.done if kind == "unit") == sorted(set(nbytes) - set(kept))
+    assert sum(kind == "spectrum" for kind, _ in progress.done) == spectra
     # the units that were in the store were not computed again: same write time, and only
     # the missing ones are new
     after = dict(query(store, "SELECT unit_id, finished_at FROM units WHERE run_id = ?", [run_id])[1])

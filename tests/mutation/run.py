@@ -17,22 +17,25 @@ default, each in its own copy):
 | counts | ``kernel/_gaps.py``: row/column and magnitude counts from packed masks | test_science's stripe and magnitude tests |
 | science | ``kernel/science.py``: subspaces, principal angles, spectral shift, energy rank, CVs, magnitude masks | test_science's kernel-level tests |
 | plan, units, formats | ``plan/``: pairing, dtypes, units, FP8 block grids, fused slices, expert stacks | test_plan (formats: + test_formats' grid errors) |
-| submit | ``run/submit.py``: run identity, resume, --strict | test_submit (resume, strict, atol), test_quirks (strict) |
+| submit | ``run/submit.py``: run identity, resume, --strict, progress | test_submit (resume, atol), test_quirks (strict), test_hash (resume), test_watch (a Hub run) |
 | overlap | ``query/overlap.py``: intersections, consensus | test_overlap |
 
 plus hand-written mutants of the overlap macros' SQL (``queries/30_overlap.sql``), which no
 mutation tool for Python reads. Only the named functions are mutated (Cosmic Ray's other
-work items are marked skipped), tests run with a fixed Hypothesis seed. A mutant first runs
-only the target's tests that reach its function (found once per run with coverage, one
-context per test, fastest first) and the whole list only if it survives those, so a
-survivor has always passed every test of its target. A mutant whose tests run past four
-times the unmutated tests' time (at least 60 s) counts as killed. Once the budget is spent
-no mutant is started: those left stay pending in their session, and the next run with the
-same ``--out`` goes on from there (a session begun on another version of its module is
-refused: its pending mutants would land on other code). It writes ``DIR/report.md`` (every
-survivor with its diff) and ``DIR/<target>.sqlite`` (Cosmic Ray's sessions, resumable);
-``docs/mutation.md`` says why each survivor left standing is harmless; once tests are added
-for survivors, ``--again`` runs a session's survivors again before its pending mutants.
+work items are marked skipped, as are mutants inside type annotations, which modules with
+``from __future__ import annotations`` never evaluate), tests run with a fixed Hypothesis
+seed. A mutant first runs only the target's tests that reach its function (found once per
+run with coverage, one context per test, fastest first) and the whole list only if it
+survives those, so a survivor has always passed every test of its target. Targets whose
+tests submit runs keep one Ray cluster per worker, which each mutant's test session joins. A
+mutant whose tests run past four times the unmutated tests' time (at least 60 s) counts as
+killed. Once the budget is spent no mutant is started: those left stay pending in their
+session, and the next run with the same ``--out`` goes on from there (a session begun on
+another version of its module is refused: its pending mutants would land on other code). It
+writes ``DIR/report.md`` (every survivor with its diff) and ``DIR/<target>.sqlite`` (Cosmic
+Ray's sessions, resumable); ``docs/mutation.md`` says why each survivor left standing is
+harmless; once tests are added for survivors, ``--again`` runs a session's survivors again
+before its pending mutants.
 """
 
 from __future__ import annotations
@@ -65,6 +68,7 @@ class Target:
     functions: tuple[str, ...]
     tests: tuple[str, ...]
     timeout: float
+    ray: bool = False  # its tests submit runs: each worker keeps a Ray cluster for its mutants
 
 
 _SCIENCE = "tests/test_science.py::"
@@ -98,9 +102,11 @@ TARGETS = (
            ("tests/test_submit.py::test_resubmit_resumes_and_never_duplicates",
             "tests/test_submit.py::test_a_user_atol_and_rel_eta_are_used_end_to_end_and_make_another_run",
             "tests/test_quirks.py::test_strict_refuses_any_decision",
-            "tests/test_quirks.py::test_strict_names_three_decisions_and_counts_the_rest"), 600),
+            "tests/test_quirks.py::test_strict_names_three_decisions_and_counts_the_rest",
+            "tests/test_hash.py::test_an_interrupted_hash_run_resumes_to_the_same_hashes",
+            "tests/test_watch.py::test_a_tick_analyses_each_new_commit_once_and_backs_off_what_fails"), 600, ray=True),
     Target("overlap", "raydiff/query/overlap.py", ("and_count", "count_histogram", "overlap_units",
-                                                   "consensus_units"), ("tests/test_overlap.py",), 600),
+                                                   "consensus_units"), ("tests/test_overlap.py",), 600, ray=True),
 )
 
 #: The mutation operators used: the ones that change a computed number or decision.
@@ -136,6 +142,25 @@ def _spans(path: Path, names: tuple[str, ...]) -> list[tuple[int, int]]:
     if missing:
         raise SystemExit(f"{path}: no function {sorted(missing)}")
     return out
+
+
+def _annotations(path: Path) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """Where the type annotations of a module are, as ``((line, col), (end line, end col))``,
+    if the module has ``from __future__ import annotations``: then they are strings that
+    nothing in these modules evaluates, and a mutant inside one cannot change a result."""
+    tree = ast.parse(path.read_text())
+    if not any(isinstance(n, ast.ImportFrom) and n.module == "__future__"
+               and any(a.name == "annotations" for a in n.names) for n in tree.body):
+        return []
+    nodes = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            a = node.args
+            nodes += [x.annotation for x in (*a.posonlyargs, *a.args, *a.kwonlyargs, a.vararg, a.kwarg) if x]
+            nodes.append(node.returns)
+        elif isinstance(node, ast.AnnAssign):
+            nodes.append(node.annotation)
+    return [((n.lineno, n.col_offset), (n.end_lineno, n.end_col_offset)) for n in nodes if n is not None]
 
 
 def _copy(dst: Path) -> None:
@@ -320,13 +345,45 @@ def _selections(t: Target, copy: Path, command: str, timeout: float) -> dict[tup
     return out
 
 
+def _hold_ray() -> None:
+    """``--hold-ray``: start a local Ray cluster, print its address, keep it until stdin closes."""
+    import logging
+
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    print(ray.get_runtime_context().gcs_address, flush=True)
+    sys.stdin.read()
+    ray.shutdown()
+
+
 class _Worker:
     """A ``--serve`` process in one copy of the repository, started on first use and again
-    if it dies."""
+    if it dies; with ``ray``, also a ``--hold-ray`` process whose cluster the mutants' test
+    sessions join (``RAYDIFF_TEST_RAY``, see ``tests/conftest.py``) rather than each starting
+    and stopping one: 13 of a ``submit`` mutant's 60 s. Each test session is a job of its own,
+    and Ray never lends a job's worker processes to another, so every mutant's actors import
+    raydiff afresh, from the mutated files."""
 
-    def __init__(self, copy: Path) -> None:
+    def __init__(self, copy: Path, ray: bool = False) -> None:
         self.copy = copy
+        self.ray = ray
         self.proc: subprocess.Popen | None = None
+        self.holder: subprocess.Popen | None = None
+        self.address = ""
+
+    def _start(self) -> None:
+        env = _env(self.copy)
+        if self.ray:
+            if self.holder is None or self.holder.poll() is not None:
+                # a cluster only this worker reaches, so no token; no bytecode from the actors' imports
+                held = {**env, "RAY_AUTH_MODE": "disabled", "PYTHONDONTWRITEBYTECODE": "1"}
+                self.holder = subprocess.Popen([sys.executable, str(_script(self.copy)), "--hold-ray"], cwd=self.copy,
+                                               env=held, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                self.address = self.holder.stdout.readline().strip()
+            env = {**env, "RAYDIFF_TEST_RAY": self.address, "PYTHONDONTWRITEBYTECODE": "1"}
+        self.proc = subprocess.Popen([sys.executable, str(_script(self.copy)), "--serve"], cwd=self.copy,
+                                     env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
     def run(self, item, command: str, timeout: float):
         from cosmic_ray.work_item import WorkerOutcome, WorkResult
@@ -334,10 +391,9 @@ class _Worker:
         job = {"mutations": [{"module_path": str(m.module_path), "operator": m.operator_name,
                               "occurrence": m.occurrence} for m in item.mutations],
                "command": command, "timeout": timeout}
-        if self.proc is None or self.proc.poll() is not None:
-            self.proc = subprocess.Popen([sys.executable, str(_script(self.copy)), "--serve"], cwd=self.copy,
-                                         env=_env(self.copy), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                         text=True)
+        if self.proc is None or self.proc.poll() is not None or (self.holder and self.holder.poll() is not None):
+            self.close()  # a cluster that died would fail the next mutant's tests: a false kill
+            self._start()
         try:
             self.proc.stdin.write(json.dumps(job) + "\n")
             self.proc.stdin.flush()
@@ -353,6 +409,15 @@ class _Worker:
             self.proc.kill()
             self.proc.wait()
             self.proc = None
+        if self.holder is not None:
+            with contextlib.suppress(OSError):
+                self.holder.stdin.close()  # the holder stops its cluster
+            try:
+                self.holder.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.holder.kill()
+                self.holder.wait()
+            self.holder = None
 
 
 def _baseline(command: str, copy: Path) -> float:
@@ -365,7 +430,7 @@ def _baseline(command: str, copy: Path) -> float:
 
 
 def _execute(session: Path, copies: list[Path], command: str, timeout: float, deadline: float,
-             selections: dict[tuple[int, int], str] | None = None) -> int:
+             selections: dict[tuple[int, int], str] | None = None, ray: bool = False) -> int:
     """Run a session's pending mutants, one per copy at a time (``len(copies)`` in parallel),
     recording each result as it comes; mutants not started by ``deadline`` stay pending for
     the next run. A mutant inside a function of ``selections`` runs that function's tests
@@ -383,7 +448,7 @@ def _execute(session: Path, copies: list[Path], command: str, timeout: float, de
     results: queue.Queue = queue.Queue()
 
     def worker(copy: Path) -> None:
-        w = _Worker(copy)
+        w = _Worker(copy, ray)
         try:
             while time.time() < deadline:
                 try:
@@ -452,6 +517,15 @@ name = "local"
                     db.set_result(item.job_id, WorkResult(worker_outcome=WorkerOutcome.SKIPPED))
     if not stamp.exists():
         stamp.write_text(digest + "\n")
+    annotations = _annotations(copy / t.module)
+    with use_db(str(session), WorkDB.Mode.open) as db:
+        survived = [i for i, r in db.completed_work_items
+                    if r.test_outcome is not None and r.test_outcome.name == "SURVIVED"]
+        for item in [*db.pending_work_items, *survived]:  # survivors: of sessions begun before this rule
+            spec = item.mutations[0]
+            if any(a <= tuple(spec.start_pos) < b for a, b in annotations):
+                db.set_result(item.job_id, WorkResult(worker_outcome=WorkerOutcome.SKIPPED,
+                                                      output="inside a type annotation, which is never evaluated"))
     if again:  # --again: the survivors run again, against the tests as they are now
         import sqlite3
 
@@ -464,7 +538,7 @@ name = "local"
     with use_db(str(session), WorkDB.Mode.open) as db:
         pending = next(iter(db.pending_work_items), None) is not None
     selections = _selections(t, copy, command, timeout) if pending else {}
-    left = _execute(session, copies, command, timeout, deadline, selections)
+    left = _execute(session, copies, command, timeout, deadline, selections, t.ray)
     with use_db(str(session), WorkDB.Mode.open) as db:
         results = list(db.completed_work_items)
     survivors, killed, other = [], 0, 0
@@ -514,10 +588,14 @@ def main() -> None:
     ap.add_argument("--again", action="store_true",
                     help="run the sessions' survivors again first (after tests were added for them)")
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--hold-ray", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--cover", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
         _serve()
+        return
+    if args.hold_ray:
+        _hold_ray()
         return
     if args.cover:
         _cover_tests(args.cover[0], args.cover[1], args.cover[2:])
