@@ -240,3 +240,27 @@ def test_spectra_computed_a_block_of_rows_at_a_time_match_torch(tmp_path, monkey
     for block in (7 * 100, 1 << 16):
         assert _sum_sq(big, block) == pytest.approx(float((big.double() ** 2).sum()), rel=1e-12)
     assert spectrum(big, "exact").fro == pytest.approx(float(big.double().norm()), rel=1e-12)
+
+
+def test_each_tensor_is_folded_into_units_parquet_as_its_last_unit_is_stored(tmp_path):
+    """The commit has little left to do: while the run goes on, each tensor's rows are
+    written to the run's ``units.parquet`` (under a temporary name) once its last unit is
+    stored, so the file has grown before the last unit is reported."""
+    b, t, base, _ = _pair(tmp_path)
+    runs = tmp_path / "store" / "runs"
+    seen: list[tuple[str, int]] = []
+
+    class Watching(Progress):
+        def advanced(self, done) -> None:
+            growing = list(runs.glob("*/units/units.parquet.tmp-*"))
+            seen.append((done.kind, sum(p.stat().st_size for p in growing)))
+
+    opts = SubmitOptions(store=str(tmp_path / "store"), diff=DiffOptions(chunk_elems=1024, rank="off"),
+                         cluster=ClusterOptions(backend="local", workers=1))
+    res = submit(str(b), str(t), opts, Watching())
+    sizes = [size for kind, size in seen if kind == "unit"]
+    assert len(sizes) == res.run.n_units > len(base)
+    # it grew with each tensor folded before the last unit (not just its 4-byte magic number)
+    assert sizes == sorted(sizes) and len(set(sizes)) >= len(base) - 1 and sizes[-2] > sizes[0]
+    assert not list(runs.glob("*/units/*.tmp-*"))
+    assert pq.ParquetFile(runs / res.run_id / "units.parquet").metadata.num_row_groups == len(base)

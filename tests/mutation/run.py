@@ -17,7 +17,7 @@ default, each in its own copy):
 | counts | ``kernel/_gaps.py``: row/column and magnitude counts from packed masks | test_science's stripe and magnitude tests |
 | science | ``kernel/science.py``: subspaces, principal angles, spectral shift, energy rank, CVs, magnitude masks | test_science's kernel-level tests |
 | plan, units, formats | ``plan/``: pairing, dtypes, units, FP8 block grids, fused slices, expert stacks | test_plan (formats: + test_formats' grid errors) |
-| submit | ``run/submit.py``: run identity, resume, --strict, progress | test_submit (resume, atol), test_quirks (strict), test_hash (resume), test_watch (a Hub run) |
+| submit | ``run/submit.py``: run identity, resume, --strict, progress | test_submit (resume, atol), test_quirks (strict), test_hash (resume), test_watch (a Hub run), test_local (folding, a failed run) |
 | overlap | ``query/overlap.py``: intersections, consensus | test_overlap |
 
 plus hand-written mutants of the overlap macros' SQL (``queries/30_overlap.sql``), which no
@@ -104,7 +104,10 @@ TARGETS = (
             "tests/test_quirks.py::test_strict_refuses_any_decision",
             "tests/test_quirks.py::test_strict_names_three_decisions_and_counts_the_rest",
             "tests/test_hash.py::test_an_interrupted_hash_run_resumes_to_the_same_hashes",
-            "tests/test_watch.py::test_a_tick_analyses_each_new_commit_once_and_backs_off_what_fails"), 600, ray=True),
+            "tests/test_watch.py::test_a_tick_analyses_each_new_commit_once_and_backs_off_what_fails",
+            "tests/test_local.py::test_a_failed_local_run_names_the_tensor_and_resumes",
+            "tests/test_local.py::test_each_tensor_is_folded_into_units_parquet_as_its_last_unit_is_stored"), 600,
+           ray=True),
     Target("overlap", "raydiff/query/overlap.py", ("and_count", "count_histogram", "overlap_units",
                                                    "consensus_units"), ("tests/test_overlap.py",), 600, ray=True),
 )
