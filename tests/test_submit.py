@@ -17,8 +17,9 @@ from typer.testing import CliRunner
 from builders import SUM_REL, interrupted_run, itemsizes, perturb, recording_progress, ref_diff, write_checkpoint
 from raydiff.cli.main import app
 from raydiff.kernel.masks import decode_mask
-from raydiff.options import ClusterOptions, DiffOptions, SubmitOptions
-from raydiff.run.submit import submit
+from raydiff.inputs.refs import Identity
+from raydiff.options import ATOL_LADDER, DEFAULT_SUBSPACE_K, ClusterOptions, DiffOptions, SubmitOptions
+from raydiff.run.submit import run_id_for, submit
 from raydiff.query.views import query
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
@@ -188,8 +189,28 @@ def test_resubmit_resumes_and_never_duplicates(tmp_path):
     cols, rows = query(store, "SELECT count(*), count(DISTINCT run_id) FROM runs")
     assert rows == [(1, 1)]
     again = submit(str(b), str(t), opts)
-    assert again.already_complete and again.run_id == run_id
+    assert again.already_complete and not again.resumed and again.run_id == run_id
     assert _tensors(store, run_id) == expected
+
+
+def test_run_ids_of_a_pair_and_its_options_are_pinned():
+    """A store's runs resume with a later raydiff only if the same pair and options give the
+    same id. These are the ids this version gives: change them only with ``RESULTS_VERSION``,
+    whose bump is meant to start every run over."""
+    b = Identity("org/base", "0123456789abcdef0123456789abcdef01234567", "size:1000")
+    t = Identity("/data/tuned", None, "sha256:" + "ab" * 32)
+    default = "7b3c59c62594beeeda74"
+    assert run_id_for(b, t, SubmitOptions(diff=DiffOptions())) == default
+    # options at their defaults are left out, so runs from before they existed keep their ids
+    assert run_id_for(b, t, SubmitOptions(diff=DiffOptions(ladder=ATOL_LADDER, subspace_k=DEFAULT_SUBSPACE_K,
+                                                            hash=False))) == default
+    # what only changes how a run executes or where it is stored is not in the id
+    assert run_id_for(b, t, SubmitOptions(store="/elsewhere", name="x", strict=True, diff=DiffOptions(),
+                                          cluster=ClusterOptions(backend="local", workers=1))) == default
+    assert [run_id_for(b, t, SubmitOptions(diff=d)) for d in (
+        DiffOptions(atol=1e-6), DiffOptions(hash=True), DiffOptions(rename=(("a.", "b."),)))] == [
+        "c067980b753a8b66f4b8", "8f6eae227b2d266f5d0c", "9a9959258f591d155e68"]
+    assert run_id_for(t, b, SubmitOptions()) != default  # the sides are not interchangeable
 
 
 def test_cli_submit_sql_runs(tmp_path):

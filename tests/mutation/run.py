@@ -17,7 +17,7 @@ default, each in its own copy):
 | counts | ``kernel/_gaps.py``: row/column and magnitude counts from packed masks | test_science's stripe and magnitude tests |
 | science | ``kernel/science.py``: subspaces, principal angles, spectral shift, energy rank, CVs, magnitude masks | test_science's kernel-level tests |
 | plan, units, formats | ``plan/``: pairing, dtypes, units, FP8 block grids, fused slices, expert stacks | test_plan (formats: + test_formats' grid errors) |
-| submit | ``run/submit.py``: run identity, resume, --strict, progress | test_submit (resume, atol), test_quirks (strict), test_hash (resume), test_watch (a Hub run), test_local (folding, a failed run) |
+| submit | ``run/submit.py``: run identity, resume, --strict, progress | test_submit (ids, resume, atol), test_quirks (strict), test_hash (resume), test_watch (a Hub run), test_local (folding, a failed run) |
 | overlap | ``query/overlap.py``: intersections, consensus | test_overlap |
 
 plus hand-written mutants of the overlap macros' SQL (``queries/30_overlap.sql``), which no
@@ -99,7 +99,8 @@ TARGETS = (
                                                   "_sizes", "expert_stack"),
            ("tests/test_plan.py", "tests/test_formats.py::test_mismatched_block_grid_is_a_clear_error"), 240),
     Target("submit", "raydiff/run/submit.py", ("run_id_for", "_check_strict", "submit"),
-           ("tests/test_submit.py::test_resubmit_resumes_and_never_duplicates",
+           ("tests/test_submit.py::test_run_ids_of_a_pair_and_its_options_are_pinned",
+            "tests/test_submit.py::test_resubmit_resumes_and_never_duplicates",
             "tests/test_submit.py::test_a_user_atol_and_rel_eta_are_used_end_to_end_and_make_another_run",
             "tests/test_quirks.py::test_strict_refuses_any_decision",
             "tests/test_quirks.py::test_strict_names_three_decisions_and_counts_the_rest",
