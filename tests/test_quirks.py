@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from builders import ref_diff, write_checkpoint
 from raydiff.cli.main import app
 from raydiff.errors import PlanProblem
-from raydiff.options import DiffOptions, SubmitOptions
+from raydiff.options import ClusterOptions, DiffOptions, SubmitOptions
 from raydiff.run.submit import submit
 from raydiff.query.views import query
 
@@ -168,6 +168,38 @@ def test_strict_refuses_any_decision(tmp_path):
     write_checkpoint(tmp_path / "t2", {EMB: emb.clone()})
     ok = submit(str(tmp_path / "b"), str(tmp_path / "t2"), SubmitOptions(store=str(tmp_path / "s"), strict=True))
     assert ok.matching == "1 tensors compared: 1 exact"
+
+
+@pytest.mark.parametrize("decision", ["renamed", "tied_in_base", "resized_rows", "only_in_tuned", "shape_mismatch"])
+def test_strict_refuses_every_kind_of_decision(tmp_path, decision):
+    """Each decision the matcher can take (a match other than exact, or a status other than
+    ok) is refused by --strict, named with the tensor, and nothing is written."""
+    w = torch.randn(10, 4, generator=_g(9)).bfloat16()
+    diff, config = DiffOptions(), None
+    base, tuned, name = {EMB: w}, {EMB: w.clone()}, EMB
+    if decision == "renamed":
+        base, tuned = {"old." + EMB: w}, {EMB: w.clone()}
+        diff = DiffOptions(rename=(("old.", ""),))
+    elif decision == "tied_in_base":
+        tuned[HEAD], name, config = w.clone(), HEAD, {"tie_word_embeddings": True}
+    elif decision == "resized_rows":
+        tuned[EMB] = torch.cat([w, w[:2]])
+    elif decision == "only_in_tuned":
+        tuned[Q], name = w.clone(), Q
+    else:
+        tuned[EMB] = w.reshape(4, 10).clone()
+    write_checkpoint(tmp_path / "b", base, config=config)
+    write_checkpoint(tmp_path / "t", tuned, config=config)
+    with pytest.raises(PlanProblem, match=rf"^strict: \d+ tensors are not matched exactly: {name} \({decision}: "):
+        submit(str(tmp_path / "b"), str(tmp_path / "t"),
+               SubmitOptions(store=str(tmp_path / "s"), strict=True, diff=diff))
+    assert not (tmp_path / "s").exists()
+    # without --strict the same pair is analysed, with the decision recorded
+    res = submit(str(tmp_path / "b"), str(tmp_path / "t"), SubmitOptions(store=str(tmp_path / "s"), diff=diff,
+                                                                          cluster=ClusterOptions(backend="local")))
+    _, rows = query(str(tmp_path / "s"), "SELECT status, match FROM plan WHERE run_id = ? AND tensor = ?",
+                    [res.run_id, name])
+    assert decision in rows[0]
 
 
 @pytest.mark.parametrize("odd", [3, 4])

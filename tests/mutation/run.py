@@ -103,6 +103,7 @@ TARGETS = (
             "tests/test_submit.py::test_resubmit_resumes_and_never_duplicates",
             "tests/test_submit.py::test_a_user_atol_and_rel_eta_are_used_end_to_end_and_make_another_run",
             "tests/test_quirks.py::test_strict_refuses_any_decision",
+            "tests/test_quirks.py::test_strict_refuses_every_kind_of_decision",
             "tests/test_quirks.py::test_strict_names_three_decisions_and_counts_the_rest",
             "tests/test_hash.py::test_an_interrupted_hash_run_resumes_to_the_same_hashes",
             "tests/test_watch.py::test_a_tick_analyses_each_new_commit_once_and_backs_off_what_fails",
