@@ -170,7 +170,8 @@ def test_strict_refuses_any_decision(tmp_path):
     assert ok.matching == "1 tensors compared: 1 exact"
 
 
-@pytest.mark.parametrize("decision", ["renamed", "tied_in_base", "resized_rows", "only_in_tuned", "shape_mismatch"])
+@pytest.mark.parametrize("decision", ["renamed", "tied_in_base", "resized_rows", "only_in_tuned", "shape_mismatch",
+                                      "dtype_mismatch"])
 def test_strict_refuses_every_kind_of_decision(tmp_path, decision):
     """Each decision the matcher can take (a match other than exact, or a status other than
     ok) is refused by --strict, named with the tensor, and nothing is written."""
@@ -186,8 +187,10 @@ def test_strict_refuses_every_kind_of_decision(tmp_path, decision):
         tuned[EMB] = torch.cat([w, w[:2]])
     elif decision == "only_in_tuned":
         tuned[Q], name = w.clone(), Q
-    else:
+    elif decision == "shape_mismatch":
         tuned[EMB] = w.reshape(4, 10).clone()
+    else:
+        tuned[EMB] = w.view(torch.int16).clone()  # a float against integers: not compared
     write_checkpoint(tmp_path / "b", base, config=config)
     write_checkpoint(tmp_path / "t", tuned, config=config)
     with pytest.raises(PlanProblem, match=rf"^strict: \d+ tensors are not matched exactly: {name} \({decision}: "):
