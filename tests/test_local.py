@@ -242,10 +242,14 @@ def test_spectra_computed_a_block_of_rows_at_a_time_match_torch(tmp_path, monkey
     assert spectrum(big, "exact").fro == pytest.approx(float(big.double().norm()), rel=1e-12)
 
 
-def test_each_tensor_is_folded_into_units_parquet_as_its_last_unit_is_stored(tmp_path):
+@pytest.mark.parametrize("backend", ["local", "ray"])
+def test_each_tensor_is_folded_into_units_parquet_as_its_last_unit_is_stored(tmp_path, request, backend):
     """The commit has little left to do: while the run goes on, each tensor's rows are
     written to the run's ``units.parquet`` (under a temporary name) once its last unit is
-    stored, so the file has grown before the last unit is reported."""
+    stored, so the file has grown before the last unit is reported — on either backend
+    (a Ray actor's reports arrive unpickled: other string objects than the driver's)."""
+    if backend == "ray":
+        request.getfixturevalue("ray_cluster")
     b, t, base, _ = _pair(tmp_path)
     runs = tmp_path / "store" / "runs"
     seen: list[tuple[str, int]] = []
@@ -256,7 +260,7 @@ def test_each_tensor_is_folded_into_units_parquet_as_its_last_unit_is_stored(tmp
             seen.append((done.kind, sum(p.stat().st_size for p in growing)))
 
     opts = SubmitOptions(store=str(tmp_path / "store"), diff=DiffOptions(chunk_elems=1024, rank="off"),
-                         cluster=ClusterOptions(backend="local", workers=1))
+                         cluster=ClusterOptions(backend=backend, workers=1))
     res = submit(str(b), str(t), opts, Watching())
     sizes = [size for kind, size in seen if kind == "unit"]
     assert len(sizes) == res.run.n_units > len(base)
