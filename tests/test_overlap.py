@@ -106,6 +106,29 @@ def test_consensus_histogram_matches_numpy(planted):
         assert in_all == int((k == 3).sum())
 
 
+@pytest.mark.parametrize("runs", [2, 3, 5])
+def test_a_units_histogram_has_a_count_for_every_k_even_when_none_is_reached(runs):
+    """``count_histogram`` of R stored masks has R + 1 counts: the last is 0 when no element
+    changed in every run (an empty mask among them, or disjoint ones), never left out, since
+    a unit's histogram is added to its tensor's and ``in_all`` reads the last count."""
+    from raydiff.kernel.masks import encode_mask
+    from raydiff.query.overlap import count_histogram
+
+    rng = np.random.default_rng(runs)
+    n = 1000
+    cases = {
+        "disjoint": [np.arange(n) % runs == r for r in range(runs)],
+        "one empty": [rng.random(n) < 0.5 for _ in range(runs - 1)] + [np.zeros(n, bool)],
+        "dense": [rng.random(n) < 0.9 for _ in range(runs)],
+        "all set": [np.ones(n, bool)] * runs,
+    }
+    for case, masks in cases.items():
+        stored = [encode_mask(m) for m in masks]
+        want = np.bincount(np.sum(masks, axis=0), minlength=runs + 1).tolist()
+        got = count_histogram([c for c, _ in stored], [p for _, p in stored], n)
+        assert got == want and len(got) == runs + 1, case
+
+
 def test_layers_view_weightings(planted):
     _, store, masks = planted
     cols, rows = query(store, "SELECT layer, module, numel, changed, sparsity_weighted, sparsity_mean FROM layers "
