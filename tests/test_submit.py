@@ -18,7 +18,7 @@ from builders import SUM_REL, interrupted_run, itemsizes, perturb, recording_pro
 from raydiff.cli.main import app
 from raydiff.kernel.masks import decode_mask
 from raydiff.inputs.refs import Identity
-from raydiff.options import ATOL_LADDER, DEFAULT_SUBSPACE_K, ClusterOptions, DiffOptions, SubmitOptions
+from raydiff.options import ClusterOptions, DiffOptions, SubmitOptions
 from raydiff.run.submit import run_id_for, submit
 from raydiff.query.views import query
 
@@ -201,15 +201,17 @@ def test_run_ids_of_a_pair_and_its_options_are_pinned():
     t = Identity("/data/tuned", None, "sha256:" + "ab" * 32)
     default = "7b3c59c62594beeeda74"
     assert run_id_for(b, t, SubmitOptions(diff=DiffOptions())) == default
-    # options at their defaults are left out, so runs from before they existed keep their ids
-    assert run_id_for(b, t, SubmitOptions(diff=DiffOptions(ladder=ATOL_LADDER, subspace_k=DEFAULT_SUBSPACE_K,
-                                                            hash=False))) == default
     # what only changes how a run executes or where it is stored is not in the id
     assert run_id_for(b, t, SubmitOptions(store="/elsewhere", name="x", strict=True, diff=DiffOptions(),
                                           cluster=ClusterOptions(backend="local", workers=1))) == default
+    # each result-changing option is; the ladder, subspace_k and hash only when not at their
+    # defaults (left out then, so runs from before they existed keep their ids: the default's
+    # literal above)
     assert [run_id_for(b, t, SubmitOptions(diff=d)) for d in (
-        DiffOptions(atol=1e-6), DiffOptions(hash=True), DiffOptions(rename=(("a.", "b."),)))] == [
-        "c067980b753a8b66f4b8", "8f6eae227b2d266f5d0c", "9a9959258f591d155e68"]
+        DiffOptions(atol=1e-6), DiffOptions(hash=True), DiffOptions(rename=(("a.", "b."),)),
+        DiffOptions(subspace_k=8), DiffOptions(ladder=(1e-6,)))] == [
+        "c067980b753a8b66f4b8", "8f6eae227b2d266f5d0c", "9a9959258f591d155e68", "247aaa6d4f845cdaa797",
+        "9d0137838a9b98b09dc1"]
     assert run_id_for(t, b, SubmitOptions()) != default  # the sides are not interchangeable
 
 
