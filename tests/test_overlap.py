@@ -110,9 +110,10 @@ def test_consensus_histogram_matches_numpy(planted):
 def test_a_units_histogram_has_a_count_for_every_k_even_when_none_is_reached(runs):
     """``count_histogram`` of R stored masks has R + 1 counts: the last is 0 when no element
     changed in every run (an empty mask among them, or disjoint ones), never left out, since
-    a unit's histogram is added to its tensor's and ``in_all`` reads the last count."""
+    a unit's histogram is added to its tensor's and ``in_all`` reads the last count. Each
+    pair's ``and_count`` is numpy's too (the planted runs have no empty mask)."""
     from raydiff.kernel.masks import encode_mask
-    from raydiff.query.overlap import count_histogram
+    from raydiff.query.overlap import and_count, count_histogram
 
     rng = np.random.default_rng(runs)
     n = 1000
@@ -127,6 +128,10 @@ def test_a_units_histogram_has_a_count_for_every_k_even_when_none_is_reached(run
         want = np.bincount(np.sum(masks, axis=0), minlength=runs + 1).tolist()
         got = count_histogram([c for c, _ in stored], [p for _, p in stored], n)
         assert got == want and len(got) == runs + 1, case
+        # and each pair's intersection (an empty mask's is 0, however the other is stored)
+        for i in range(runs):
+            for j in range(i, runs):
+                assert and_count(*stored[i], *stored[j], n) == int((masks[i] & masks[j]).sum()), (case, i, j)
 
 
 def test_layers_view_weightings(planted):
