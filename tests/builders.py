@@ -247,21 +247,29 @@ def started_run(b, t, opts):
     return store, plan, record, planned, ctx
 
 
-#: Bytes per element of each safetensors dtype code, from the format's definition.
-_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-             "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+def read_file(path: Path) -> tuple[dict, dict[str, tuple[str, tuple, bytes]]]:
+    """``(metadata, {name: (dtype, shape, raw bytes)})`` of one safetensors file, parsed here
+    (struct and json), not by raydiff."""
+    raw = Path(path).read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    head = json.loads(raw[8:8 + n])
+    meta = head.pop("__metadata__", {})
+    data = raw[8 + n:]
+    return meta, {k: (v["dtype"], tuple(v["shape"]), data[v["data_offsets"][0]:v["data_offsets"][1]])
+                  for k, v in head.items()}
+
+
+def read_dir(path: Path) -> dict[str, tuple[str, tuple, bytes]]:
+    """:func:`read_file` of every ``.safetensors`` file of a folder, tensors merged."""
+    out = {}
+    for f in sorted(Path(path).glob("*.safetensors")):
+        out.update(read_file(f)[1])
+    return out
 
 
 def itemsizes(folder: Path) -> dict[str, int]:
-    """tensor name → bytes per element, from the raw headers of a folder's .safetensors files
-    (parsed here, not by raydiff)."""
-    out = {}
-    for f in sorted(Path(folder).glob("*.safetensors")):
-        with open(f, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(n))
-        out.update({k: _ITEMSIZE[v["dtype"]] for k, v in header.items() if k != "__metadata__"})
-    return out
+    """tensor name → bytes per element, from the tensors' stored bytes (:func:`read_dir`)."""
+    return {k: len(raw) // max(1, int(np.prod(shape))) for k, (_, shape, raw) in read_dir(folder).items()}
 
 
 def recording_progress():

@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import shutil
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from builders import write_checkpoint
+from builders import read_dir, read_file, write_checkpoint
 from raydiff.cli.main import app
 from raydiff.errors import BaseMismatch
 from raydiff.kernel.masks import decode_mask
@@ -49,24 +48,6 @@ _NP = {"F64": "<f8", "F32": "<f4", "F16": "<u2", "BF16": "<u2", "I64": "<i8", "I
        "I8": "i1", "U8": "u1", "BOOL": "u1"}
 _BITS = {"F64": "<u8", "F32": "<u4", "F16": "<u2", "BF16": "<u2", "I64": "<u8", "I32": "<u4", "U8": "u1",
          "BOOL": "u1", "I8": "u1", "I16": "<u2"}
-
-
-def read_file(path: Path) -> tuple[dict, dict[str, tuple[str, tuple, bytes]]]:
-    """``(metadata, {name: (dtype, shape, raw bytes)})`` of one safetensors file."""
-    raw = Path(path).read_bytes()
-    (n,) = struct.unpack("<Q", raw[:8])
-    head = json.loads(raw[8:8 + n])
-    meta = head.pop("__metadata__", {})
-    data = raw[8 + n:]
-    return meta, {k: (v["dtype"], tuple(v["shape"]), data[v["data_offsets"][0]:v["data_offsets"][1]])
-                  for k, v in head.items()}
-
-
-def read_dir(path: Path) -> dict[str, tuple[str, tuple, bytes]]:
-    out = {}
-    for f in sorted(Path(path).glob("*.safetensors")):
-        out.update(read_file(f)[1])
-    return out
 
 
 def bits(entry) -> np.ndarray:
