@@ -106,6 +106,31 @@ def test_consensus_histogram_matches_numpy(planted):
         assert in_all == int((k == 3).sum())
 
 
+def test_runs_on_different_tensor_sets_meet_on_the_tensors_they_share(planted):
+    """A tuned checkpoint without one tensor gives a run with one row group fewer: whichever
+    run comes first, every shared tensor is counted, by position in neither run's groups."""
+    root, store, masks = planted
+    from safetensors.torch import load_file
+
+    tuned = {}
+    for f in sorted((root / "a").glob("*.safetensors")):
+        tuned.update(load_file(f))
+    gone = "model.layers.0.mlp.up_proj.weight"
+    del tuned[gone]
+    write_checkpoint(root / "a-less", tuned, shards=2)
+    submit(str(root / "base"), str(root / "a-less"),
+           SubmitOptions(store=store, name="a-less", diff=DiffOptions(chunk_elems=CHUNK, rank="off")))
+    shared = set(SHAPES) - {gone}
+    for runs in (["a", "a-less"], ["a-less", "a"], ["a-less", "b", "a"]):
+        _, rows = query(store, f"SELECT tensor, histogram FROM consensus({runs!r})")
+        assert {r[0] for r in rows} == shared, runs
+        for tensor, hist in rows:
+            k = sum(masks["a" if r == "a-less" else r][tensor].astype(int) for r in runs)
+            assert hist == np.bincount(k, minlength=len(runs) + 1).tolist(), (runs, tensor)
+        _, rows = query(store, f"SELECT tensor, changed_both FROM overlap('{runs[0]}', '{runs[-1]}')")
+        assert dict(rows) == {t: int(masks["a"][t].sum()) for t in shared}, runs
+
+
 @pytest.mark.parametrize("runs", [2, 3, 5])
 def test_a_units_histogram_has_a_count_for_every_k_even_when_none_is_reached(runs):
     """``count_histogram`` of R stored masks has R + 1 counts: the last is 0 when no element
