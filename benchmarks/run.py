@@ -9,7 +9,8 @@ the store's mask codec), and raydiff's one pass with every criterion, statistics
 compressed mask (on an AVX-512 CPU, the portable loop's beside it); end-to-end ``submit`` (rank off)
 on two pair sizes, warm and cold, as marginal throughput Δbytes/Δtime (cancels Ray
 start-up); the paper-style baseline on the same pair (safetensors + torch, Δ in bf16,
-``abs() <= 1e-5``); rank, exact vs sketch, on a planted low-rank + noise matrix; mask
+``abs() <= 1e-5``); rank, exact vs sketch, on a planted low-rank + noise matrix; the
+sketch's products on one thread, torch's BLAS against numpy's; mask
 overlap in bits/s and its extrapolation to 7·10⁹ entries; peak memory of the driver and
 actors; and, where CUDA is present, the GPU actor's kernel and rank times. Throughput counts input bytes: base + tuned.
 """
@@ -280,8 +281,11 @@ def rank() -> None:
     planted = (torch.randn(m, r, generator=g) @ torch.randn(r, n, generator=g)) * 1e-3
     noisy = (planted + torch.randn(m, n, generator=g) * 1e-6)
     torch.set_num_threads(1)  # one actor = one core
-    exact = spectrum(noisy, "exact")
-    sketch = spectrum(noisy, "sketch", sketch_rank=64)
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1, user_api="blas"):  # the sketch's products: numpy's BLAS
+        exact = spectrum(noisy, "exact")
+        sketch = spectrum(noisy, "sketch", sketch_rank=64)
     err = max(abs(a - b) / a for a, b in zip(exact.top_sv[:r], sketch.top_sv[:r]))
     print(f"rank {m}×{n} fp32, planted rank {r} + noise, one core: exact {exact.seconds:.2f} s "
           f"(matrix_rank {exact.rank}, rank@1e-2 {exact.rank_cutoffs[1]}); sketch-64 {sketch.seconds:.2f} s "
@@ -412,6 +416,52 @@ def science(full: bool) -> None:
         print(line)
 
 
+def products() -> None:
+    """The sketch's products on one thread, as a worker runs them: float32 GFLOP/s of torch's
+    BLAS and numpy's for a 4096×14336 matrix and 136 directions, in the three layouts the
+    sketch uses, and one whole `--rank sketch` spectrum of a bf16 pair's ΔW (from the stored
+    bits) with each."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    from raydiff.kernel import science as sci
+    from raydiff.kernel import spectrum as sk
+    from raydiff.kernel.diff import delta_of_bits
+    from raydiff.kernel.spectrum import spectrum
+
+    rng = np.random.default_rng(3)
+    m, n, k = 4096, 14336, 136
+    a = rng.standard_normal((m, n), dtype=np.float32)
+    forms = {"w·Ω": (a, rng.standard_normal((n, k), dtype=np.float32)),
+             "qᵀ·w": (rng.standard_normal((m, k), dtype=np.float32).T, a),
+             "wᵀ·q": (a.T, rng.standard_normal((m, k), dtype=np.float32))}
+    base = ((rng.standard_normal(m * n, dtype=np.float32) * 0.02).view(np.uint32) >> 16).astype(np.uint16)
+    tuned = base.copy()
+    tuned[rng.random(m * n, dtype=np.float32) < 0.25] += 1
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with threadpool_limits(1, user_api="blas"):
+            rates = []
+            for name, (x, y) in forms.items():
+                tx, ty = torch.from_numpy(x), torch.from_numpy(y)
+                t_torch = _best(lambda: tx @ ty, 3)
+                t_np = _best(lambda: np.matmul(x, y), 3)
+                rates.append(f"{name} {2 * m * n * k / t_torch / 1e9:.0f} / {2 * m * n * k / t_np / 1e9:.0f}")
+            delta = torch.from_numpy(delta_of_bits(base, tuned, "BF16").reshape(m, n))
+            t_now = _best(lambda: spectrum(delta, "sketch", sketch_rank=128), 2)
+            numpy_matmul = sci.matmul
+            sci.matmul = sk.matmul = lambda x, y: x @ y  # the products in torch, as before
+            try:
+                t_torch = _best(lambda: spectrum(delta, "sketch", sketch_rank=128), 2)
+            finally:
+                sci.matmul = sk.matmul = numpy_matmul
+    finally:
+        torch.set_num_threads(threads)
+    print(f"sketch products, one thread, GFLOP/s torch / numpy: {', '.join(rates)}; a 4096×14336 sketch-128 "
+          f"spectrum with products in torch {t_torch:.2f} s, in numpy {t_now:.2f} s")
+
+
 def overlap() -> None:
     from raydiff.kernel.masks import encode_mask
     from raydiff.query.overlap import and_count
@@ -435,14 +485,15 @@ def main() -> None:
     ap.add_argument("--science-full", action="store_true",
                     help="science: also time spectral_shift_full's two exact SVDs on the CPU (~1 min per matrix)")
     ap.add_argument("--only", nargs="*", default=None,
-                    help="sections: machine kernel e2e fresh disk paper rank science hash overlap gpu (default: all "
+                    help="sections: machine kernel e2e fresh disk paper rank products science hash overlap gpu (default: all "
                          "but disk, which writes a pair bigger than RAM: about 1.4× its size of free disk)")
     ap.add_argument("--keep-big", action="store_true", help="disk: keep the big pair for the next run")
     ap.add_argument("--disk-sketch", action="store_true", help="disk: also time --rank sketch on the big pair")
     args = ap.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    only = set(args.only or ["machine", "kernel", "e2e", "fresh", "paper", "rank", "science", "hash", "overlap", "gpu"])
+    only = set(args.only or ["machine", "kernel", "e2e", "fresh", "paper", "rank", "products", "science", "hash",
+                             "overlap", "gpu"])
     print(f"raydiff benchmarks on {os.cpu_count()} cores; input bytes = base + tuned")
     if "machine" in only:
         machine(work)
@@ -460,6 +511,8 @@ def main() -> None:
             fresh_processes.versus_paper(work, args.large_gb)
     if "rank" in only:
         rank()
+    if "products" in only:
+        products()
     if "science" in only:
         science(args.science_full)
     if "hash" in only:

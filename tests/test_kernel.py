@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from builders import LADDER, SUM_REL, boundary_pair, ref_diff
-from raydiff.kernel.diff import Criteria, decode, round_to
+from raydiff.kernel.diff import Criteria, decode, delta_of_bits, round_to
 from raydiff.kernel.diff import diff_unit as _diff_unit
 from raydiff.kernel.masks import CODEC_PACKBITS, decode_mask
 from raydiff.kernel.spectrum import spectrum
@@ -263,6 +263,35 @@ def test_decode_refuses_what_is_not_a_stored_float_dtype(dtype):
     # BOOL sorts before F32: a range compare for a float name would reinterpret its bytes.
     with pytest.raises(ValueError, match=f"{dtype} is not a float dtype"):
         decode(np.zeros(4, np.uint32), dtype)
+
+
+@settings(max_examples=40, deadline=None)
+@given(dtype=st.sampled_from(["BF16", "F32"]), seed=st.integers(0, 2**31), n=st.integers(0, 3000))
+def test_delta_of_bits_is_torchs_difference_in_the_dtype(dtype, seed, n):
+    """ΔW from the stored bits is torch's ``tuned - base`` in the pair's dtype, bit for bit:
+    random bit patterns (NaN, ±Inf, subnormals, differences that overflow to ±Inf) and
+    nearby values that round to even."""
+    rng = np.random.default_rng(seed)
+    t, bits = (torch.bfloat16, np.uint16) if dtype == "BF16" else (torch.float32, np.uint32)
+    a = rng.integers(0, np.iinfo(bits).max, n, dtype=bits, endpoint=True)
+    b = np.where(rng.random(n) < 0.5, a + rng.integers(-3, 4, n).astype(bits), rng.integers(
+        0, np.iinfo(bits).max, n, dtype=bits, endpoint=True)).astype(bits)
+    b[:4] = np.array([0x7F7F, 0xFF7F, 0x0001, 0x7F80] if dtype == "BF16" else [0x7F7FFFFF, 0xFF7FFFFF, 1, 0x7F800000],
+                     bits)[:min(4, n)]
+    want = (torch.from_numpy(b.view(np.int16 if dtype == "BF16" else np.int32)).view(t)
+            - torch.from_numpy(a.view(np.int16 if dtype == "BF16" else np.int32)).view(t)).float().numpy()
+    got = delta_of_bits(a, b, dtype)
+    assert got.dtype == np.float32 and got.shape == (n,)
+    nan = np.isnan(want)
+    assert np.array_equal(np.isnan(got), nan)
+    assert np.array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32))
+
+
+def test_delta_of_bits_refuses_other_dtypes_and_shapes():
+    with pytest.raises(ValueError, match="BF16 or F32 bits, got F16"):
+        delta_of_bits(np.zeros(2, np.uint16), np.zeros(2, np.uint16), "F16")
+    with pytest.raises(ValueError, match=r"shapes differ: \(2,\) and \(3,\)"):
+        delta_of_bits(np.zeros(2, np.uint16), np.zeros(3, np.uint16), "BF16")
 
 
 def test_spectrum_matches_torch_matrix_rank_and_sketch_finds_planted_rank():

@@ -373,3 +373,42 @@ def test_jaccard_matrix_is_the_mean_over_pairs(family):
     every = [np.concatenate([masks[i][k].ravel() for k in (Q, O, UP, NORM)]) for i in range(3)]
     assert total["jaccard_mean"] == pytest.approx(np.mean([jac(every[i], every[j]) for i, j in pairs]))
     assert total["n_pairs"] == 3
+
+
+@pytest.mark.parametrize("dtype", ["BF16", "F16", "F32"])
+def test_a_sketch_without_subspaces_matches_numpy_whichever_side_it_decodes(tmp_path, dtype):
+    """`--rank sketch --subspace-k 0` takes ΔW from the stored bits where it can (BF16, F32)
+    and decodes neither side where no metric needs the weights (BF16): the spectrum and the
+    magnitude masks are still numpy's, from ΔW taken in the pair's dtype as torch takes it."""
+    from raydiff.options import ClusterOptions
+
+    t = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}[dtype]
+    g = torch.Generator().manual_seed(5)
+    shapes = {Q: (96, 64), UP: (80, 200)}
+    base = {k: (torch.randn(s, generator=g) * 0.05).to(t) for k, s in shapes.items()}
+    tuned = {}
+    for k, b in base.items():
+        move = torch.rand(b.shape, generator=g) < 0.3
+        tuned[k] = torch.where(move, (b.float() + torch.randn(b.shape, generator=g) * 1e-3).to(t), b)
+    write_checkpoint(tmp_path / "base", base)
+    write_checkpoint(tmp_path / "tuned", tuned)
+    store = str(tmp_path / "store")
+    run = submit(str(tmp_path / "base"), str(tmp_path / "tuned"),
+                 SubmitOptions(store=store, diff=DiffOptions(rank="sketch", subspace_k=0),
+                               cluster=ClusterOptions(backend="local")))
+    cols, rows = query(store, "SELECT * FROM spectra WHERE run_id = ?", [run.run_id])
+    got = {r[cols.index("tensor")]: dict(zip(cols, r)) for r in rows}
+    assert set(got) == set(shapes)
+    for name in shapes:
+        d = (tuned[name] - base[name]).double().numpy()  # Δ in the pair's dtype, as the paper takes it
+        sv = np.linalg.svd(d, compute_uv=False)
+        row = got[name]
+        assert (row["method"], row["subspace_k"]) == ("sketch", None)
+        np.testing.assert_allclose(row["top_sv"][:16], sv[:16], rtol=1e-5)
+        assert row["fro"] == pytest.approx(float(np.sqrt((d ** 2).sum())), rel=1e-6)
+        m = ~((tuned[name] - base[name]).abs() <= 1e-5).numpy()
+        for alpha in (0.1, 0.3, 0.5):
+            ov, frac = _low_mag_numpy(np.abs(base[name].double().numpy()), m, alpha)
+            pct = round(alpha * 100)
+            assert row[f"low_mag_overlap_{pct}"] == pytest.approx(ov, abs=1e-12), (name, alpha)
+            assert row[f"low_mag_frac_{pct}"] == pytest.approx(frac, abs=1e-12), (name, alpha)

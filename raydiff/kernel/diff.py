@@ -159,6 +159,26 @@ def round_to(x: np.ndarray, dtype: str) -> np.ndarray:
     return x
 
 
+def delta_of_bits(base: np.ndarray, tuned: np.ndarray, dtype: str) -> np.ndarray:
+    """``tuned − base`` of the stored bits of a BF16 or F32 pair, as float32 and taken in that
+    dtype (a BF16 Δ rounded to BF16, nearest-even, NaN kept): ``round_to(decode(tuned) −
+    decode(base), dtype)`` in one pass, with no float copy of either side.
+
+    Example:
+        >>> delta_of_bits(np.array([0x3F80], np.uint16), np.array([0x4000], np.uint16), "BF16")
+        array([1.], dtype=float32)
+    """
+    from raydiff.kernel import _fused
+
+    if dtype not in ("BF16", "F32"):
+        raise ValueError(f"delta_of_bits takes BF16 or F32 bits, got {dtype}")
+    if base.shape != tuned.shape:
+        raise ValueError(f"shapes differ: {base.shape} and {tuned.shape}")
+    out = np.empty(base.shape, np.float32)
+    _fused.delta(base.reshape(-1), tuned.reshape(-1), _fused.TAGS[dtype], _NO_LUT, out.reshape(-1))
+    return out
+
+
 @cache
 def cutoff(t: float, dtype: str) -> np.floating:
     """The float32 (float64 for F64) cut-off ``c`` with: ``|Δ|`` rounded to ``dtype`` is

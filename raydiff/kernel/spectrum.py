@@ -1,4 +1,5 @@
-"""Rank and singular spectrum of an update ΔW — pure torch, CPU or GPU.
+"""Rank and singular spectrum of an update ΔW — pure torch, CPU or GPU (a sketch's products
+on the CPU by numpy's BLAS, :func:`raydiff.kernel.science.matmul`).
 
 ``exact`` computes every singular value (``torch.linalg.svdvals``) and reports the paper's
 ``matrix_rank`` — the count of σ_i > σ_1 · max(m, n) · eps(fp32), which is exactly
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from raydiff.kernel.science import energy_rank, nonfinite, range_basis
+from raydiff.kernel.science import energy_rank, matmul, nonfinite, range_basis
 from raydiff.options import RANK_CUTOFFS
 
 _POWER_ITERS = 2
@@ -141,4 +142,4 @@ def _sum_sq(a: torch.Tensor, block_elems: int = 1 << 16) -> float:
 
 def _sketch_svdvals(a: torch.Tensor, k: int, seed: int) -> torch.Tensor:
     q = range_basis(a, min(k + _OVERSAMPLE, *a.shape), seed, _POWER_ITERS)
-    return torch.linalg.svdvals(q.T @ a)[:k]
+    return torch.linalg.svdvals(matmul(q.T, a))[:k]

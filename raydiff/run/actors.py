@@ -90,7 +90,13 @@ class DiffActor:
     """Diffs units and computes spectra, on the node it was placed on, for any run."""
 
     def __init__(self, device: str) -> None:
+        from threadpoolctl import threadpool_limits
+
         from raydiff.run import execute  # noqa: F401  (the compiled kernel, loaded as the actor starts)
+
+        # one BLAS thread, as the actor has one CPU (torch has one already: Ray sets
+        # OMP_NUM_THREADS): spectra are then bitwise those of the local backend's workers
+        threadpool_limits(1, user_api="blas")
 
         self._node_id = ray.get_runtime_context().get_node_id()
         self._device = device

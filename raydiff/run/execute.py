@@ -20,7 +20,7 @@ import numpy as np
 
 from raydiff.inputs.reader import TensorReader
 from raydiff.errors import RaydiffError, WorkFailed
-from raydiff.kernel.diff import Criteria, UnitDiff, decode, dequantize_blocks, diff_unit, round_to
+from raydiff.kernel.diff import Criteria, UnitDiff, decode, delta_of_bits, dequantize_blocks, diff_unit, round_to
 from raydiff.inputs.safetensors import TensorInfo
 from raydiff.plan import BlockScale, HashTask, SpectrumTask, WorkUnit
 from raydiff.records import HashRecord, SpectrumRecord, UnitRecord
@@ -263,9 +263,15 @@ class Executor:
 
     def delta_matrix(self, s: SpectrumTask, w: tuple[np.ndarray, np.ndarray] | None = None) -> torch.Tensor:
         """ΔW of a 2-D tensor (or an expert's matrix) as float32, taken in the compared dtype
-        as the paper does (block-scaled FP8 dequantized first)."""
+        as the paper does (block-scaled FP8 dequantized first). A BF16 or F32 pair's comes
+        straight from the stored bits in one pass (0.09 s for 4096×14336 BF16, against 0.6 s
+        decoding both sides first); ``w``, both sides decoded, serves the others."""
         import torch
 
+        if _delta_from_bits(s):
+            m, n = s.base.shape
+            d = delta_of_bits(self.reader.read(s.base, 0, m * n), self.reader.read(s.tuned, 0, m * n), s.base.dtype)
+            return torch.from_numpy(d.reshape(m, n))
         b, t = w if w is not None else self.matrices(s)
         # a block of rows at a time: the rounding's temporaries stay a block's size, not a few
         # copies of the matrix (2.1 GB each for a 128256×4096 embedding)
@@ -277,34 +283,47 @@ class Executor:
                                          s.compare_dtype)
         return torch.from_numpy(d)
 
-    def _science(self, s: SpectrumTask, w0: np.ndarray, w1: np.ndarray) -> dict[str, object]:
+    def _needs_values(self, s: SpectrumTask) -> bool:
+        """Whether a spectrum task decodes both sides to floats: for a ΔW the stored bits do
+        not give, or for metrics of the weights themselves (the subspaces, the full spectral
+        shift, magnitude masks of other dtypes than BF16 and F16). Skipping it spares two
+        float32 copies of the matrix (4.2 GB for a 128256×4096 embedding)."""
+        return (not _delta_from_bits(s) or bool(self.ctx.subspace_k) or self.ctx.rank_mode == "exact"
+                or not _magnitude_from_bits(s))
+
+    def _science(self, s: SpectrumTask, w: tuple[np.ndarray, np.ndarray] | None) -> dict[str, object]:
         """The follow-up papers' metrics of one matrix (:mod:`raydiff.kernel.science`): the
         subspace ones (``subspace_k`` > 0), the full spectral shift (``rank_mode`` exact)
-        and the overlap of the changed mask with the smallest ``|W0|``."""
+        and the overlap of the changed mask with the smallest ``|W0|``. ``w`` is both sides
+        decoded, ``None`` when none of these needs them (:meth:`_needs_values`)."""
         import torch
 
         t0 = time.perf_counter()
-        m, n = w0.shape
+        m, n = s.base.shape
         out: dict[str, object] = {}
-        a = torch.from_numpy(np.ascontiguousarray(w0, np.float32)).to(self.device)
-        b = torch.from_numpy(np.ascontiguousarray(w1, np.float32)).to(self.device)
-        if self.ctx.subspace_k:  # None for a matrix holding NaN or ±Inf
-            sub = science.subspace(a, b, self.ctx.subspace_k)
-            if sub is not None:
-                out.update(subspace_k=sub.k, principal_cos_u=sub.cos_u, principal_cos_v=sub.cos_v,
-                           principal_angle_max_deg=sub.angle_max_deg, spectral_shift=sub.shift_topk)
-        if self.ctx.rank_mode == "exact" and not (science.nonfinite(a) or science.nonfinite(b)):
-            out["spectral_shift_full"] = science.spectral_shift(torch.linalg.svdvals(a), torch.linalg.svdvals(b))
-        del a, b
+        if self.ctx.subspace_k or self.ctx.rank_mode == "exact":
+            assert w is not None
+            a = torch.from_numpy(np.ascontiguousarray(w[0], np.float32)).to(self.device)
+            b = torch.from_numpy(np.ascontiguousarray(w[1], np.float32)).to(self.device)
+            if self.ctx.subspace_k:  # None for a matrix holding NaN or ±Inf
+                sub = science.subspace(a, b, self.ctx.subspace_k)
+                if sub is not None:
+                    out.update(subspace_k=sub.k, principal_cos_u=sub.cos_u, principal_cos_v=sub.cos_v,
+                               principal_angle_max_deg=sub.angle_max_deg, spectral_shift=sub.shift_topk)
+            if self.ctx.rank_mode == "exact" and not (science.nonfinite(a) or science.nonfinite(b)):
+                out["spectral_shift_full"] = science.spectral_shift(torch.linalg.svdvals(a),
+                                                                    torch.linalg.svdvals(b))
+            del a, b
         # the run's changed mask of the whole matrix, by the same kernel as its units
         whole = WorkUnit(-1, s.tensor_index, s.tensor, 0, m * n, n, s.base, s.tuned, s.compare_dtype,
                          s.base_scale, s.tuned_scale)
         r, _, _ = self._diff(whole)
-        if s.base.dtype in ("BF16", "F16") and s.base_scale is None:  # by counts of each magnitude: exact, fast
+        if _magnitude_from_bits(s):  # by counts of each magnitude: exact, fast
             low = science.low_magnitude_overlap_bits(self.reader.read(s.base, 0, m * n), s.base.dtype,
                                                      decode_packed(r.mask_codec, r.mask, m * n), packed_mask=True)
         else:
-            low = science.low_magnitude_overlap(np.abs(w0).reshape(-1), decode_mask(r.mask_codec, r.mask, m * n))
+            assert w is not None
+            low = science.low_magnitude_overlap(np.abs(w[0]).reshape(-1), decode_mask(r.mask_codec, r.mask, m * n))
         for alpha, (overlap, frac) in zip(science.LOW_MAG_ALPHAS, low):
             pct = round(alpha * 100)
             out[f"low_mag_overlap_{pct}"], out[f"low_mag_frac_{pct}"] = overlap, frac
@@ -315,11 +334,11 @@ class Executor:
         from raydiff.kernel.spectrum import spectrum
 
         t0 = time.perf_counter()
-        w = self.matrices(s)
+        w = self.matrices(s) if self._needs_values(s) else None
         delta = self.delta_matrix(s, w).to(self.device)
         sp = spectrum(delta, self.ctx.rank_mode, self.ctx.top_k, self.ctx.sketch_rank)
         del delta
-        extra = self._science(s, *w)
+        extra = self._science(s, w)
         cut = sp.rank_cutoffs if len(sp.rank_cutoffs) == 3 else (None, None, None)
         self.store.write_spectrum(SpectrumRecord(
             run_id=self.ctx.run_id, tensor_index=s.tensor_index, tensor=s.tensor, expert=s.expert, method=sp.method,
@@ -330,3 +349,15 @@ class Executor:
             **{k: extra.get(k) for k in _SCIENCE_FIELDS},
         ))
         return Done("spectrum", s.tensor_index, s.base.nbytes + s.tuned.nbytes, time.perf_counter() - t0)
+
+
+def _delta_from_bits(s: SpectrumTask) -> bool:
+    """Whether ΔW of a spectrum task comes straight from the stored bits (:func:`delta_of_bits`):
+    a BF16 or F32 pair of one dtype, compared in it, with no block scales."""
+    return (s.base.dtype == s.tuned.dtype == s.compare_dtype and s.base.dtype in ("BF16", "F32")
+            and s.base_scale is None and s.tuned_scale is None)
+
+
+def _magnitude_from_bits(s: SpectrumTask) -> bool:
+    """Whether the magnitude masks count the base's stored bits (BF16 and F16, unscaled)."""
+    return s.base.dtype in ("BF16", "F16") and s.base_scale is None
