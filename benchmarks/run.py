@@ -451,7 +451,7 @@ def products() -> None:
             delta = torch.from_numpy(delta_of_bits(base, tuned, "BF16").reshape(m, n))
             t_now = _best(lambda: spectrum(delta, "sketch", sketch_rank=128), 2)
             numpy_matmul = sci.matmul
-            sci.matmul = sk.matmul = lambda x, y: x @ y  # the products in torch, as before
+            sci.matmul = sk.matmul = lambda x, y: x @ y  # the same products in torch
             try:
                 t_torch = _best(lambda: spectrum(delta, "sketch", sketch_rank=128), 2)
             finally:

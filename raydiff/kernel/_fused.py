@@ -345,7 +345,6 @@ def diff(a, b, tag, lut, cuts, eta, shared, row_len, counts, stats, mask, rows, 
         _emit(hits, stop - start, start, row_len, mask, rows, cols)
 
 
-
 @njit(cache=True, nogil=True)
 def delta(a, b, tag, lut, out):
     """``out = b − a`` of the stored bits of a BF16 (``tag`` int8) or F32 (int32) pair, in

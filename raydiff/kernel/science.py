@@ -82,10 +82,11 @@ def range_basis(w: torch.Tensor, width: int, seed: int, power_iters: int) -> tor
 
 def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b``. On the CPU, float32 and float64 go through numpy's BLAS (OpenBLAS in
-    numpy's wheels), which runs this module's skinny products at 1.3–1.6× the speed of
-    torch's MKL on the AMD CPUs measured (57–65 against 38–44 GFLOP/s on one thread; see
-    docs/performance.md). One thread per worker is the caller's to set, as for torch
-    (:func:`raydiff.run.local.run_work`): the BLAS's results depend on its thread count."""
+    numpy's wheels), which runs the sketches' skinny products 1.2–1.6× as fast as torch's
+    MKL on the AMD CPU measured (59–77 against 44–50 GFLOP/s on one thread:
+    ``benchmarks/run.py --only products``). One thread per worker is the caller's to set, as
+    for torch (:func:`raydiff.run.local.run_work`): the BLAS's results depend on its thread
+    count."""
     import torch
 
     if a.device.type == "cpu" and b.device.type == "cpu" and a.dtype == b.dtype \
