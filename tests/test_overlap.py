@@ -108,7 +108,8 @@ def test_consensus_histogram_matches_numpy(planted):
 
 def test_runs_on_different_tensor_sets_meet_on_the_tensors_they_share(planted):
     """A tuned checkpoint without one tensor gives a run with one row group fewer: whichever
-    run comes first, every shared tensor is counted, by position in neither run's groups."""
+    run comes first, every tensor both runs hold is counted (units pair by tensor and
+    range, not by the position of their row group)."""
     root, store, masks = planted
     from safetensors.torch import load_file
 
