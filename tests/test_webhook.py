@@ -252,5 +252,5 @@ def test_watch_webhook_command_end_to_end(tmp_path):
             _, err = proc.communicate(timeout=60)
         finally:
             proc.kill()
-        assert proc.returncode == 0 and "webhook 202 queued: org/tuned: cccccccccccc" in err
-        assert err.rstrip().endswith("watch: stopped")
+        assert proc.returncode == 0 and "webhook 202 queued: org/tuned: cccccccccccc" in err, err
+        assert err.rstrip().endswith("watch: stopped"), err
