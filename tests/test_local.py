@@ -82,6 +82,31 @@ def test_local_backend_counts_what_torch_counts_and_stores_what_ray_stores(tmp_p
            {n: [r[c] for c in same] for n, r in got.items()}
 
 
+
+def test_sketch_spectra_are_bitwise_those_of_the_ray_backend(tmp_path, ray_cluster):
+    """A sketch's products go through the BLAS, whose sums depend on its thread count (at
+    256×512 already): the local backend holds it to one thread per worker, as an actor's one
+    CPU does, so both backends store the same bits. Values are checked against numpy's SVD."""
+    g = torch.Generator().manual_seed(11)
+    base = {f"model.layers.{i}.mlp.up_proj.weight": torch.randn(256, 512, generator=g).bfloat16() for i in range(2)}
+    # a planted rank-4 update, whose top σ a sketch finds to float32 accuracy, on top of bf16 rounding
+    tuned = {k: (v.float() + torch.randn(256, 4, generator=g) @ torch.randn(4, 512, generator=g) * 0.05).bfloat16()
+             for k, v in base.items()}
+    b, t = write_checkpoint(tmp_path / "base", base), write_checkpoint(tmp_path / "tuned", tuned)
+    diff = DiffOptions(rank="sketch", sketch_rank=64, subspace_k=8)
+    stores = {backend: str(tmp_path / backend) for backend in ("local", "ray")}
+    runs = {backend: submit(str(b), str(t), SubmitOptions(store=store, diff=diff, cluster=ClusterOptions(
+        backend=backend, **({"workers": 2} if backend == "local" else {})))) for backend, store in stores.items()}
+    assert runs["local"].run_id == runs["ray"].run_id
+    same = ("top_sv", "stable_rank", "principal_cos_u", "principal_cos_v", "principal_angle_max_deg", "spectral_shift")
+    got = {backend: {n: {c: r[c] for c in same} for n, r in _tensors(store, runs[backend].run_id).items()}
+           for backend, store in stores.items()}
+    assert got["local"] == got["ray"]
+    for name in base:
+        delta = (tuned[name].float() - base[name].float()).bfloat16().float().numpy()
+        sv = np.linalg.svd(delta.astype(np.float64), compute_uv=False)
+        np.testing.assert_allclose(got["local"][name]["top_sv"][:4], sv[:4], rtol=1e-5, err_msg=name)
+
 def test_auto_runs_locally_only_with_no_cluster_given(monkeypatch, ray_cluster):
     assert local.chosen(ClusterOptions(backend="local"))
     assert not local.chosen(ClusterOptions(backend="ray"))
