@@ -110,6 +110,11 @@ def run_work(ctx: RunContext, units: Sequence[WorkUnit], spectra: Sequence[Spect
         ex: Executor | None = getattr(mine, "ex", None)
         if ex is None:
             ex = mine.ex = Executor(ctx, node_id=node, keep_records=True)  # the fold takes them from memory
+            if torch is not None:
+                # OpenMP's and MKL's thread counts are per thread: set in this one too, or
+                # torch.linalg (MKL's LAPACK) may run on every core until some torch op here
+                # happens to set them (an exact svdvals first differed from an actor's)
+                torch.set_num_threads(1)
         # the item that starts when this one ends (n threads take items in order): its bytes
         # come from the disk while this one is computed
         if i + n < len(work) and work[i + n][0] in ("unit", "spectrum"):
