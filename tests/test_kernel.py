@@ -285,6 +285,9 @@ def test_delta_of_bits_is_torchs_difference_in_the_dtype(dtype, seed, n):
     nan = np.isnan(want)
     assert np.array_equal(np.isnan(got), nan)
     assert np.array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32))
+    out = np.full(n, 7.0, np.float32)  # a buffer written over, as an executor reuses it
+    assert delta_of_bits(a, b, dtype, out) is out
+    assert np.array_equal(out.view(np.uint32), got.view(np.uint32))
 
 
 def test_delta_of_bits_refuses_other_dtypes_and_shapes():
@@ -292,6 +295,9 @@ def test_delta_of_bits_refuses_other_dtypes_and_shapes():
         delta_of_bits(np.zeros(2, np.uint16), np.zeros(2, np.uint16), "F16")
     with pytest.raises(ValueError, match=r"shapes differ: \(2,\) and \(3,\)"):
         delta_of_bits(np.zeros(2, np.uint16), np.zeros(3, np.uint16), "BF16")
+    for out in (np.empty(3, np.float32), np.empty(2, np.float64), np.empty(4, np.float32)[::2]):
+        with pytest.raises(ValueError, match="out must be a C-contiguous float32 array of 2 entries"):
+            delta_of_bits(np.zeros(2, np.uint16), np.zeros(2, np.uint16), "BF16", out)
 
 
 def test_spectrum_matches_torch_matrix_rank_and_sketch_finds_planted_rank():

@@ -261,9 +261,11 @@ def test_spectra_computed_a_block_of_rows_at_a_time_match_torch(tmp_path, monkey
     delta = (tuned["m.weight"] - base["m.weight"]).float()  # the paper's Δ, in bf16
     assert row["rank"] == int(torch.linalg.matrix_rank(delta))
     assert row["top_sv"][:5] == pytest.approx(torch.linalg.svdvals(delta.double())[:5].tolist(), rel=1e-5)
-    big = torch.randn(1100, 7, generator=g)
-    for block in (7 * 100, 1 << 16):
-        assert _sum_sq(big, block) == pytest.approx(float((big.double() ** 2).sum()), rel=1e-12)
+    big = torch.randn(1100, 7, generator=g)  # 7,700 entries: across numba's blocks of 4,096 too
+    want = float((big.numpy().astype(np.float64) ** 2).sum())
+    for block in (7 * 100, 1 << 16):  # the numba pass (contiguous) and torch's blocks of rows (not)
+        assert _sum_sq(big, block) == pytest.approx(want, rel=1e-12)
+        assert _sum_sq(big.T, block) == pytest.approx(want, rel=1e-12)
     assert spectrum(big, "exact").fro == pytest.approx(float(big.double().norm()), rel=1e-12)
 
 

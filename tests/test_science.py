@@ -199,6 +199,9 @@ def test_magnitude_masks_planted_on_the_smallest_weights():
         for mask in (planted, noise, np.ones_like(planted), np.zeros_like(planted)):
             assert science.low_magnitude_overlap_bits(bits, dtype, mask) == \
                 science.low_magnitude_overlap(mags, mask), (dtype, mask.mean())
+            cut = bits.size - 3  # a mask's last byte only part full
+            assert science.low_magnitude_overlap_bits(bits.reshape(-1)[:cut], dtype, mask.reshape(-1)[:cut]) == \
+                science.low_magnitude_overlap(mags.reshape(-1)[:cut], mask.reshape(-1)[:cut]), (dtype, mask.mean())
     # ties: every entry equal to the α-quantile is in M_low
     t = np.array([1.0, 1.0, 1.0, 2.0, 3.0])
     assert science.low_magnitude_overlap(t, np.ones(5, bool), (0.2,)) == [(0.6, 0.6)]

@@ -7,6 +7,10 @@ layout is one byte stream: for each set bit, in order, the number of clear bits 
 ``m + n // 255`` bytes at most; zstd then brings it to ~1.0× the entropy of a random mask
 of that density, in a third of the time zstd takes on the packed bits themselves or less
 (see the table in :mod:`raydiff.kernel.masks`).
+
+The module also holds the other small numba loops over a mask or a matrix that the kernel's
+callers need: row and column counts, the magnitude histograms of the magnitude masks, and
+Σx² of a spectrum's ΔW.
 """
 
 from __future__ import annotations
@@ -202,12 +206,44 @@ def row_col_counts(packed: np.ndarray, n: int, row_len: int, rows: np.ndarray, c
 
 
 @njit(cache=True, nogil=True)
-def magnitude_counts(bits, packed, counts, changed_counts):
-    """For 16-bit float bits: add one to ``counts[bits & 0x7FFF]`` per entry, and to
-    ``changed_counts`` for the entries set in the LSB-first packed mask: both histograms of
-    |w| in one pass."""
-    for i in range(bits.size):
-        k = bits[i] & 0x7FFF
-        counts[k] += 1
-        if (packed[i >> 3] >> (i & 7)) & 1:
-            changed_counts[k] += 1
+def magnitude_counts(bits, packed, hist):
+    """For 16-bit float bits: both histograms of ``|w|`` in one pass, with no branch:
+    ``hist[i & 1, 2·(bits & 0x7FFF) + m]`` counts the entries of magnitude key ``bits & 0x7FFF``
+    whose bit ``m`` in the LSB-first packed mask is 0 or 1. Two interleaved copies (``i & 1``)
+    so that neighbours of one magnitude do not wait on each other's increment: 35 ms for
+    58.7 M entries, against 159 ms with a branch on the mask and one histogram per kind."""
+    n8 = bits.size // 8
+    for j in range(n8):
+        p = np.uint32(packed[j])
+        at = j * 8
+        for t in range(8):
+            hist[t & 1, ((np.uint32(bits[at + t]) & 0x7FFF) << 1) | ((p >> t) & 1)] += 1
+    for i in range(n8 * 8, bits.size):
+        hist[0, ((np.uint32(bits[i]) & 0x7FFF) << 1) | ((np.uint32(packed[i >> 3]) >> (i & 7)) & 1)] += 1
+
+
+#: entries per block of :func:`sum_squares`: a block's float64 partial sum is then rounded ~1/8
+#: as often as one sequential sum's, and blocks are added in order
+_SQ_BLOCK = 4096
+
+
+@njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+def _block_sum_sq(x, start, stop):
+    s = 0.0
+    for i in range(start, stop):
+        v = np.float64(x[i])
+        s += v * v
+    return s
+
+
+@njit(cache=True, nogil=True)
+def sum_squares(x):
+    """Σ x² of a 1-D float32 or float64 array, in float64: a vectorised sum per block of
+    :data:`_SQ_BLOCK` entries (reassociated, so LLVM keeps several accumulators; NaN and ±Inf
+    keep IEEE semantics), the blocks added in order. 30 ms for a 4096×14336 float32 ΔW on
+    one core. A NaN or ±Inf entry makes it NaN or +Inf; finite float32 entries cannot
+    overflow it."""
+    total = 0.0
+    for start in range(0, x.size, _SQ_BLOCK):
+        total += _block_sum_sq(x, start, min(start + _SQ_BLOCK, x.size))
+    return total

@@ -159,10 +159,11 @@ def round_to(x: np.ndarray, dtype: str) -> np.ndarray:
     return x
 
 
-def delta_of_bits(base: np.ndarray, tuned: np.ndarray, dtype: str) -> np.ndarray:
+def delta_of_bits(base: np.ndarray, tuned: np.ndarray, dtype: str, out: np.ndarray | None = None) -> np.ndarray:
     """``tuned − base`` of the stored bits of a BF16 or F32 pair, as float32 and taken in that
     dtype (a BF16 Δ rounded to BF16, nearest-even, NaN kept): ``round_to(decode(tuned) −
-    decode(base), dtype)`` in one pass, with no float copy of either side.
+    decode(base), dtype)`` in one pass, with no float copy of either side. Written into
+    ``out`` (a C-contiguous float32 array of as many entries) when given.
 
     Example:
         >>> delta_of_bits(np.array([0x3F80], np.uint16), np.array([0x4000], np.uint16), "BF16")
@@ -174,7 +175,10 @@ def delta_of_bits(base: np.ndarray, tuned: np.ndarray, dtype: str) -> np.ndarray
         raise ValueError(f"delta_of_bits takes BF16 or F32 bits, got {dtype}")
     if base.shape != tuned.shape:
         raise ValueError(f"shapes differ: {base.shape} and {tuned.shape}")
-    out = np.empty(base.shape, np.float32)
+    if out is None:
+        out = np.empty(base.shape, np.float32)
+    elif out.dtype != np.float32 or out.size != base.size or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a C-contiguous float32 array of {base.size} entries")
     _fused.delta(base.reshape(-1), tuned.reshape(-1), _fused.TAGS[dtype], _NO_LUT, out.reshape(-1))
     return out
 

@@ -223,8 +223,11 @@ def low_magnitude_overlap_bits(bits: np.ndarray, dtype: str, mask: np.ndarray,
     if n == 0:
         return [(None, 0.0) for _ in alphas]
     packed = mask if packed_mask else np.packbits(np.asarray(mask, bool).reshape(-1), bitorder="little")
-    counts, changed_counts = np.zeros(1 << 15, np.int64), np.zeros(1 << 15, np.int64)
-    magnitude_counts(b, packed, counts, changed_counts)
+    hist = np.zeros((2, 1 << 16), np.int64)
+    magnitude_counts(b, packed, hist)
+    both = hist.sum(axis=0)
+    changed_counts = both[1::2]
+    counts = both[0::2] + changed_counts
     inf = _INF_KEY[dtype]
     cum, cum_changed = np.cumsum(counts), np.cumsum(changed_counts)
     changed = int(cum_changed[-1])

@@ -82,6 +82,10 @@ T = TypeVar("T")
 #: Entries of ΔW rounded at a time (whole rows): the rounding's temporaries stay this size,
 #: small enough for the CPU's cache (a 4096×14336 ΔW in 0.3 s, against 0.75 s with 4 Mi).
 DELTA_BLOCK_ELEMS = 1 << 16
+#: The largest ΔW (entries) an executor keeps its float32 buffer for, to the next spectrum:
+#: a fresh 235 MB array costs the kernel ≈ 0.1 s of page faults and zeroing per 4096×14336
+#: matrix. 256 MiB covers every matrix of an 8 B model but its embeddings (allocated anew).
+SCRATCH_ELEMS = 1 << 26
 
 #: The spectrum record's columns that :meth:`Executor._science` fills (NULL when not computed).
 _SCIENCE_FIELDS = ("subspace_k", "principal_cos_u", "principal_cos_v", "principal_angle_max_deg", "spectral_shift",
@@ -113,6 +117,7 @@ class Executor:
         self.torch_kernel = device != "cpu" if torch_kernel is None else torch_kernel
         self.store = Store(ctx.store_root)
         self.reader = TensorReader(HubFiles(ctx.hub) if ctx.hub else None)
+        self._scratch = np.empty(0, np.float32)  # ΔW of the last spectrum, reused (SCRATCH_ELEMS)
 
     def _guard(self, what: str, fn: Callable[[], T]) -> T:
         """Run ``fn``; an error raydiff did not foresee becomes one :class:`WorkFailed` naming
@@ -261,21 +266,30 @@ class Executor:
         t = self._values(s.tuned, s.tuned_scale, 0, m * n, n)
         return b.reshape(m, n), t.reshape(m, n)
 
-    def delta_matrix(self, s: SpectrumTask, w: tuple[np.ndarray, np.ndarray] | None = None) -> torch.Tensor:
+    def delta_matrix(self, s: SpectrumTask, w: tuple[np.ndarray, np.ndarray] | None = None,
+                     reuse: bool = False) -> torch.Tensor:
         """ΔW of a 2-D tensor (or an expert's matrix) as float32, taken in the compared dtype
         as the paper does (block-scaled FP8 dequantized first). A BF16 or F32 pair's comes
         straight from the stored bits in one pass (0.09 s for 4096×14336 BF16, against 0.6 s
-        decoding both sides first); ``w``, both sides decoded, serves the others."""
+        decoding both sides first); ``w``, both sides decoded, serves the others. With
+        ``reuse``, ΔW is written into this executor's buffer, which the next call with
+        ``reuse`` overwrites (:data:`SCRATCH_ELEMS`)."""
         import torch
 
+        m, n = s.base.shape
+        out = None
+        if reuse and m * n <= SCRATCH_ELEMS:
+            if self._scratch.size < m * n:
+                self._scratch = np.empty(m * n, np.float32)
+            out = self._scratch[:m * n].reshape(m, n)
         if _delta_from_bits(s):
-            m, n = s.base.shape
-            d = delta_of_bits(self.reader.read(s.base, 0, m * n), self.reader.read(s.tuned, 0, m * n), s.base.dtype)
+            d = delta_of_bits(self.reader.read(s.base, 0, m * n), self.reader.read(s.tuned, 0, m * n), s.base.dtype,
+                              out)
             return torch.from_numpy(d.reshape(m, n))
         b, t = w if w is not None else self.matrices(s)
         # a block of rows at a time: the rounding's temporaries stay a block's size, not a few
         # copies of the matrix (2.1 GB each for a 128256×4096 embedding)
-        d = np.empty(b.shape, np.float32)
+        d = np.empty(b.shape, np.float32) if out is None else out
         rows = max(1, DELTA_BLOCK_ELEMS // max(1, b.shape[1]))
         with np.errstate(invalid="ignore", over="ignore"):
             for i in range(0, b.shape[0], rows):
@@ -335,7 +349,7 @@ class Executor:
 
         t0 = time.perf_counter()
         w = self.matrices(s) if self._needs_values(s) else None
-        delta = self.delta_matrix(s, w).to(self.device)
+        delta = self.delta_matrix(s, w, reuse=True).to(self.device)
         sp = spectrum(delta, self.ctx.rank_mode, self.ctx.top_k, self.ctx.sketch_rank)
         del delta
         extra = self._science(s, w)
