@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import tracemalloc
 
 import torch
@@ -39,3 +40,34 @@ def test_unit_memory_is_bounded_by_chunk_not_tensor(tmp_path):
     print(f'peak traced {peak / 2**20:.1f} MiB for {chunk_bytes / 2**20:.1f} MiB units')
     assert peak < 2 * chunk_bytes, peak  # numpy buffers of one unit, whatever the tensor size
     assert peak < tensor_bytes / 5, peak
+
+
+def test_a_sketch_on_the_stored_bits_holds_what_the_local_backend_budgets_for_it(tmp_path):
+    """The local backend runs spectra side by side while their estimates fit its budget: the
+    estimate of a sketch that decodes neither side (``spectrum_memory``, ≈ 5 bytes an entry,
+    not 16) must still cover what the task allocates (numpy's arrays, traced; ΔW included).
+    The same matrix with the subspace metrics decodes both sides and is budgeted 16."""
+    from raydiff.run.execute import spectrum_memory
+
+    m, n = 2048, 4096
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(m, n, generator=g).bfloat16()
+    tuned = (base.float() + torch.randn(m, n, generator=g) * 1e-2).bfloat16()
+    write_checkpoint(tmp_path / "b", {"model.layers.0.mlp.up_proj.weight": base})
+    write_checkpoint(tmp_path / "t", {"model.layers.0.mlp.up_proj.weight": tuned})
+    b, t = resolve(str(tmp_path / "b")), resolve(str(tmp_path / "t"))
+    bare = DiffOptions(rank="sketch", subspace_k=0)
+    task = make_plan(b, t, bare).spectra[0]
+    ctx = RunContext("ab" * 10, str(tmp_path / "store"), Criteria(), "sketch", 32, bare.sketch_rank, subspace_k=0)
+    ex = Executor(ctx)
+    ex.spectrum(task)  # compiled code loaded, and ΔW's reused buffer held, before tracing
+    ex._scratch = ex._scratch[:0]  # ... which the traced call allocates again
+    tracemalloc.start()
+    ex.spectrum(task)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    budget = spectrum_memory(task, ctx)
+    print(f"peak traced {peak / 2**20:.1f} MiB, budgeted {budget / 2**20:.1f} MiB")
+    assert 4 * m * n < peak <= budget < 8 * m * n
+    full = RunContext("ab" * 10, str(tmp_path / "store"), Criteria(), "sketch", 32, bare.sketch_rank, subspace_k=16)
+    assert spectrum_memory(task, full) == spectrum_memory(task, dataclasses.replace(ctx, rank_mode="exact")) == 16 * m * n

@@ -298,12 +298,7 @@ class Executor:
         return torch.from_numpy(d)
 
     def _needs_values(self, s: SpectrumTask) -> bool:
-        """Whether a spectrum task decodes both sides to floats: for a ΔW the stored bits do
-        not give, or for metrics of the weights themselves (the subspaces, the full spectral
-        shift, magnitude masks of other dtypes than BF16 and F16). Skipping it spares two
-        float32 copies of the matrix (4.2 GB for a 128256×4096 embedding)."""
-        return (not _delta_from_bits(s) or bool(self.ctx.subspace_k) or self.ctx.rank_mode == "exact"
-                or not _magnitude_from_bits(s))
+        return needs_values(s, self.ctx)
 
     def _science(self, s: SpectrumTask, w: tuple[np.ndarray, np.ndarray] | None) -> dict[str, object]:
         """The follow-up papers' metrics of one matrix (:mod:`raydiff.kernel.science`): the
@@ -363,6 +358,28 @@ class Executor:
             **{k: extra.get(k) for k in _SCIENCE_FIELDS},
         ))
         return Done("spectrum", s.tensor_index, s.base.nbytes + s.tuned.nbytes, time.perf_counter() - t0)
+
+
+def needs_values(s: SpectrumTask, ctx: RunContext) -> bool:
+    """Whether a spectrum task decodes both sides to floats: for a ΔW the stored bits do
+    not give, or for metrics of the weights themselves (the subspaces, the full spectral
+    shift, magnitude masks of other dtypes than BF16 and F16). Skipping it spares two
+    float32 copies of the matrix (4.2 GB for a 128256×4096 embedding)."""
+    return (not _delta_from_bits(s) or bool(ctx.subspace_k) or ctx.rank_mode == "exact"
+            or not _magnitude_from_bits(s))
+
+
+def spectrum_memory(s: SpectrumTask, ctx: RunContext) -> int:
+    """What a spectrum task holds at its peak, in bytes (the local backend runs spectra
+    together only while these fit its budget). With both sides decoded, or an exact SVD:
+    those, ΔW, and as much again for the decomposition's and the metrics' working copies
+    (4 bytes an entry each; 8 for F64). A sketch on the stored bits alone holds ΔW, the
+    whole-matrix masks (2 bits an entry) and its ``m × l`` and ``n × l`` factors with their
+    copies: 3.1 GB for a 128256×4096 embedding, not 8.4."""
+    m, n = s.base.shape[-2:]
+    if needs_values(s, ctx) or ctx.rank_mode != "sketch":
+        return 4 * m * n * (8 if "F64" in (s.base.dtype, s.tuned.dtype) else 4)
+    return 5 * m * n + 24 * (ctx.sketch_rank + 8) * (m + n)
 
 
 def _delta_from_bits(s: SpectrumTask) -> bool:

@@ -84,7 +84,7 @@ def run_work(ctx: RunContext, units: Sequence[WorkUnit], spectra: Sequence[Spect
     """
     if not units and not spectra and not hashes:
         return
-    from raydiff.run.execute import Executor
+    from raydiff.run.execute import Executor, spectrum_memory
 
     # The spectra that are each a large share of the work first, the costliest first, so
     # that no long decomposition is left for the end. Then everything else in the order of
@@ -119,7 +119,7 @@ def run_work(ctx: RunContext, units: Sequence[WorkUnit], spectra: Sequence[Spect
         # come from the disk while this one is computed
         if i + n < len(work) and work[i + n][0] in ("unit", "spectrum"):
             ex.prefetch(work[i + n][1])  # type: ignore[arg-type]
-        need = spectrum_bytes(item) if isinstance(item, SpectrumTask) else 0
+        need = spectrum_memory(item, ctx) if isinstance(item, SpectrumTask) else 0
         with memory.held(need):
             return getattr(ex, kind)(item)
 
@@ -152,13 +152,6 @@ def run_work(ctx: RunContext, units: Sequence[WorkUnit], spectra: Sequence[Spect
             torch.set_num_threads(threads)
         if blas is not None:
             blas.restore_original_limits()
-
-
-def spectrum_bytes(s: SpectrumTask) -> int:
-    """What a spectrum task holds at its peak: both sides decoded, ΔW, and as much again for
-    the decomposition's and the metrics' working copies (4 bytes an entry each; 8 for F64)."""
-    m, n = s.base.shape[-2:]
-    return 4 * m * n * (8 if "F64" in (s.base.dtype, s.tuned.dtype) else 4)
 
 
 def available_memory() -> int:
