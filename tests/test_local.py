@@ -295,3 +295,56 @@ def test_each_tensor_is_folded_into_units_parquet_as_its_last_unit_is_stored(tmp
     assert sizes == sorted(sizes) and len(set(sizes)) >= len(base) - 1 and sizes[-2] > sizes[0]
     assert not list(runs.glob("*/units/*.tmp-*"))
     assert pq.ParquetFile(runs / res.run_id / "units.parquet").metadata.num_row_groups == len(base)
+
+
+def _resident(path) -> float:
+    """The fraction of a file's pages in the page cache (``mincore`` of a fresh map)."""
+    import ctypes
+    import mmap
+
+    size = os.path.getsize(path)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype, libc.mmap.argtypes = ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
+                                                               ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        pages = -(-size // mmap.PAGESIZE)
+        vec = ctypes.create_string_buffer(pages)
+        assert libc.mincore(addr, size, vec) == 0, ctypes.get_errno()
+        libc.munmap(addr, size)
+    finally:
+        os.close(fd)
+    return sum(b & 1 for b in vec.raw) / pages
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="no posix_fadvise here")
+def test_a_pair_bigger_than_memory_leaves_the_page_cache_as_its_units_are_done(tmp_path, monkeypatch):
+    """Only a pair bigger than the memory available (here: the machine made to say it has
+    1 MiB) is dropped from the page cache unit by unit; the counts are numpy's either way."""
+    g = torch.Generator().manual_seed(5)
+    # 8 MiB a tensor: the page cache's large folios (up to 2 MiB) that reach past a tensor
+    # are kept, so only a tensor much larger than them leaves nearly whole
+    base = {f"model.layers.{i}.mlp.up_proj.weight": torch.randn(2048, 2048, generator=g).bfloat16() for i in range(2)}
+    tuned = {k: perturb(v, 0.2, 1e-2, i) for i, (k, v) in enumerate(base.items())}
+    b, t = write_checkpoint(tmp_path / "base", base, shards=2), write_checkpoint(tmp_path / "tuned", tuned, shards=2)
+    files = sorted(b.glob("*.safetensors")) + sorted(t.glob("*.safetensors"))
+    os.sync()  # written pages are dirty until written back, and only clean ones can be dropped
+    resident = {}
+    for small in (False, True):
+        if small:
+            monkeypatch.setattr(local, "available_memory", lambda: 1 << 20)
+        for f in files:  # in the page cache to begin with, as the files' writing left them
+            f.read_bytes()
+        store = str(tmp_path / f"store-{small}")
+        res = submit(str(b), str(t), SubmitOptions(store=store, diff=DiffOptions(chunk_elems=1 << 20, rank="off"),
+                                                   cluster=ClusterOptions(backend="local", workers=2)))
+        got = _tensors(store, res.run_id)
+        for name in base:
+            ref = ref_diff(base[name], tuned[name])
+            assert [got[name][k] for k in _COUNTS] == [ref[k] for k in _COUNTS], name
+        resident[small] = [_resident(f) for f in files]
+    assert min(resident[False]) == 1.0, resident
+    assert max(resident[True]) < 0.05, resident  # the folios that reach past a tensor are left

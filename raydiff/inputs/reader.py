@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import mmap
+import os
 
 import numpy as np
 
@@ -75,6 +76,28 @@ class TensorReader:
         lo = off - off % mmap.ALLOCATIONGRANULARITY
         if end > lo:
             m.madvise(mmap.MADV_WILLNEED, lo, end - lo)
+
+    def release(self, info: TensorInfo, start: int, stop: int, cache: bool = True) -> None:
+        """Drop the whole pages of elements ``[start, stop)`` of a local tensor from this
+        reader's map (``MADV_DONTNEED``) and, with ``cache``, from the page cache
+        (``POSIX_FADV_DONTNEED``, which keeps pages some map still holds, and the large
+        folios that reach past the range). For a pair bigger than memory, which the cache
+        cannot keep anyway, freeing the pages where they were used costs less than the
+        kernel reclaiming mapped pages later."""
+        if is_remote(info.file) or not hasattr(os, "posix_fadvise") or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        off, end = info.span(start, stop)
+        lo = -(-off // mmap.PAGESIZE) * mmap.PAGESIZE
+        hi = end // mmap.PAGESIZE * mmap.PAGESIZE
+        m = self._maps.get(info.file)
+        if m is not None and min(hi, len(m)) > lo:
+            m.madvise(mmap.MADV_DONTNEED, lo, min(hi, len(m)) - lo)
+        if cache and hi > lo:
+            fd = os.open(info.file, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, lo, hi - lo, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
 
     def close(self) -> None:
         self._maps.clear()

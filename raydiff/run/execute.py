@@ -148,6 +148,17 @@ class Executor:
         for info in (item.base, item.tuned):
             self.reader.prefetch(info, item.start, item.stop)
 
+    def release(self, item: WorkUnit | SpectrumTask, tensor: bool = False, cache: bool = False) -> None:
+        """Done with an item's bytes on both sides (:meth:`TensorReader.release`): they leave
+        this executor's maps (with ``tensor``, the whole tensor's) and, with ``cache``, the
+        page cache, which keeps what any map still holds: a page cache folio of up to 2 MiB
+        straddles two units and is mapped whole by each thread that reads one of them."""
+        for info in (item.base, item.tuned):
+            if tensor or isinstance(item, SpectrumTask):
+                self.reader.release(info, 0, info.numel, cache)
+            else:
+                self.reader.release(info, item.start, item.stop, cache)
+
     def spectrum(self, s: SpectrumTask) -> Done:
         """Rank/spectrum of ΔW for one matrix and write its :class:`SpectrumRecord`."""
         what = f"tensor {s.tensor!r}" + (f" (expert {s.expert})" if s.expert is not None else "")
