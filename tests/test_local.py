@@ -82,7 +82,6 @@ def test_local_backend_counts_what_torch_counts_and_stores_what_ray_stores(tmp_p
            {n: [r[c] for c in same] for n, r in got.items()}
 
 
-
 def test_sketch_spectra_are_bitwise_those_of_the_ray_backend(tmp_path, ray_cluster):
     """A sketch's products go through the BLAS, whose sums depend on its thread count (at
     256×512 already): the local backend holds it to one thread per worker, as an actor's one
@@ -106,6 +105,7 @@ def test_sketch_spectra_are_bitwise_those_of_the_ray_backend(tmp_path, ray_clust
         delta = (tuned[name].float() - base[name].float()).bfloat16().float().numpy()
         sv = np.linalg.svd(delta.astype(np.float64), compute_uv=False)
         np.testing.assert_allclose(got["local"][name]["top_sv"][:4], sv[:4], rtol=1e-5, err_msg=name)
+
 
 def test_auto_runs_locally_only_with_no_cluster_given(monkeypatch, ray_cluster):
     assert local.chosen(ClusterOptions(backend="local"))

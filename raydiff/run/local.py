@@ -108,7 +108,7 @@ def run_work(ctx: RunContext, units: Sequence[WorkUnit], spectra: Sequence[Spect
     # A pair bigger than memory leaves the page cache tensor by tensor as their units are
     # done: the kernel would evict it anyway, and reclaiming pages still mapped costs the
     # two cores more (a 32 GB pair on 24 GB, --rank off: 51.5 / 52.1 s against 57.1 / 59.1 s)
-    release = sum(_unit_bytes(u) for u in units) > available_memory()
+    release = sum(u.nbytes for u in units) > available_memory()
     left, left_lock = Counter(u.tensor_index for u in units), threading.Lock()  # units to do, per tensor
     executors: list[Executor] = []
 
@@ -141,7 +141,8 @@ def run_work(ctx: RunContext, units: Sequence[WorkUnit], spectra: Sequence[Spect
                     with left_lock:
                         maps = list(executors)
                     for other in maps:
-                        other.release(item, tensor=True)  # type: ignore[arg-type]
+                        if other is not ex:
+                            other.release(item, tensor=True)  # type: ignore[arg-type]
                     ex.release(item, tensor=True, cache=True)  # type: ignore[arg-type]
         return done
 
@@ -174,11 +175,6 @@ def run_work(ctx: RunContext, units: Sequence[WorkUnit], spectra: Sequence[Spect
             torch.set_num_threads(threads)
         if blas is not None:
             blas.restore_original_limits()
-
-
-def _unit_bytes(u: WorkUnit) -> int:
-    """Bytes a unit reads from the two checkpoints."""
-    return (u.stop - u.start) * (u.base.nbytes + u.tuned.nbytes) // max(1, u.base.numel)
 
 
 def available_memory() -> int:
