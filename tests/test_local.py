@@ -107,6 +107,27 @@ def test_sketch_spectra_are_bitwise_those_of_the_ray_backend(tmp_path, ray_clust
         np.testing.assert_allclose(got["local"][name]["top_sv"][:4], sv[:4], rtol=1e-5, err_msg=name)
 
 
+def test_a_threads_reused_delta_buffer_grows_for_a_larger_matrix(tmp_path):
+    """Each thread writes ΔW into one buffer it keeps (``Executor.delta_matrix``): on one
+    thread, matrices of growing size in file order (none large enough to go first) each get
+    numpy's singular values and torch's rank."""
+    g = torch.Generator().manual_seed(13)
+    sizes = range(100, 180, 10)
+    base = {f"model.layers.{i}.mlp.up_proj.weight": torch.randn(k, k + 1, generator=g).bfloat16()
+            for i, k in enumerate(sizes)}
+    tuned = {k: perturb(v, 0.5, 1e-2, i) for i, (k, v) in enumerate(base.items())}
+    b, t = write_checkpoint(tmp_path / "base", base), write_checkpoint(tmp_path / "tuned", tuned)
+    store = str(tmp_path / "store")
+    res = submit(str(b), str(t), SubmitOptions(store=store, diff=DiffOptions(rank="exact", subspace_k=0),
+                                               cluster=ClusterOptions(backend="local", workers=1)))
+    got = _tensors(store, res.run_id)
+    for name in base:
+        delta = (tuned[name] - base[name]).float()  # the paper's Δ, in bf16
+        sv = np.linalg.svd(delta.numpy().astype(np.float64), compute_uv=False)
+        np.testing.assert_allclose(got[name]["top_sv"][:8], sv[:8], rtol=1e-5, err_msg=name)
+        assert got[name]["rank"] == int(torch.linalg.matrix_rank(delta)), name
+
+
 def test_auto_runs_locally_only_with_no_cluster_given(monkeypatch, ray_cluster):
     assert local.chosen(ClusterOptions(backend="local"))
     assert not local.chosen(ClusterOptions(backend="ray"))
