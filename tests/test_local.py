@@ -369,3 +369,50 @@ def test_a_pair_bigger_than_memory_leaves_the_page_cache_as_its_units_are_done(t
         resident[small] = [_resident(f) for f in files]
     assert min(resident[False]) == 1.0, resident
     assert max(resident[True]) < 0.05, resident  # the folios that reach past a tensor are left
+
+
+def _read_bytes() -> int:
+    """Bytes this process has had read from storage (``/proc/self/io``), not from the page cache."""
+    with open("/proc/self/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("read_bytes:"))
+
+
+@pytest.mark.skipif(not (hasattr(os, "posix_fadvise") and os.path.exists("/proc/self/io")),
+                    reason="no posix_fadvise or /proc/self/io here")
+def test_a_sketch_run_bigger_than_memory_reads_each_tensor_from_the_disk_once(tmp_path, monkeypatch):
+    """A matrix's spectrum outlasts its units: the tensor may leave the page cache only when
+    both are done, or the spectrum reads it from the disk again (a 32 GB pair's sketch run
+    read 49 GB). Cold files, the machine made to say it has 1 MiB; exact spectra (a sketch's
+    would be the same work) checked against numpy's SVD, every file out of the cache at the end."""
+    g = torch.Generator().manual_seed(6)
+    base = {f"model.layers.{i}.mlp.up_proj.weight": torch.randn(1024, 4096, generator=g).bfloat16() for i in range(4)}
+    tuned = {k: perturb(v, 0.2, 1e-2, i) for i, (k, v) in enumerate(base.items())}
+    b, t = write_checkpoint(tmp_path / "base", base, shards=2), write_checkpoint(tmp_path / "tuned", tuned, shards=2)
+    files = sorted(b.glob("*.safetensors")) + sorted(t.glob("*.safetensors"))
+    os.sync()
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    if max(_resident(f) for f in files) > 0.05:
+        pytest.skip("these files cannot leave the page cache here (tmpfs?)")
+    monkeypatch.setattr(local, "available_memory", lambda: 1 << 20)
+    before = _read_bytes()
+    store = str(tmp_path / "store")
+    res = submit(str(b), str(t), SubmitOptions(store=store, diff=DiffOptions(chunk_elems=1 << 20, rank="exact",
+                                                                             subspace_k=0),
+                                               cluster=ClusterOptions(backend="local", workers=2)))
+    read = _read_bytes() - before
+    pair = sum(os.path.getsize(f) for f in files)
+    got = _tensors(store, res.run_id)
+    for name in base:
+        delta = (tuned[name].float() - base[name].float()).bfloat16().double().numpy()
+        sv = np.linalg.svd(delta, compute_uv=False)
+        np.testing.assert_allclose(got[name]["top_sv"][:8], sv[:8], rtol=1e-5, err_msg=name)
+    if read == 0:
+        pytest.skip("this file system does not count its reads in /proc/self/io")
+    print(f"read {read / pair:.2f}× the pair from the disk")
+    assert read < 1.25 * pair, f"read {read / pair:.2f}× the pair from the disk"
+    assert max(_resident(f) for f in files) < 0.05

@@ -105,11 +105,16 @@ def run_work(ctx: RunContext, units: Sequence[WorkUnit], spectra: Sequence[Spect
     node = f"local:{socket.gethostname()}"
     mine = threading.local()
     memory = _Budget(available_memory() // 2)
-    # A pair bigger than memory leaves the page cache tensor by tensor as their units are
-    # done: the kernel would evict it anyway, and reclaiming pages still mapped costs the
-    # two cores more (a 32 GB pair on 24 GB, --rank off: 51.5 / 52.1 s against 57.1 / 59.1 s)
+    # A pair bigger than memory leaves the page cache tensor by tensor as they are done:
+    # the kernel would evict it anyway, and reclaiming pages still mapped costs the two
+    # cores more (a 32 GB pair on 24 GB, --rank off: 51.5 / 52.1 s against 57.1 / 59.1 s).
+    # Done means its units and its spectra: a spectrum outlasts its matrix's units, and
+    # dropping the bytes under it made it read them from the disk again (that pair's
+    # sketch run read 49 GB, 96 s against 109 s)
     release = sum(u.nbytes for u in units) > available_memory()
-    left, left_lock = Counter(u.tensor_index for u in units), threading.Lock()  # units to do, per tensor
+    left = Counter(u.tensor_index for u in units) + Counter(s.tensor_index for s in spectra)
+    left_lock = threading.Lock()
+    whole = {u.tensor_index: u for u in units}  # a unit's infos span its whole tensor (an expert's spectrum's, one expert)
     executors: list[Executor] = []
 
     def run(i: int) -> Done | list[Done]:
@@ -133,17 +138,17 @@ def run_work(ctx: RunContext, units: Sequence[WorkUnit], spectra: Sequence[Spect
             done = getattr(ex, kind)(item)
         if release and kind in ("unit", "spectrum"):
             ex.release(item)  # type: ignore[arg-type]
-            if kind == "unit":
+            with left_lock:
+                left[item.tensor_index] -= 1  # type: ignore[union-attr]
+                last = not left[item.tensor_index]  # type: ignore[union-attr]
+            if last:  # out of every thread's maps, then out of the cache
+                tensor = whole.get(item.tensor_index, item)  # type: ignore[union-attr]
                 with left_lock:
-                    left[item.tensor_index] -= 1  # type: ignore[union-attr]
-                    last = not left[item.tensor_index]  # type: ignore[union-attr]
-                if last:  # out of every thread's maps, then out of the cache
-                    with left_lock:
-                        maps = list(executors)
-                    for other in maps:
-                        if other is not ex:
-                            other.release(item, tensor=True)  # type: ignore[arg-type]
-                    ex.release(item, tensor=True, cache=True)  # type: ignore[arg-type]
+                    maps = list(executors)
+                for other in maps:
+                    if other is not ex:
+                        other.release(tensor, tensor=True)  # type: ignore[arg-type]
+                ex.release(tensor, tensor=True, cache=True)  # type: ignore[arg-type]
         return done
 
     torch = blas = None
