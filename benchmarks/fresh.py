@@ -19,6 +19,7 @@ Sections of ``benchmarks/run.py`` (``--only fresh disk``):
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -119,38 +120,56 @@ def fresh(work: Path) -> dict[str, float]:
         nbytes[label] = sum(os.path.getsize(p) for p in files)
         _read(files)  # warm, as a download or a copy leaves them
     store = work / "store-fresh"
-    # best of five, the sizes interleaved: a slow spell of this shared VM falls on all alike
+    # best of nine, the sizes interleaved: a slow spell of this shared VM falls on all alike.
+    # CPU time beside wall time: the difference of two best-of-N wall times moves by ±30 %
+    # from run to run, the CPU time a size costs by far less
     fresh_s = {label: float("inf") for label in roots}
+    fresh_cpu = {label: float("inf") for label in roots}
     peak = {label: 0 for label in roots}
-    for _ in range(5):
+    for _ in range(9):
         for label, root in roots.items():
+            cpu0 = _cpu(resource.RUSAGE_CHILDREN)
             seconds, anon = _submit(root, store, "--rank", "off")
+            fresh_cpu[label] = min(fresh_cpu[label], _cpu(resource.RUSAGE_CHILDREN) - cpu0)
             fresh_s[label], peak[label] = min(fresh_s[label], seconds), max(peak[label], anon)
     ray_fixed = min(_submit(roots["tiny"], store, "--rank", "off", "--backend", "ray")[0] for _ in range(2))
 
-    def inproc(root: Path) -> float:
+    def inproc(root: Path) -> tuple[float, float]:
         shutil.rmtree(store, ignore_errors=True)
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), _cpu(resource.RUSAGE_SELF)
         submit(str(root / "base"), str(root / "tuned"), SubmitOptions(
             store=str(store), diff=DiffOptions(rank="off"), cluster=ClusterOptions(backend="local")))
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, _cpu(resource.RUSAGE_SELF) - cpu0
 
     inproc(roots["tiny"])  # the work started: kernel compiled and loaded
     started = {label: float("inf") for label in roots}
-    for _ in range(5):
+    started_cpu = {label: float("inf") for label in roots}
+    for _ in range(9):
         for label, root in roots.items():
-            started[label] = min(started[label], inproc(root))
+            seconds, cpu = inproc(root)
+            started[label], started_cpu[label] = min(started[label], seconds), min(started_cpu[label], cpu)
     shutil.rmtree(store, ignore_errors=True)
     for label in roots:
         print(f"fresh submit, warm {nbytes[label] / GB:.2f} GB: {fresh_s[label]:.2f} s "
               f"(started: {started[label]:.2f} s); peak anonymous memory {peak[label] / 2**20:.0f} MiB")
     m_fresh = (nbytes["large"] - nbytes["small"]) / (fresh_s["large"] - fresh_s["small"])
     m_started = (nbytes["large"] - nbytes["small"]) / (started["large"] - started["small"])
-    print(f"fixed cost of a fresh `raydiff submit` (tiny pair, best of 5): {fresh_s['tiny']:.2f} s; "
+    print(f"fixed cost of a fresh `raydiff submit` (tiny pair, best of 9): {fresh_s['tiny']:.2f} s; "
           f"with --backend ray: {ray_fixed:.2f} s")
     print(f"marginal throughput 0.4 → 4.0 GB: fresh processes {m_fresh / GB:.2f} GB/s, started {m_started / GB:.2f} GB/s "
           f"(fresh / started = {m_fresh / m_started:.0%})")
+    d_fresh = fresh_cpu["large"] - fresh_cpu["small"]
+    d_started = started_cpu["large"] - started_cpu["small"]
+    print(f"CPU time of the 3.6 GB more, fresh processes / started: {d_fresh:.2f} / {d_started:.2f} CPU-s "
+          f"(fresh pays {d_fresh / d_started - 1:+.0%}); whole runs {fresh_cpu['small']:.2f} → "
+          f"{fresh_cpu['large']:.2f} / {started_cpu['small']:.2f} → {started_cpu['large']:.2f} CPU-s")
     return {"fixed": fresh_s["tiny"], "ray_fixed": ray_fixed, "marginal_fresh": m_fresh, "marginal_started": m_started}
+
+
+def _cpu(who: int) -> float:
+    """User + system CPU seconds of this process, or of its children waited for."""
+    r = resource.getrusage(who)
+    return r.ru_utime + r.ru_stime
 
 
 def _mem_bytes() -> int:
