@@ -377,16 +377,10 @@ def _read_bytes() -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("read_bytes:"))
 
 
-@pytest.mark.skipif(not (hasattr(os, "posix_fadvise") and os.path.exists("/proc/self/io")),
-                    reason="no posix_fadvise or /proc/self/io here")
-def test_a_sketch_run_bigger_than_memory_reads_each_tensor_from_the_disk_once(tmp_path, monkeypatch):
-    """A matrix's spectrum outlasts its units: the tensor may leave the page cache only when
-    both are done, or the spectrum reads it from the disk again (a 32 GB pair's sketch run
-    read 49 GB). Cold files, the machine made to say it has 1 MiB; exact spectra (a sketch's
-    would be the same work) checked against numpy's SVD, every file out of the cache at the end."""
-    g = torch.Generator().manual_seed(6)
-    base = {f"model.layers.{i}.mlp.up_proj.weight": torch.randn(1024, 4096, generator=g).bfloat16() for i in range(4)}
-    tuned = {k: perturb(v, 0.2, 1e-2, i) for i, (k, v) in enumerate(base.items())}
+def _read_once(tmp_path, monkeypatch, base: dict, tuned: dict) -> tuple[str, str]:
+    """Submit a cold pair on 2 local threads with the machine made to say it has 1 MiB, so
+    that tensors leave the page cache as they are done; check that it was read from the disk
+    once and that every file is out of the cache at the end. Returns ``(store, run_id)``."""
     b, t = write_checkpoint(tmp_path / "base", base, shards=2), write_checkpoint(tmp_path / "tuned", tuned, shards=2)
     files = sorted(b.glob("*.safetensors")) + sorted(t.glob("*.safetensors"))
     os.sync()
@@ -406,13 +400,50 @@ def test_a_sketch_run_bigger_than_memory_reads_each_tensor_from_the_disk_once(tm
                                                cluster=ClusterOptions(backend="local", workers=2)))
     read = _read_bytes() - before
     pair = sum(os.path.getsize(f) for f in files)
-    got = _tensors(store, res.run_id)
-    for name in base:
-        delta = (tuned[name].float() - base[name].float()).bfloat16().double().numpy()
-        sv = np.linalg.svd(delta, compute_uv=False)
-        np.testing.assert_allclose(got[name]["top_sv"][:8], sv[:8], rtol=1e-5, err_msg=name)
     if read == 0:
         pytest.skip("this file system does not count its reads in /proc/self/io")
     print(f"read {read / pair:.2f}× the pair from the disk")
     assert read < 1.25 * pair, f"read {read / pair:.2f}× the pair from the disk"
-    assert max(_resident(f) for f in files) < 0.05
+    resident = {f.name: round(_resident(f), 3) for f in files}
+    assert max(resident.values()) < 0.05, resident
+    return store, res.run_id
+
+
+_COLD = pytest.mark.skipif(not (hasattr(os, "posix_fadvise") and os.path.exists("/proc/self/io")),
+                           reason="no posix_fadvise or /proc/self/io here")
+
+
+@_COLD
+def test_a_sketch_run_bigger_than_memory_reads_each_tensor_from_the_disk_once(tmp_path, monkeypatch):
+    """A matrix's spectrum outlasts its units: the tensor may leave the page cache only when
+    both are done, or the spectrum reads it from the disk again (a 32 GB pair's sketch run
+    read 49 GB). Cold files, the machine made to say it has 1 MiB; exact spectra (a sketch's
+    would be the same work) checked against numpy's SVD, every file out of the cache at the end."""
+    g = torch.Generator().manual_seed(6)
+    base = {f"model.layers.{i}.mlp.up_proj.weight": torch.randn(1024, 4096, generator=g).bfloat16() for i in range(4)}
+    tuned = {k: perturb(v, 0.2, 1e-2, i) for i, (k, v) in enumerate(base.items())}
+    store, run_id = _read_once(tmp_path, monkeypatch, base, tuned)
+    got = _tensors(store, run_id)
+    for name in base:
+        delta = (tuned[name].float() - base[name].float()).bfloat16().double().numpy()
+        sv = np.linalg.svd(delta, compute_uv=False)
+        np.testing.assert_allclose(got[name]["top_sv"][:8], sv[:8], rtol=1e-5, err_msg=name)
+
+
+@_COLD
+def test_a_stack_of_experts_leaves_the_page_cache_whole_when_a_spectrum_finishes_it(tmp_path, monkeypatch):
+    """A stack of experts has a spectrum per expert, whose byte range is that expert's. The
+    stack's last expert's exact SVD outlasts that expert's unit, so a spectrum finishes the
+    tensor: it must drop the whole stack from the page cache, not its own expert (which left
+    seven eighths of each stack cached). Each expert's spectrum checked against numpy's SVD."""
+    g = torch.Generator().manual_seed(8)
+    base = {f"model.layers.{i}.mlp.experts.down_proj": torch.randn(8, 256, 1024, generator=g).bfloat16()
+            for i in range(2)}
+    tuned = {k: perturb(v, 0.2, 1e-2, i) for i, (k, v) in enumerate(base.items())}
+    store, run_id = _read_once(tmp_path, monkeypatch, base, tuned)
+    _, rows = query(store, f"SELECT tensor, expert, top_sv FROM spectra WHERE run_id = '{run_id}'")
+    assert sorted((name, e) for name, e, _ in rows) == sorted((name, e) for name in base for e in range(8))
+    for name, e, top in rows:
+        delta = (tuned[name][e].float() - base[name][e].float()).bfloat16().double().numpy()
+        np.testing.assert_allclose(top[:8], np.linalg.svd(delta, compute_uv=False)[:8], rtol=1e-5,
+                                   err_msg=f"{name} expert {e}")
