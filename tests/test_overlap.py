@@ -138,7 +138,7 @@ def test_a_units_histogram_has_a_count_for_every_k_even_when_none_is_reached(run
     changed in every run (an empty mask among them, or disjoint ones), never left out, since
     a unit's histogram is added to its tensor's and ``in_all`` reads the last count. Each
     pair's ``and_count`` is numpy's too (the planted runs have no empty mask)."""
-    from raydiff.kernel.masks import encode_mask
+    from raydiff.kernel.masks import CODEC_EMPTY, decode_packed, encode_mask
     from raydiff.query.overlap import and_count, count_histogram
 
     rng = np.random.default_rng(runs)
@@ -152,7 +152,7 @@ def test_a_units_histogram_has_a_count_for_every_k_even_when_none_is_reached(run
     for case, masks in cases.items():
         stored = [encode_mask(m) for m in masks]
         want = np.bincount(np.sum(masks, axis=0), minlength=runs + 1).tolist()
-        got = count_histogram([c for c, _ in stored], [p for _, p in stored], n)
+        got = count_histogram([decode_packed(c, p, n) if c != CODEC_EMPTY else None for c, p in stored], n)
         assert got == want and len(got) == runs + 1, case
         # and each pair's intersection (an empty mask's is 0, however the other is stored)
         for i in range(runs):
@@ -246,3 +246,53 @@ def test_report_renders_in_headless_chromium(planted, tmp_path):
     white = (img > 245).all(axis=2).mean()
     colours = len(np.unique(img.reshape(-1, 3)[::7], axis=0))
     assert white < 0.9 and colours > 200, (white, colours)  # plots drawn, not a blank or error page
+
+
+@pytest.mark.parametrize("run, codec, flip", [("c", "gaps+zstd", range(12, 28)), ("b", "packbits", [20])])
+def test_a_corrupt_stored_mask_is_one_error_naming_the_run_tensor_unit_and_file(planted, tmp_path, run, codec, flip):
+    """Bytes flipped inside a zstd frame of a stored mask (run c's are gaps+zstd), or one byte
+    of a raw packed mask (run b's), stop every query that reads masks with one ``Error:``
+    line naming the run, the tensor, the unit's elements and the damaged file: not
+    pyarrow's "ZSTD decompression failed", and not a wrong overlap counted in silence."""
+    import pyarrow.parquet as pq
+
+    from raydiff.store import Store, layout
+
+    root, store, masks = planted
+    copy = tmp_path / "store"
+    shutil.copytree(store, copy)
+    _, ids = query(str(copy), f"SELECT run_id FROM runs WHERE name = '{run}'")
+    run_id = ids[0][0]
+    units = Store(str(copy)).path(layout.units_file(run_id))
+    table = pq.read_table(units, columns=["tensor", "start", "stop", "changed", "mask_codec", "mask"])
+    i = next(i for i, c in enumerate(table.column("mask_codec").to_pylist()) if c == codec
+             and len(table.column("mask")[i].as_py()) > 40)
+    tensor, start, stop, changed = (table.column(c)[i].as_py() for c in ("tensor", "start", "stop", "changed"))
+    payload = table.column("mask")[i].as_py()
+    data = bytearray(open(units, "rb").read())
+    at = data.find(payload)
+    assert at > 0 and data.find(payload, at + 1) < 0  # the mask column is stored as it is, once
+    for k in flip:  # inside a frame: past the stream length and the frame header
+        data[at + k] ^= 0xA5
+    open(units, "wb").write(bytes(data))
+    if codec == "packbits":  # 0xA5 flips four bits: the count moves by their balance
+        bits = np.unpackbits(np.frombuffer(payload, np.uint8)[20:21])
+        problem = f"it holds {changed + 4 - 2 * int(bits[[0, 2, 5, 7]].sum())} changed entries where the run counted {changed}"
+    else:
+        problem = "ZSTD decompression failed"
+    want = f"Error: the stored mask of tensor '{tensor}' (elements {start}…{stop - 1}) of run {run_id} is corrupt ({problem}"
+    fix = f"the store's file {units} is damaged; restore it from a copy, or submit the pair again into a new store"
+    runner = CliRunner()
+    for args in (["overlap", "a", run], ["consensus", "a", run], ["overlap", "a", "b", "c"],
+                 ["sql", f"SELECT * FROM profile('{run}', '{tensor}')"],
+                 ["export-mask", run, "--out", str(tmp_path / "m.safetensors")]):
+        r = runner.invoke(app, [*args, "--store", str(copy)])
+        assert r.exit_code == 1, (args, r.output)
+        line = r.stderr.strip()
+        assert line.startswith(want) and line.endswith(fix) and "\n" not in line, (args, line)
+    assert not (tmp_path / "m.safetensors").exists()
+    other = next(x for x in "abc" if x not in ("a", run))
+    r = runner.invoke(app, ["overlap", "a", other, "--store", str(copy), "--format", "json"])  # whole runs still answer
+    assert r.exit_code == 0, r.output
+    ma, mo = (np.concatenate([masks[x][k] for k in SHAPES]) for x in ("a", other))
+    assert json.loads(r.stdout)[0]["changed_both"] == int((ma & mo).sum())

@@ -24,12 +24,13 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from raydiff.errors import BaseMismatch, InvalidOption, RunNotFound, StoreError
-from raydiff.kernel.masks import CODEC_EMPTY, decode_packed
+from raydiff.kernel.masks import CODEC_EMPTY
+from raydiff.query.overlap import stored_bits
 from raydiff.records import STATUS_OK, PlanRecord, RunRecord, from_table
 from raydiff.store import Store, layout
 from raydiff.store.tensorfiles import TensorFileWriter, TensorSpec, check_file_output
 
-_COLS = ["tensor", "start", "stop", "mask_codec", "mask"]
+_COLS = ["tensor", "start", "stop", "changed", "mask_codec", "mask"]
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,8 @@ class _RunMasks:
 
     def __init__(self, store: Store, run: RunRecord) -> None:
         self.run = run
-        self.file = pq.ParquetFile(store.path(layout.units_file(run.run_id)), filesystem=store.fs)
+        self.path = store.path(layout.units_file(run.run_id))
+        self.file = pq.ParquetFile(self.path, filesystem=store.fs)
         meta = self.file.metadata
         sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
         names = self.file.read(columns=["tensor"]).column("tensor").to_pylist()
@@ -117,12 +119,13 @@ class _RunMasks:
                     continue
                 codec = cols["mask_codec"][i].as_py()
                 start, stop = cols["start"][i].as_py(), cols["stop"][i].as_py()
-                if codec == CODEC_EMPTY or stop <= start:
+                changed = cols["changed"][i].as_py()
+                if (codec == CODEC_EMPTY and changed == 0) or stop <= start:
                     continue
                 value = cols["mask"][i]
                 payload = (value.as_buffer() if value.is_valid else b"") or b""
-                n = stop - start
-                counts[start:stop] += np.unpackbits(decode_packed(codec, payload, n), count=n, bitorder="little")
+                bits = stored_bits(codec, payload, changed, self.run.run_id, tensor, start, stop, self.path)
+                counts[start:stop] += np.unpackbits(bits, count=stop - start, bitorder="little")
 
 
 def export_mask(store: Store | str, runs: Sequence[str], out: str, min_runs: int = 1,

@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from raydiff.errors import StoreError
 from raydiff.kernel.masks import CODEC_EMPTY, decode_packed
 from raydiff.store import Store, layout
 
@@ -52,14 +53,14 @@ def and_count(codec_a: str, mask_a: bytes, codec_b: str, mask_b: bytes, n: int) 
     return int(packed_and_count(decode_packed(codec_a, mask_a, n), decode_packed(codec_b, mask_b, n)))
 
 
-def count_histogram(codecs: Sequence[str], masks: Sequence[bytes], n: int) -> list[int]:
-    """For R masks over the same ``n`` elements: how many elements are set in exactly k of
-    them, for k = 0 … R (the consensus histogram)."""
+def count_histogram(packed: Sequence[np.ndarray | None], n: int) -> list[int]:
+    """For R masks over the same ``n`` elements, packed (``None`` for one with nothing set):
+    how many elements are set in exactly k of them, for k = 0 … R (the consensus histogram)."""
     counts = np.zeros(n, dtype=np.uint16)
-    for codec, payload in zip(codecs, masks):
-        if codec != CODEC_EMPTY:
-            counts += np.unpackbits(decode_packed(codec, payload, n), count=n, bitorder="little")
-    return np.bincount(counts, minlength=len(codecs) + 1).tolist()
+    for bits in packed:
+        if bits is not None:
+            counts += np.unpackbits(bits, count=n, bitorder="little")
+    return np.bincount(counts, minlength=len(packed) + 1).tolist()
 
 
 class _Units:
@@ -67,6 +68,7 @@ class _Units:
     row groups read by whichever thread asks, each thread through a file of its own."""
 
     def __init__(self, store: Store, run_id: str) -> None:
+        self.run_id = run_id
         self.path, self.fs = store.path(layout.units_file(run_id)), store.fs
         self._local = threading.local()
         meta = self.file.metadata
@@ -90,6 +92,41 @@ class _Units:
         if cached is None or cached[0] != g:
             cached = self._local.cached = (g, self.file.read_row_group(g, columns=_COLS))
         return cached[1]
+
+
+def stored_bits(codec: str, payload: pa.Buffer | bytes, changed: int, run_id: str, tensor: str, start: int,
+                stop: int, path: str) -> np.ndarray:
+    """The packed bits of one unit's stored mask (:func:`decode_packed`), checked against the
+    unit's ``changed`` count. A payload that does not decode (a zstd frame with a flipped
+    byte, a wrong length) or whose set bits are not that count (a flipped bit of a raw
+    ``packbits`` mask) means the store's file is damaged: a :class:`StoreError` naming the
+    run, the tensor, the unit and the file. Counting the bits is one pass over the packed
+    bytes: 0.02 ms for a unit of 16 Mi elements, against 1 ms to decode a gaps+zstd one."""
+    from raydiff.kernel._gaps import and_count as packed_and_count
+
+    try:
+        bits = decode_packed(codec, payload, stop - start)
+    except (ValueError, OSError) as e:
+        problem = str(e)
+    else:
+        ones = int(packed_and_count(bits, bits))
+        if ones == changed:
+            return bits
+        problem = f"it holds {ones} changed entries where the run counted {changed}"
+    raise StoreError(f"the stored mask of tensor {tensor!r} (elements {start}…{stop - 1}) of run {run_id} is "
+                     f"corrupt ({problem}): the store's file {path} is damaged; restore it from a copy, or submit "
+                     "the pair again into a new store")
+
+
+def _bits(units: _Units, table: pa.Table, i: int, key: tuple) -> np.ndarray | None:
+    """The packed bits of row ``i`` of one of ``units``' row groups (``key``: its
+    ``(tensor, start, stop)``), checked (:func:`stored_bits`); ``None`` for a mask with
+    nothing set."""
+    codec, payload = _mask(table, i)
+    changed = table.column("changed")[i].as_py()
+    if codec == CODEC_EMPTY and changed == 0:
+        return None
+    return stored_bits(codec, payload, changed, units.run_id, *key, units.path)
 
 
 def _mask(table: pa.Table, i: int) -> tuple[str, pa.Buffer | bytes]:
@@ -120,6 +157,8 @@ def overlap_units(store: Store, run_a: str, run_b: str) -> list[dict]:
     pairs with, and intersects their masks — reading, decompressing and counting all run
     outside the GIL, so memory stays near a tensor's masks per thread.
     """
+    from raydiff.kernel._gaps import and_count as packed_and_count
+
     a, b = _Units(store, run_a), _Units(store, run_b)
 
     def task(g: int) -> list[tuple[str, int, int, int, int]]:
@@ -130,9 +169,10 @@ def overlap_units(store: Store, run_a: str, run_b: str) -> list[dict]:
             if at is None:
                 continue
             tb = b.group(at[0])
-            n = key[2] - key[1]
-            out.append((key[0], n, ta.column("changed")[i].as_py(), tb.column("changed")[at[1]].as_py(),
-                        and_count(*_mask(ta, i), *_mask(tb, at[1]), n)))
+            bits_a = _bits(a, ta, i, key)
+            bits_b = _bits(b, tb, at[1], key) if bits_a is not None else None
+            out.append((key[0], key[2] - key[1], ta.column("changed")[i].as_py(), tb.column("changed")[at[1]].as_py(),
+                        int(packed_and_count(bits_a, bits_b)) if bits_b is not None else 0))
         return out
 
     totals: dict[str, list[int]] = {}
@@ -159,9 +199,8 @@ def consensus_units(store: Store, run_ids: Sequence[str]) -> list[dict]:
     def task(g: int) -> list[tuple[str, int, list[int]]]:
         out = []
         for key, rows in _aligned(runs, g):
-            masks = [_mask(t, row) for t, row in rows]
             n = key[2] - key[1]
-            out.append((key[0], n, count_histogram([m[0] for m in masks], [m[1] for m in masks], n)))
+            out.append((key[0], n, count_histogram([_bits(u, t, row, key) for u, (t, row) in zip(runs, rows)], n)))
         return out
 
     hist: dict[str, np.ndarray] = {}
@@ -209,8 +248,7 @@ def pairs_units(store: Store, run_ids: Sequence[str]) -> list[dict]:
         for key, tables in _aligned(runs, g):
             n = key[2] - key[1]
             changed = [t.column("changed")[row].as_py() for t, row in tables]
-            masks = [_mask(t, row) for t, row in tables]
-            packed = [decode_packed(c, m, n) if c != CODEC_EMPTY else None for c, m in masks]
+            packed = [_bits(units, t, row, key) for units, (t, row) in zip(runs, tables)]
             both = [int(packed_and_count(packed[a], packed[b])) if packed[a] is not None and packed[b] is not None
                     else 0 for a, b in pairs]
             out.append((key[0], n, changed, both))
@@ -243,12 +281,12 @@ def profile_units(store: Store, run_id: str, tensor: str, row_len: int) -> list[
     cols = np.zeros(row_len, np.int64)
     for key in keys:
         g, i = u.where[key]
-        codec, payload = _mask(u.group(g), i)
-        if codec == CODEC_EMPTY:
+        bits = _bits(u, u.group(g), i, key)
+        if bits is None:
             continue
         n = key[2] - key[1]
         unit_rows = np.zeros(n // row_len, np.int64)
-        row_col_counts(decode_packed(codec, payload, n), n, row_len, unit_rows, cols)
+        row_col_counts(bits, n, row_len, unit_rows, cols)
         rows[key[1] // row_len: key[2] // row_len] += unit_rows
     return ([dict(axis="row", index=i, changed=int(c), n=row_len) for i, c in enumerate(rows.tolist())]
             + [dict(axis="col", index=j, changed=int(c), n=n_rows) for j, c in enumerate(cols.tolist())])
@@ -293,7 +331,8 @@ def chain_units(store: Store, vs_base: Sequence[str], vs_prev: Sequence[str]) ->
             def bits(r: str) -> np.ndarray:
                 if r not in packed:
                     at = places[r]
-                    packed[r] = decode_packed(*_mask(units[r].group(at[0]), at[1]), n)
+                    got = _bits(units[r], units[r].group(at[0]), at[1], key)
+                    packed[r] = got if got is not None else np.zeros((n + 7) // 8, np.uint8)
                 return packed[r]
 
             ever = np.zeros((n + 7) // 8, np.uint8)
