@@ -160,7 +160,8 @@ def test_strict_refuses_any_decision(tmp_path):
     write_checkpoint(tmp_path / "b", {EMB: emb})
     write_checkpoint(tmp_path / "t", {EMB: emb.float()})
     with pytest.raises(PlanProblem, match=r"^strict: 1 tensors are not matched exactly: model.embed_tokens.weight "
-                                          r"\(dtype_widened: BF16 vs F32, compared in F32\)"):
+                                          r"\(dtype_widened: BF16 vs F32, compared in F32\)\. "
+                                          r"Without strict they are analysed with these decisions recorded$"):
         submit(str(tmp_path / "b"), str(tmp_path / "t"), SubmitOptions(store=str(tmp_path / "s"), strict=True))
     r = CliRunner().invoke(app, ["submit", str(tmp_path / "b"), str(tmp_path / "t"), "--strict", "--store", str(tmp_path / "s")])
     assert r.exit_code == 1 and r.stderr.startswith("Error: --strict: 1 tensors are not matched exactly")
