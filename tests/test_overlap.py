@@ -265,8 +265,8 @@ def test_a_corrupt_stored_mask_is_one_error_naming_the_run_tensor_unit_and_file(
     run_id = ids[0][0]
     units = Store(str(copy)).path(layout.units_file(run_id))
     table = pq.read_table(units, columns=["tensor", "start", "stop", "changed", "mask_codec", "mask"])
-    i = next(i for i, c in enumerate(table.column("mask_codec").to_pylist()) if c == codec
-             and len(table.column("mask")[i].as_py()) > 40)
+    i = next(i for i, (c, name) in enumerate(zip(*(table.column(x).to_pylist() for x in ("mask_codec", "tensor"))))
+             if c == codec and len(SHAPES[name]) == 2 and len(table.column("mask")[i].as_py()) > 40)  # 2-D: profile
     tensor, start, stop, changed = (table.column(c)[i].as_py() for c in ("tensor", "start", "stop", "changed"))
     payload = table.column("mask")[i].as_py()
     data = bytearray(open(units, "rb").read())
