@@ -7,12 +7,12 @@
 CREATE OR REPLACE VIEW tensor_modules AS
 SELECT
     t.*,
-    TRY_CAST(regexp_extract(t.tensor, '\.(?:layers|h|blocks|layer)\.(\d+)\.', 1) AS INTEGER) AS layer,
+    TRY_CAST(regexp_extract(t.tensor, '(?:^|\.)(?:layers|h|blocks|block|layer)\.(\d+)\.', 1) AS INTEGER) AS layer,
     TRY_CAST(regexp_extract(t.tensor, '\.experts\.(\d+)\.', 1) AS INTEGER) AS expert,
     CASE
-        WHEN regexp_matches(t.tensor, 'norm|\.ln_?\d*\.|layernorm') THEN 'norm'
+        WHEN regexp_matches(t.tensor, 'norm|(?:^|\.)ln(?:_\w+)?\.', 'i') THEN 'norm'
+        WHEN regexp_matches(t.tensor, 'lm_head|embed_out|(?:^|\.)output\.weight$') THEN 'lm_head'
         WHEN regexp_matches(t.tensor, 'embed|wte|wpe|tok_embeddings') THEN 'embed'
-        WHEN regexp_matches(t.tensor, 'lm_head|\.output\.weight$') THEN 'lm_head'
         WHEN regexp_matches(t.tensor, 'shared_experts?_gate\.') THEN 'shared_router'
         WHEN regexp_matches(t.tensor, '\.(?:mlp|block_sparse_moe|moe|feed_forward)\.(?:gate|router)\.|\.router\.') THEN 'router'
         WHEN regexp_matches(t.tensor, '(?:shared_experts?|experts)\.(?:\d+\.)?') THEN
@@ -28,11 +28,11 @@ SELECT
         WHEN regexp_matches(t.tensor, 'q_proj|q_a_proj|q_b_proj|\.wq\.|query') THEN 'q'
         WHEN regexp_matches(t.tensor, 'k_proj|\.wk\.|key') THEN 'k'
         WHEN regexp_matches(t.tensor, 'v_proj|\.wv\.|value') THEN 'v'
-        WHEN regexp_matches(t.tensor, 'o_proj|\.wo\.|out_proj|attn\.dense|c_proj') THEN 'o'
+        WHEN regexp_matches(t.tensor, 'o_proj|attention\.wo\.|out_proj|attn\.dense|attention\.dense|attn\.c_proj') THEN 'o'
         WHEN regexp_matches(t.tensor, 'gate_up_proj') THEN 'gate_up'
-        WHEN regexp_matches(t.tensor, 'gate_proj|\.w1\.') THEN 'gate'
-        WHEN regexp_matches(t.tensor, 'up_proj|\.w3\.|fc1|c_fc') THEN 'up'
-        WHEN regexp_matches(t.tensor, 'down_proj|\.w2\.|fc2') THEN 'down'
+        WHEN regexp_matches(t.tensor, 'gate_proj|\.w1\.|\.wi_0\.') THEN 'gate'
+        WHEN regexp_matches(t.tensor, 'up_proj|\.w3\.|fc1|c_fc|fc_in|dense_h_to_4h|\.wi(?:_1)?\.') THEN 'up'
+        WHEN regexp_matches(t.tensor, 'down_proj|\.w2\.|fc2|fc_out|dense_4h_to_h|mlp\.c_proj|DenseReluDense\.wo\.') THEN 'down'
         ELSE 'other'
     END AS module
 FROM tensors AS t;

@@ -276,6 +276,41 @@ def test_tensor_modules_know_routers_experts_and_shared_experts(tmp_path):
     assert {t: layer for t, _, _, layer in rows} == {n: int(n.split(".")[2]) for n in MODULES}
 
 
+#: Other families' names as their published checkpoints spell them: tensor → (module, layer)
+FAMILIES = {
+    # GPT-2 as openai-community/gpt2's model.safetensors writes it (no `transformer.` prefix),
+    # and as GPT2LMHeadModel saves a finetune: attention's c_proj is o, the MLP's is down
+    "h.0.attn.c_attn.weight": ("qkv", 0), "h.0.attn.c_proj.weight": ("o", 0), "h.0.mlp.c_fc.weight": ("up", 0),
+    "h.0.mlp.c_proj.weight": ("down", 0), "h.11.ln_1.weight": ("norm", 11), "ln_f.weight": ("norm", None),
+    "wte.weight": ("embed", None), "transformer.h.3.mlp.c_proj.weight": ("down", 3),
+    "transformer.ln_f.bias": ("norm", None),
+    # GPT-NeoX / Pythia (embed_out is the output head), Falcon, GPT-J, OPT
+    "gpt_neox.layers.4.attention.query_key_value.weight": ("qkv", 4), "gpt_neox.layers.4.attention.dense.weight": ("o", 4),
+    "gpt_neox.layers.4.mlp.dense_h_to_4h.weight": ("up", 4), "gpt_neox.layers.4.mlp.dense_4h_to_h.weight": ("down", 4),
+    "gpt_neox.embed_in.weight": ("embed", None), "embed_out.weight": ("lm_head", None),
+    "transformer.h.2.self_attention.dense.weight": ("o", 2), "transformer.h.2.ln_mlp.weight": ("norm", 2),
+    "transformer.h.5.mlp.fc_in.weight": ("up", 5), "transformer.h.5.mlp.fc_out.weight": ("down", 5),
+    "model.decoder.layers.6.fc1.weight": ("up", 6), "model.decoder.layers.6.self_attn.out_proj.weight": ("o", 6),
+    # BERT's LayerNorm, RWKV's blocks at the top, Meta's original Llama names, T5's block index
+    "bert.encoder.layer.3.attention.output.LayerNorm.weight": ("norm", 3), "blocks.7.att.key.weight": ("k", 7),
+    "layers.9.attention.wq.weight": ("q", 9), "output.weight": ("lm_head", None),
+    "encoder.block.2.layer.1.DenseReluDense.wo.weight": ("down", 2),
+    "decoder.block.0.layer.2.DenseReluDense.wi_0.weight": ("gate", 0),
+    "decoder.block.0.layer.2.DenseReluDense.wi_1.weight": ("up", 0),
+}
+
+
+def test_tensor_modules_know_the_names_of_other_families(tmp_path):
+    """Layer index and module kind of GPT-2 (bare and prefixed), GPT-NeoX, Falcon, GPT-J,
+    OPT, BERT, RWKV, Meta-format Llama and T5 names: a stack at the top of the name counts."""
+    names = {n: torch.zeros(2, 2).bfloat16() for n in FAMILIES}
+    write_checkpoint(tmp_path / "b", names)
+    res = submit(str(tmp_path / "b"), str(tmp_path / "b"), _opts(tmp_path, rank="off"))
+    _, rows = query(str(tmp_path / "store"), f"SELECT tensor, module, layer FROM tensor_modules "
+                                              f"WHERE run_id = '{res.run_id}'")
+    assert {t: (m, layer) for t, m, layer in rows} == FAMILIES
+
+
 def _expected_experts(base, tuned):
     """(layer, expert, module) → (numel, changed, rank ratio), from torch on the same tensors."""
     out = {}
