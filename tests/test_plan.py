@@ -230,3 +230,21 @@ def test_layout_decisions_slice_fused_rows_pair_scales_and_keep_units_inside_exp
     spectra = [s for s in plan.spectra if s.tensor_index == stack.index]
     assert [(s.expert, s.base.shape, s.base.offset) for s in spectra] == [
         (e, (8, 5), b.tensors[stack.name].offset + e * 40 * 4) for e in range(3)]
+
+
+def test_prefix_rule_finds_one_prefix_stripped_added_or_replaced_and_nothing_else():
+    """The rewrite of tuned's prefix that gives base's names, whichever side has the longer
+    one; ``None`` where the names that do not pair are few, or ambiguous."""
+    from raydiff.plan.match import prefix_rule
+
+    body = {f"h.{i}.attn.c_attn.weight" for i in range(3)} | {"wte.weight", "ln_f.weight"}
+    assert prefix_rule(body, {"transformer." + n for n in body}) == ("transformer.", "")
+    assert prefix_rule({"transformer." + n for n in body}, body) == ("", "transformer.")
+    vlm = {"model.language_model." + n for n in body} | {"lm_head.weight"}
+    assert prefix_rule({"model." + n for n in body} | {"lm_head.weight"}, vlm) == ("model.language_model.", "model.")
+    # two renamed among more that pair as they are; a one-part rest ("weight") is no evidence
+    assert prefix_rule(body | {"a.x.w", "a.y.w"}, body | {"b.x.w", "b.y.w"}) is None
+    assert prefix_rule({"a.weight", "b.weight", "c.weight"}, {"x.weight", "y.weight", "z.weight"}) is None
+    # one rewrite pairing under half of the unpaired names
+    assert prefix_rule({"p.a.w", "p.b.w", "q1.c", "q2.d", "q3.e", "q4.f"}, {"r.a.w", "r.b.w", "s1.g", "s2.h", "s3.i",
+                                                                          "s4.j"}) is None

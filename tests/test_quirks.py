@@ -99,25 +99,77 @@ def test_resized_vocabulary_compares_common_rows_and_reports_added_ones(tmp_path
     assert runs[0][0] == 2 * 100 * 16  # only compared elements count towards the run's sparsity
 
 
-def test_renamed_prefixes_pair_with_rename_rules(tmp_path):
-    base = {EMB: torch.randn(20, 8, generator=_g()).bfloat16(), Q: torch.randn(8, 8, generator=_g(1)).bfloat16()}
+def test_renamed_prefixes_pair_with_rename_rules_or_on_their_own(tmp_path):
+    """Names that differ by one prefix pair: with a --rename rule, or without one, when the
+    rewrite pairs them all (the note says so); the counts are the reference's either way."""
+    base = {EMB: torch.randn(20, 8, generator=_g()).bfloat16(), Q: torch.randn(8, 8, generator=_g(1)).bfloat16(),
+            HEAD: torch.randn(20, 8, generator=_g(2)).bfloat16()}
     tuned = {k.replace("model.", "model.language_model.", 1): _changed(v, 0.3, 7) for k, v in base.items()}
     write_checkpoint(tmp_path / "b", base)
     write_checkpoint(tmp_path / "t", tuned)
-    plain = submit(str(tmp_path / "b"), str(tmp_path / "t"), _opts(tmp_path))
-    assert plain.commit.numel == 0 and plain.commit.n_mismatched == 4
-    assert plain.matching == ("0 tensors compared: ; not compared: only_in_base 2 (model.embed_tokens.weight, "
-                              "model.layers.0.self_attn.q_proj.weight); only_in_tuned 2 (model.language_model."
-                              "embed_tokens.weight, model.language_model.layers.0.self_attn.q_proj.weight)")
+    auto = submit(str(tmp_path / "b"), str(tmp_path / "t"), _opts(tmp_path))
     res = submit(str(tmp_path / "b"), str(tmp_path / "t"), _opts(tmp_path, rename=(("model.language_model.", "model."),)))
-    assert res.run_id != plain.run_id
+    assert res.run_id != auto.run_id
+    for run, found in ((auto, True), (res, False)):
+        rows = {r["tensor"]: r for r in _rows(str(tmp_path / "store"), run.run_id)}
+        assert set(rows) == set(base)
+        for name, t in base.items():
+            _check_counts(rows[name], t, tuned[name.replace("model.", "model.language_model.", 1)])
+            if name == HEAD:  # the same in both: paired as it is
+                assert (rows[name]["match"], rows[name]["note"]) == ("exact", "")
+                continue
+            note = f"renamed from {name.replace('model.', 'model.language_model.', 1)!r} in tuned"
+            if found:
+                note += ("; tuned's names begin 'model.language_model.' where base's begin 'model.', found without "
+                         "--rename (give --rename to choose the rules)")
+            assert (rows[name]["match"], rows[name]["note"]) == ("renamed", note)
+        assert run.matching == "3 tensors compared: 2 renamed, 1 exact"
+
+
+def test_a_gpt2_base_meets_the_finetune_transformers_saves(tmp_path):
+    """openai-community/gpt2 names its tensors ``h.0.…``, ``wte.weight`` and has no head (its
+    config ties it); a finetune saved by GPT2LMHeadModel names them ``transformer.h.0.…`` and
+    may save ``lm_head.weight``. Every tensor pairs, the head against base's ``wte``, the
+    base's attention-mask buffers stay only in base, and the layers view has layer 0."""
+    g = _g(5)
+    base = {"wte.weight": torch.randn(50, 16, generator=g), "wpe.weight": torch.randn(8, 16, generator=g),
+            "h.0.attn.c_attn.weight": torch.randn(16, 48, generator=g), "h.0.attn.c_proj.weight": torch.randn(16, 16, generator=g),
+            "h.0.mlp.c_fc.weight": torch.randn(16, 64, generator=g), "h.0.mlp.c_proj.weight": torch.randn(64, 16, generator=g),
+            "h.0.ln_1.weight": torch.randn(16, generator=g), "ln_f.weight": torch.randn(16, generator=g)}
+    mask = {"h.0.attn.bias": torch.ones(1, 1, 8, 8)}
+    tuned = {"transformer." + k: _changed(v, 0.25, i) for i, (k, v) in enumerate(base.items())}
+    tuned["lm_head.weight"] = tuned["transformer.wte.weight"].clone()
+    write_checkpoint(tmp_path / "b", {**base, **mask}, config={"tie_word_embeddings": True})
+    write_checkpoint(tmp_path / "t", tuned, config={"tie_word_embeddings": True})
+    res = submit(str(tmp_path / "b"), str(tmp_path / "t"), _opts(tmp_path))
+    assert res.matching == ("9 tensors compared: 8 renamed, 1 tied_in_base; not compared: only_in_base 1 "
+                            "(h.0.attn.bias)")
     rows = {r["tensor"]: r for r in _rows(str(tmp_path / "store"), res.run_id)}
-    assert set(rows) == set(base)
     for name, t in base.items():
-        assert rows[name]["match"] == "renamed"
-        assert rows[name]["note"] == f"renamed from {name.replace('model.', 'model.language_model.', 1)!r} in tuned"
-        _check_counts(rows[name], t, tuned[name.replace("model.", "model.language_model.", 1)])
-    assert res.matching == "2 tensors compared: 2 renamed"
+        _check_counts(rows[name], t, tuned["transformer." + name])
+    _check_counts(rows[HEAD], base["wte.weight"], tuned[HEAD])
+    _, layers = query(str(tmp_path / "store"), f"SELECT module, changed FROM layers WHERE run_id = '{res.run_id}' "
+                                               "AND layer = 0 AND module != '*' ORDER BY module")
+    want = {m: ref_diff(base[n], tuned["transformer." + n])["changed"] for m, n in
+            (("qkv", "h.0.attn.c_attn.weight"), ("o", "h.0.attn.c_proj.weight"), ("up", "h.0.mlp.c_fc.weight"),
+             ("down", "h.0.mlp.c_proj.weight"), ("norm", "h.0.ln_1.weight"))}
+    assert dict(layers) == want
+
+
+def test_no_prefix_is_guessed_from_a_few_names(tmp_path):
+    """A value head only the finetune has (``v_head.summary.…``), or two renamed tensors among
+    many that pair as they are, are no evidence of a prefix: nothing is renamed."""
+    g = _g(6)
+    base = {f"model.layers.{i}.mlp.up_proj.weight": torch.randn(8, 8, generator=g).bfloat16() for i in range(4)}
+    tuned = {k: _changed(v, 0.3, 1) for k, v in base.items()}
+    tuned |= {"v_head.summary.weight": torch.randn(1, 8, generator=g), "v_head.summary.bias": torch.randn(1, generator=g)}
+    base |= {"old.a.weight": torch.randn(2, 2, generator=g), "old.b.weight": torch.randn(2, 2, generator=g)}
+    tuned |= {"new.a.weight": torch.randn(2, 2, generator=g), "new.b.weight": torch.randn(2, 2, generator=g)}
+    write_checkpoint(tmp_path / "b", base)
+    write_checkpoint(tmp_path / "t", tuned)
+    res = submit(str(tmp_path / "b"), str(tmp_path / "t"), _opts(tmp_path))
+    assert res.matching == ("4 tensors compared: 4 exact; not compared: only_in_tuned 4 (new.a.weight, new.b.weight, "
+                            "v_head.summary.bias, v_head.summary.weight); only_in_base 2 (old.a.weight, old.b.weight)")
 
 
 def test_rename_collisions_are_refused(tmp_path):

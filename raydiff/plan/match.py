@@ -3,8 +3,9 @@ every decision recorded (status, match, note) — nothing dropped."""
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from raydiff.errors import PlanProblem
 from raydiff.inputs.checkpoint import Checkpoint, TensorInfo
@@ -33,7 +34,7 @@ from raydiff.records import (
 
 LM_HEAD = "lm_head.weight"
 EMBEDDINGS = ("model.embed_tokens.weight", "transformer.wte.weight", "model.embed_in.weight",
-              "gpt_neox.embed_in.weight", "embed_tokens.weight", "tok_embeddings.weight")
+              "gpt_neox.embed_in.weight", "embed_tokens.weight", "tok_embeddings.weight", "wte.weight")
 
 _FLOAT_WIDTH = {"F8_E4M3": 1, "F8_E5M2": 1, "F16": 2, "BF16": 2, "F32": 4, "F64": 8}
 
@@ -80,6 +81,7 @@ class _Side:
     renamed: set[str]
     scales: dict[str, BlockScale]
     sliced: dict[str, tuple[str, int, int]]  # split name → (fused name, first row, end row)
+    prefix: tuple[str, str] | None = field(default=None)  # (its prefix, base's) when found without --rename
 
 
 def _renamed(tensors: Mapping[str, TensorInfo], rules: tuple[tuple[str, str], ...],
@@ -100,6 +102,62 @@ def _renamed(tensors: Mapping[str, TensorInfo], rules: tuple[tuple[str, str], ..
         if new != name:
             renamed.add(new)
     return out, renamed
+
+
+def _cuts(name: str) -> list[int]:
+    """Where a dotted name can be cut into a prefix and the rest: its start and after each dot."""
+    return [0] + [i + 1 for i, c in enumerate(name) if c == "."]
+
+
+def prefix_rule(base: set[str], tuned: set[str]) -> tuple[str, str] | None:
+    """``(tuned's prefix, base's)``: the one rewrite of a leading part of tuned's names that
+    pairs the names that do not pair as they are, as when a finetune saved by
+    ``GPT2LMHeadModel`` (``transformer.h.0.…``) meets the base's ``h.0.…``; ``None`` when
+    there is none that pairs at least half of them and more than pair already.
+
+    Each unpaired tuned name votes for the prefixes that leave its longest rest (two parts or
+    more) equal to exactly one unpaired base name's rest.
+
+    Example:
+        >>> prefix_rule({"h.0.w", "h.1.w", "wte.weight"}, {"transformer.h.0.w", "transformer.h.1.w", "transformer.wte.weight"})
+        ('transformer.', '')
+    """
+    b_only, t_only = base - tuned, tuned - base
+    if len(b_only) < 2 or len(t_only) < 2:
+        return None
+    rests: dict[str, list[str]] = {}
+    for n in b_only:
+        for k in _cuts(n):
+            if "." in n[k:]:
+                rests.setdefault(n[k:], []).append(n[:k])
+    votes: Counter[tuple[str, str]] = Counter()
+    for n in t_only:
+        for k in _cuts(n):
+            found = rests.get(n[k:])
+            if found:
+                if len(found) == 1 and found[0] != n[:k]:
+                    votes[(n[:k], found[0])] += 1
+                break
+    if not votes:
+        return None
+    (old, new), count = votes.most_common(1)[0]
+    if count < 2 or count <= len(base & tuned) or 2 * count < min(len(b_only), len(t_only)):
+        return None
+    return old, new
+
+
+def _rename_to_base(b: _Side, t: _Side) -> None:
+    """Apply :func:`prefix_rule` to tuned's unpaired names whose rewrite is an unpaired base name."""
+    rule = prefix_rule(set(b.tensors), set(t.tensors))
+    if rule is None:
+        return
+    old, new = rule
+    for name in sorted(set(t.tensors) - set(b.tensors)):
+        to = new + name[len(old):]
+        if name.startswith(old) and to in b.tensors and to not in t.tensors:
+            t.tensors[to] = t.tensors.pop(name)
+            t.renamed.add(to)
+    t.prefix = rule
 
 
 def _ties(ck: Checkpoint) -> bool:
@@ -135,7 +193,9 @@ def _split_fused(own: _Side, other: _Side, out: list[Pairing]) -> None:
 def match_tensors(base: Checkpoint, tuned: Checkpoint, options: DiffOptions) -> list[Pairing]:
     """Pair the tensors of two checkpoints, deciding every quirk explicitly.
 
-    Names are normalised by ``options.rename`` (prefix rules) on both sides, then paired.
+    Names are normalised by ``options.rename`` (prefix rules) on both sides, then paired;
+    without rules, tuned's names that differ from base's by one prefix (:func:`prefix_rule`)
+    take base's.
     A side without ``lm_head.weight`` whose ``config.json`` declares ``tie_word_embeddings``
     offers its embedding instead. A fused projection on one side is compared part by part
     with the split projections of the other (:mod:`raydiff.plan.formats`); an FP8 weight with
@@ -146,6 +206,8 @@ def match_tensors(base: Checkpoint, tuned: Checkpoint, options: DiffOptions) -> 
     mismatch status — nothing is dropped.
     """
     b, t = _side("base", base, options.rename), _side("tuned", tuned, options.rename)
+    if not options.rename:
+        _rename_to_base(b, t)
     out: list[Pairing] = []
     ties: dict[str, str] = {}  # lm_head supplied by a tied embedding, per side
     for own, other in ((b, t), (t, b)):
@@ -175,6 +237,9 @@ def _pair(name: str, b: _Side, t: _Side, ties: Mapping[str, str]) -> list[Pairin
         matches.append(MATCH_RENAMED)
         notes.append("renamed from " + " / ".join(
             f"{s.tensors[name].name!r} in {s.name}" for s in (b, t) if name in s.renamed))
+        if t.prefix and name in t.renamed:
+            notes.append(f"tuned's names begin {t.prefix[0]!r} where base's begin {t.prefix[1]!r}, found without "
+                         "--rename (give --rename to choose the rules)")
     for side in (b, t):
         if name == LM_HEAD and side.name in ties:
             matches.append(MATCH_TIED_BASE if side.name == "base" else MATCH_TIED_TUNED)
