@@ -73,7 +73,9 @@ class Store(Files):
         if version == layout.LAYOUT:
             return
         if version is None:
-            if self.list_subdirs(layout.RUNS):
+            # the first run of a new store writes the layout file before anything under runs/:
+            # runs/ seen, the file is read again (another process may have just made the store)
+            if self.list_subdirs(layout.RUNS) and self.layout_version() is None:
                 raise StoreError(
                     f"store {self.display} was written by an earlier raydiff (layout 1, no catalog); "
                     f"convert it once with `raydiff store upgrade --store {self.display}`"
