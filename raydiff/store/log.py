@@ -17,6 +17,9 @@ files it read. Files are never changed once written, so:
   hold some records twice, which every read deduplicates and the next fold merges.
 
 A reader whose listing names a file deleted meanwhile lists again and reads what is new.
+That needs a listing to name what the folder held when it was read, a file deleted a moment
+later included: local folders are read with ``os.scandir`` for it (pyarrow's listing left
+such files out; :meth:`raydiff.store.files.Files._listing`).
 
 With a ``period`` (``"day"`` or ``"month"``) the log keeps one snapshot per period instead
 of one in all: an entry belongs to the period it was written in (the time in its name), a
