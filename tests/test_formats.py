@@ -376,6 +376,61 @@ def test_experts_view_gives_sparsity_and_rank_per_layer_and_expert(tmp_path, fam
         assert units and all(a // per == (b - 1) // per for a, b, per in units)  # no unit straddles two experts
 
 
+def _per_expert_and_stacked(fused_parts: bool = False) -> tuple[dict, dict]:
+    """One MoE layer as transformers 4 saved it (``experts.{e}.gate_proj.weight`` …, or
+    each expert's ``gate_up_proj.weight``) and as transformers 5 does (``experts.gate_up_proj``,
+    experts × 2I × H with each expert's gate rows first, and ``experts.down_proj``)."""
+    layer = _moe_layer("model.layers.0", 40)
+    p = "model.layers.0.mlp.experts"
+    gate_up = torch.stack([torch.cat([layer[f"{p}.{e}.gate_proj.weight"], layer[f"{p}.{e}.up_proj.weight"]])
+                           for e in range(E)])
+    stacked = {"model.layers.0.mlp.gate.weight": layer["model.layers.0.mlp.gate.weight"],
+               f"{p}.gate_up_proj": gate_up,
+               f"{p}.down_proj": torch.stack([layer[f"{p}.{e}.down_proj.weight"] for e in range(E)])}
+    if fused_parts:
+        for e in range(E):
+            layer[f"{p}.{e}.gate_up_proj.weight"] = gate_up[e].clone()
+            del layer[f"{p}.{e}.gate_proj.weight"], layer[f"{p}.{e}.up_proj.weight"]
+    return layer, stacked
+
+
+@pytest.mark.parametrize("stack_side,fused_parts", [("tuned", False), ("base", False), ("tuned", True)],
+                         ids=["stack-tuned", "stack-base", "per-expert-gate-up"])
+def test_a_stack_of_experts_pairs_expert_by_expert_with_per_expert_tensors(tmp_path, stack_side, fused_parts):
+    """Transformers 5's stacks against transformers 4's per-expert tensors: every expert's
+    gate, up and down rows of the stack pair with that expert's tensors, counted and ranked
+    as the reference does on the same slices; the experts view has every expert."""
+    per_expert, stacked = _per_expert_and_stacked(fused_parts)
+    stacked = _tune(stacked)  # the finetune moved each expert of a stack by its own fraction
+    b, t = (stacked, per_expert) if stack_side == "base" else (per_expert, stacked)
+    config = {"num_experts": E, "hidden_size": H, "moe_intermediate_size": I}
+    write_checkpoint(tmp_path / "b", b, config=config)
+    write_checkpoint(tmp_path / "t", t, config=config)
+    res = submit(str(tmp_path / "b"), str(tmp_path / "t"), _opts(tmp_path, chunk_elems=1024))
+    store = str(tmp_path / "store")
+    rows = _by_tensor(store, res.run_id)
+    p = "model.layers.0.mlp.experts"
+    for name in (f"{p}.gate_up_proj", f"{p}.down_proj"):
+        assert (rows[name]["status"], rows[name]["match"]) == ("fused", "none")
+        assert rows[name]["note"].startswith(f"stack of {E} experts in {stack_side}; compared expert by expert")
+    parts = (("gate_up_proj", 0, 2 * I),) if fused_parts else (("gate_proj", 0, I), ("up_proj", I, 2 * I))
+    slices = {f"{p}.{e}.{part}.weight": (f"{p}.gate_up_proj", e, a, z) for e in range(E) for part, a, z in parts}
+    slices |= {f"{p}.{e}.down_proj.weight": (f"{p}.down_proj", e, 0, H) for e in range(E)}
+    assert set(slices) == set(per_expert) - {"model.layers.0.mlp.gate.weight"}
+    for name, (stack, e, a, z) in slices.items():
+        piece = stacked[stack][e, a:z]
+        ref = ref_diff(piece, per_expert[name]) if stack_side == "base" else ref_diff(per_expert[name], piece)
+        row = rows[name]
+        assert (row["status"], row["match"]) == ("ok", "fused_slice"), name
+        assert row["note"] == f"expert {e}, rows {a}…{z - 1} of {stack_side}'s stack of experts {stack!r}", name
+        for k in _COUNTS:
+            assert row[k] == ref[k], (name, k)
+        assert row["rank"] == ref["rank"], name
+    _, experts = query(store, f"SELECT DISTINCT expert FROM experts WHERE run_id = '{res.run_id}' AND expert IS NOT NULL")
+    assert sorted(e for (e,) in experts) == list(range(E))
+    assert res.matching.startswith(f"{len(slices) + 1} tensors compared: {len(slices)} fused_slice, 1 exact")
+
+
 # -- fused projections ---------------------------------------------------------------------
 
 P = "model.layers.0"

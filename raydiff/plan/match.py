@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from raydiff.errors import PlanProblem
 from raydiff.inputs.checkpoint import Checkpoint, TensorInfo
 from raydiff.options import DiffOptions
-from raydiff.plan.formats import SCALE_SUFFIX, BlockScale, block_scales, fused_split, rows_of
+from raydiff.plan.formats import SCALE_SUFFIX, BlockScale, block_scales, fused_split, rows_of, stack_split
 from raydiff.records import (
     MATCH_EXACT,
     MATCH_FP8_BLOCKS,
@@ -80,7 +80,7 @@ class _Side:
     tensors: dict[str, TensorInfo]
     renamed: set[str]
     scales: dict[str, BlockScale]
-    sliced: dict[str, tuple[str, int, int]]  # split name → (fused name, first row, end row)
+    sliced: dict[str, str]  # split name → where its rows are in this side's fused tensor or stack
     prefix: tuple[str, str] | None = field(default=None)  # (its prefix, base's) when found without --rename
 
 
@@ -172,22 +172,36 @@ def _side(name: str, ck: Checkpoint, rules: tuple[tuple[str, str], ...]) -> _Sid
 
 
 def _split_fused(own: _Side, other: _Side, out: list[Pairing]) -> None:
-    """Replace each fused projection of ``own`` that ``other`` has split by its parts."""
+    """Replace each fused projection, or stack of experts, of ``own`` that ``other`` has
+    split by its parts."""
     for name in sorted(own.tensors):
         info = own.tensors[name]
         if name in other.tensors or name in own.scales:  # block scales do not follow a row split
             continue
-        split = fused_split(name, info, [own.ck.config, other.ck.config], other.tensors)
+        stack = stack_split(name, info, other.tensors)
+        split = stack or fused_split(name, info, [own.ck.config, other.ck.config], other.tensors)
         if split is None or any(part in own.tensors for part, _, _ in split):
             continue
         del own.tensors[name]
-        for part, start, stop in split:
-            own.tensors[part] = rows_of(info, start, stop)
-            own.sliced[part] = (info.name, start, stop)
-        parts = ", ".join(f"{p.rsplit('.', 2)[-2]} (rows {a}…{b - 1})" for p, a, b in split)
+        if stack:
+            experts, rows, cols = info.shape
+            flat = TensorInfo(info.name, info.dtype, (experts * rows, cols), info.file, info.offset, info.nbytes)
+            for part, start, stop in split:
+                own.tensors[part] = rows_of(flat, start, stop)
+                e = start // rows
+                own.sliced[part] = (f"expert {e}, rows {start - e * rows}…{stop - 1 - e * rows} of {own.name}'s "
+                                    f"stack of experts {info.name!r}")
+            kinds = sorted({p.rsplit(".", 2)[-2] for p, _, _ in split})
+            note = (f"stack of {experts} experts in {own.name}; compared expert by expert with {other.name}'s "
+                    f"{name[:-len(name.rsplit('.', 1)[-1])]}{{e}}.{'/'.join(kinds)}.weight")
+        else:
+            for part, start, stop in split:
+                own.tensors[part] = rows_of(info, start, stop)
+                own.sliced[part] = f"rows {start}…{stop - 1} of {own.name}'s fused {info.name!r}"
+            parts = ", ".join(f"{p.rsplit('.', 2)[-2]} (rows {a}…{b - 1})" for p, a, b in split)
+            note = f"fused in {own.name}; compared part by part with {other.name}'s {parts}"
         out.append(Pairing(name, STATUS_FUSED, MATCH_NONE, info if own.name == "base" else None,
-                           info if own.name == "tuned" else None, None,
-                           f"fused in {own.name}; compared part by part with {other.name}'s {parts}"))
+                           info if own.name == "tuned" else None, None, note))
 
 
 def match_tensors(base: Checkpoint, tuned: Checkpoint, options: DiffOptions) -> list[Pairing]:
@@ -245,9 +259,8 @@ def _pair(name: str, b: _Side, t: _Side, ties: Mapping[str, str]) -> list[Pairin
             matches.append(MATCH_TIED_BASE if side.name == "base" else MATCH_TIED_TUNED)
             notes.append(f"{side.name} has no {LM_HEAD}; its config ties it to {ties[side.name]}, compared against that")
         if name in side.sliced:
-            fused, start, stop = side.sliced[name]
             matches.append(MATCH_FUSED_SLICE)
-            notes.append(f"rows {start}…{stop - 1} of {side.name}'s fused {fused!r}")
+            notes.append(side.sliced[name])
     if bi is None or ti is None:
         status = STATUS_ONLY_TUNED if bi is None else STATUS_ONLY_BASE
         note = "; ".join(notes + [f"absent from {'base' if bi is None else 'tuned'}"])
