@@ -376,10 +376,11 @@ def test_experts_view_gives_sparsity_and_rank_per_layer_and_expert(tmp_path, fam
         assert units and all(a // per == (b - 1) // per for a, b, per in units)  # no unit straddles two experts
 
 
-def _per_expert_and_stacked(fused_parts: bool = False) -> tuple[dict, dict]:
-    """One MoE layer as transformers 4 saved it (``experts.{e}.gate_proj.weight`` …, or
-    each expert's ``gate_up_proj.weight``) and as transformers 5 does (``experts.gate_up_proj``,
-    experts × 2I × H with each expert's gate rows first, and ``experts.down_proj``)."""
+def _per_expert_and_stacked(fused_parts: bool = False, mixtral: bool = False) -> tuple[dict, dict]:
+    """One MoE layer as transformers 4 saved it (``experts.{e}.gate_proj.weight`` …, each
+    expert's ``gate_up_proj.weight``, or Mixtral's ``block_sparse_moe.experts.{e}.w1/w3/w2``)
+    and as transformers 5 does (``mlp.experts.gate_up_proj``, experts × 2I × H with each
+    expert's gate rows first, and ``mlp.experts.down_proj``)."""
     layer = _moe_layer("model.layers.0", 40)
     p = "model.layers.0.mlp.experts"
     gate_up = torch.stack([torch.cat([layer[f"{p}.{e}.gate_proj.weight"], layer[f"{p}.{e}.up_proj.weight"]])
@@ -391,16 +392,21 @@ def _per_expert_and_stacked(fused_parts: bool = False) -> tuple[dict, dict]:
         for e in range(E):
             layer[f"{p}.{e}.gate_up_proj.weight"] = gate_up[e].clone()
             del layer[f"{p}.{e}.gate_proj.weight"], layer[f"{p}.{e}.up_proj.weight"]
+    if mixtral:
+        w = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+        layer = {(n.replace(".mlp.experts.", ".block_sparse_moe.experts.").replace(n.split(".")[-2], w[n.split(".")[-2]])
+                  if ".experts." in n else n): t for n, t in layer.items()}
     return layer, stacked
 
 
-@pytest.mark.parametrize("stack_side,fused_parts", [("tuned", False), ("base", False), ("tuned", True)],
-                         ids=["stack-tuned", "stack-base", "per-expert-gate-up"])
-def test_a_stack_of_experts_pairs_expert_by_expert_with_per_expert_tensors(tmp_path, stack_side, fused_parts):
+@pytest.mark.parametrize("stack_side,layout", [("tuned", "qwen"), ("base", "qwen"), ("tuned", "gate_up"),
+                                               ("base", "mixtral")])
+def test_a_stack_of_experts_pairs_expert_by_expert_with_per_expert_tensors(tmp_path, stack_side, layout):
     """Transformers 5's stacks against transformers 4's per-expert tensors: every expert's
     gate, up and down rows of the stack pair with that expert's tensors, counted and ranked
     as the reference does on the same slices; the experts view has every expert."""
-    per_expert, stacked = _per_expert_and_stacked(fused_parts)
+    fused_parts, mixtral = layout == "gate_up", layout == "mixtral"
+    per_expert, stacked = _per_expert_and_stacked(fused_parts, mixtral)
     stacked = _tune(stacked)  # the finetune moved each expert of a stack by its own fraction
     b, t = (stacked, per_expert) if stack_side == "base" else (per_expert, stacked)
     config = {"num_experts": E, "hidden_size": H, "moe_intermediate_size": I}
@@ -414,8 +420,12 @@ def test_a_stack_of_experts_pairs_expert_by_expert_with_per_expert_tensors(tmp_p
         assert (rows[name]["status"], rows[name]["match"]) == ("fused", "none")
         assert rows[name]["note"].startswith(f"stack of {E} experts in {stack_side}; compared expert by expert")
     parts = (("gate_up_proj", 0, 2 * I),) if fused_parts else (("gate_proj", 0, I), ("up_proj", I, 2 * I))
-    slices = {f"{p}.{e}.{part}.weight": (f"{p}.gate_up_proj", e, a, z) for e in range(E) for part, a, z in parts}
-    slices |= {f"{p}.{e}.down_proj.weight": (f"{p}.down_proj", e, 0, H) for e in range(E)}
+    down = "down_proj"
+    q = p
+    if mixtral:
+        parts, down, q = (("w1", 0, I), ("w3", I, 2 * I)), "w2", "model.layers.0.block_sparse_moe.experts"
+    slices = {f"{q}.{e}.{part}.weight": (f"{p}.gate_up_proj", e, a, z) for e in range(E) for part, a, z in parts}
+    slices |= {f"{q}.{e}.{down}.weight": (f"{p}.down_proj", e, 0, H) for e in range(E)}
     assert set(slices) == set(per_expert) - {"model.layers.0.mlp.gate.weight"}
     for name, (stack, e, a, z) in slices.items():
         piece = stacked[stack][e, a:z]

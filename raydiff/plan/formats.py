@@ -12,8 +12,9 @@
   experts × rows × cols) is cut into units that stay inside one expert, and gets a spectrum
   per expert matrix. Transformers v5 saves a mixture of experts so (``gate_up_proj``
   experts × 2·I × H with each expert's gate rows first, ``down_proj`` experts × H × I),
-  where v4 and most published checkpoints have ``experts.{e}.gate_proj.weight`` and the
-  like: a stack on one side pairs expert by expert with the other side's per-expert tensors.
+  where v4 and most published checkpoints have ``experts.{e}.gate_proj.weight`` (Mixtral:
+  ``block_sparse_moe.experts.{e}.w1.weight``) and the like: a stack on one side pairs expert
+  by expert with the other side's per-expert tensors.
 """
 
 from __future__ import annotations
@@ -131,32 +132,42 @@ def fused_split(name: str, info: TensorInfo, configs: list[Mapping[str, object] 
 
 
 _STACK_NAME = re.compile(r"^(?P<prefix>(?:.*\.)?experts\.)(?P<proj>gate_up_proj|gate_proj|up_proj|down_proj)$")
+#: a stack's projection → the per-expert tensors that may hold its rows, in row order
+#: (Qwen- and DeepSeek-style names, one expert's fused gate_up_proj, Mixtral's w1/w3/w2)
+_STACK_PARTS = {"gate_up_proj": (("gate_proj", "up_proj"), ("gate_up_proj",), ("w1", "w3")),
+                "gate_proj": (("gate_proj",), ("w1",)), "up_proj": (("up_proj",), ("w3",)),
+                "down_proj": (("down_proj",), ("w2",))}
 
 
 def stack_split(name: str, info: TensorInfo, other: Mapping[str, TensorInfo]) -> list[tuple[str, int, int]] | None:
     """How a 3-D stack of experts (``….experts.gate_up_proj``, experts × rows × cols) splits
     into the per-expert tensors the other side has (``….experts.{e}.gate_proj.weight`` and
-    ``….up_proj.weight``, or each expert's ``gate_up_proj.weight``): ``[(name, first row,
-    end row), …]`` in the stack's rows taken as one experts·rows × cols matrix, or ``None``
-    when the other side has not every expert's parts at the sizes that add up to the stack's."""
+    ``….up_proj.weight``, each expert's ``gate_up_proj.weight``, or Mixtral's
+    ``….block_sparse_moe.experts.{e}.w1.weight`` and ``w3``): ``[(name, first row, end row), …]``
+    in the stack's rows taken as one experts·rows × cols matrix, or ``None`` when the other
+    side has not every expert's parts at the sizes that add up to the stack's."""
     m = _STACK_NAME.match(name)
     if m is None or len(info.shape) != 3:
         return None
     experts, rows, cols = info.shape
-    for parts in ((m["proj"],), FUSED.get(m["proj"], ())):
-        names = [[f"{m['prefix']}{e}.{p}.weight" for p in parts] for e in range(experts)]
-        if not parts or not all(n in other for row in names for n in row):
-            continue
-        sizes = [other[n].shape[0] if len(other[n].shape) == 2 else -1 for n in names[0]]
-        if sum(sizes) != rows or any(other[n].shape != (s, cols) for row in names for n, s in zip(row, sizes)):
-            continue
-        out = []
-        for e, row in enumerate(names):
-            start = e * rows
-            for n, s in zip(row, sizes):
-                out.append((n, start, start + s))
-                start += s
-        return out
+    prefixes = [m["prefix"]]
+    if m["prefix"].endswith("mlp.experts."):  # transformers 5 calls Mixtral's block_sparse_moe mlp
+        prefixes.append(m["prefix"][:-len("mlp.experts.")] + "block_sparse_moe.experts.")
+    for prefix in prefixes:
+        for parts in _STACK_PARTS[m["proj"]]:
+            names = [[f"{prefix}{e}.{p}.weight" for p in parts] for e in range(experts)]
+            if not all(n in other for row in names for n in row):
+                continue
+            sizes = [other[n].shape[0] if len(other[n].shape) == 2 else -1 for n in names[0]]
+            if sum(sizes) != rows or any(other[n].shape != (s, cols) for row in names for n, s in zip(row, sizes)):
+                continue
+            out = []
+            for e, row in enumerate(names):
+                start = e * rows
+                for n, s in zip(row, sizes):
+                    out.append((n, start, start + s))
+                    start += s
+            return out
     return None
 
 

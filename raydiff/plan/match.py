@@ -191,9 +191,11 @@ def _split_fused(own: _Side, other: _Side, out: list[Pairing]) -> None:
                 e = start // rows
                 own.sliced[part] = (f"expert {e}, rows {start - e * rows}…{stop - 1 - e * rows} of {own.name}'s "
                                     f"stack of experts {info.name!r}")
-            kinds = sorted({p.rsplit(".", 2)[-2] for p, _, _ in split})
+            first = split[0][0]  # …experts.0.gate_proj.weight
+            prefix = first[:first.rindex(".experts.") + len(".experts.")]
+            kinds = "/".join(dict.fromkeys(p.rsplit(".", 2)[-2] for p, _, _ in split))
             note = (f"stack of {experts} experts in {own.name}; compared expert by expert with {other.name}'s "
-                    f"{name[:-len(name.rsplit('.', 1)[-1])]}{{e}}.{'/'.join(kinds)}.weight")
+                    f"{prefix}{{e}}.{kinds}.weight")
         else:
             for part, start, stop in split:
                 own.tensors[part] = rows_of(info, start, stop)
