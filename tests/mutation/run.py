@@ -112,6 +112,19 @@ TARGETS = (
            ray=True),
     Target("overlap", "raydiff/query/overlap.py", ("and_count", "count_histogram", "overlap_units",
                                                    "consensus_units"), ("tests/test_overlap.py",), 600, ray=True),
+    # pairing across layouts: a prefix found without --rename, a transformers-5 stack of experts
+    Target("prefixes", "raydiff/plan/match.py", ("_cuts", "prefix_rule", "_rename_to_base"),
+           ("tests/test_plan.py::test_prefix_rule_finds_one_prefix_stripped_added_or_replaced_and_nothing_else",
+            "tests/test_quirks.py::test_renamed_prefixes_pair_with_rename_rules_or_on_their_own",
+            "tests/test_quirks.py::test_a_gpt2_base_meets_the_finetune_transformers_saves",
+            "tests/test_quirks.py::test_no_prefix_is_guessed_from_a_few_names"), 300, ray=True),
+    Target("stored", "raydiff/query/overlap.py", ("stored_bits", "_bits"),
+           ("tests/test_overlap.py::test_a_corrupt_stored_mask_is_one_error_naming_the_run_tensor_unit_and_file",
+            "tests/test_overlap.py::test_overlap_per_tensor_and_total_match_numpy",
+            "tests/test_overlap.py::test_consensus_histogram_matches_numpy"), 300, ray=True),
+    Target("stacks", "raydiff/plan/formats.py", ("stack_split",),
+           ("tests/test_formats.py::test_a_stack_of_experts_pairs_expert_by_expert_with_per_expert_tensors",
+            "tests/test_formats.py::test_experts_view_gives_sparsity_and_rank_per_layer_and_expert"), 300, ray=True),
 )
 
 #: The mutation operators used: the ones that change a computed number or decision.
