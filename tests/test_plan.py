@@ -245,6 +245,16 @@ def test_prefix_rule_finds_one_prefix_stripped_added_or_replaced_and_nothing_els
     # two renamed among more that pair as they are; a one-part rest ("weight") is no evidence
     assert prefix_rule(body | {"a.x.w", "a.y.w"}, body | {"b.x.w", "b.y.w"}) is None
     assert prefix_rule({"a.weight", "b.weight", "c.weight"}, {"x.weight", "y.weight", "z.weight"}) is None
-    # one rewrite pairing under half of the unpaired names
-    assert prefix_rule({"p.a.w", "p.b.w", "q1.c", "q2.d", "q3.e", "q4.f"}, {"r.a.w", "r.b.w", "s1.g", "s2.h", "s3.i",
-                                                                          "s4.j"}) is None
+    # one rewrite pairing under half of the unpaired names; half of them, or more, is enough
+    def sides(renamed: int, extra: int, paired: int = 0) -> tuple[set[str], set[str]]:
+        both = {f"both{i}.x.w" for i in range(paired)}
+        return ({f"p.{i}.w" for i in range(renamed)} | {f"q{i}" for i in range(extra)} | both,
+                {f"r.{i}.w" for i in range(renamed)} | {f"s{i}" for i in range(extra)} | both)
+
+    assert prefix_rule(*sides(2, 4)) is None and prefix_rule(*sides(3, 4)) is None
+    assert prefix_rule(*sides(3, 3)) == ("r.", "p.") and prefix_rule(*sides(4, 3)) == ("r.", "p.")
+    # it must pair more than pair as they are, and two names at least
+    assert prefix_rule(*sides(2, 0, paired=2)) is None and prefix_rule(*sides(3, 0, paired=2)) == ("r.", "p.")
+    assert prefix_rule(*sides(1, 1)) is None
+    # a rest that two base names share is no vote: which one would it be?
+    assert prefix_rule({"x.m.w", "y.m.w", "x.n.w", "y.n.w"}, {"t.m.w", "t.n.w"}) is None

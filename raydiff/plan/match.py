@@ -126,7 +126,7 @@ def prefix_rule(base: set[str], tuned: set[str]) -> tuple[str, str] | None:
     if len(b_only) < 2 or len(t_only) < 2:
         return None
     rests: dict[str, list[str]] = {}
-    for n in b_only:
+    for n in sorted(b_only):
         for k in _cuts(n):
             if "." in n[k:]:
                 rests.setdefault(n[k:], []).append(n[:k])
