@@ -10,6 +10,7 @@ import shutil
 import subprocess
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -248,12 +249,15 @@ def test_report_renders_in_headless_chromium(planted, tmp_path):
     assert white < 0.9 and colours > 200, (white, colours)  # plots drawn, not a blank or error page
 
 
-@pytest.mark.parametrize("run, codec, flip", [("c", "gaps+zstd", range(12, 28)), ("b", "packbits", [20])])
-def test_a_corrupt_stored_mask_is_one_error_naming_the_run_tensor_unit_and_file(planted, tmp_path, run, codec, flip):
-    """Bytes flipped inside a zstd frame of a stored mask (run c's are gaps+zstd), or one byte
-    of a raw packed mask (run b's), stop every query that reads masks with one ``Error:``
-    line naming the run, the tensor, the unit's elements and the damaged file: not
-    pyarrow's "ZSTD decompression failed", and not a wrong overlap counted in silence."""
+@pytest.mark.parametrize("run, codec, damage", [("c", "gaps+zstd", "frame"), ("b", "packbits", "cleared"),
+                                               ("b", "packbits", "set"), ("b", "packbits", "codec")])
+def test_a_corrupt_stored_mask_is_one_error_naming_the_run_tensor_unit_and_file(planted, tmp_path, run, codec, damage):
+    """Bytes flipped inside a zstd frame of a stored mask (run c's are gaps+zstd); a byte of
+    a raw packed mask (run b's) cleared, so fewer entries are set than the unit counted, or
+    set, so more are; or the mask's codec rewritten as ``empty``: each stops every query
+    that reads masks with one ``Error:`` line naming the run, the tensor, the unit's elements
+    and the damaged file, not pyarrow's "ZSTD decompression failed", and not a wrong overlap
+    counted in silence."""
     import pyarrow.parquet as pq
 
     from raydiff.store import Store, layout
@@ -269,17 +273,34 @@ def test_a_corrupt_stored_mask_is_one_error_naming_the_run_tensor_unit_and_file(
              if c == codec and len(SHAPES[name]) == 2 and len(table.column("mask")[i].as_py()) > 40)  # 2-D: profile
     tensor, start, stop, changed = (table.column(c)[i].as_py() for c in ("tensor", "start", "stop", "changed"))
     payload = table.column("mask")[i].as_py()
-    data = bytearray(open(units, "rb").read())
-    at = data.find(payload)
-    assert at > 0 and data.find(payload, at + 1) < 0  # the mask column is stored as it is, once
-    for k in flip:  # inside a frame: past the stream length and the frame header
-        data[at + k] ^= 0xA5
-    open(units, "wb").write(bytes(data))
-    if codec == "packbits":  # 0xA5 flips four bits: the count moves by their balance
-        bits = np.unpackbits(np.frombuffer(payload, np.uint8)[20:21])
-        problem = f"it holds {changed + 4 - 2 * int(bits[[0, 2, 5, 7]].sum())} changed entries where the run counted {changed}"
+    if damage == "codec":  # the file rewritten row group by row group, one codec changed
+        f = pq.ParquetFile(units)
+        groups = [f.read_row_group(g) for g in range(f.metadata.num_row_groups)]
+        with pq.ParquetWriter(units, f.schema_arrow) as w:
+            seen = 0
+            for g in groups:
+                if seen <= i < seen + g.num_rows:
+                    codecs = g.column("mask_codec").to_pylist()
+                    codecs[i - seen] = "empty"
+                    field = g.schema.field("mask_codec")
+                    g = g.set_column(g.schema.get_field_index("mask_codec"), field, pa.array(codecs, field.type))
+                w.write_table(g)
+                seen += g.num_rows
+        problem = f"it holds 0 changed entries where the run counted {changed}"
     else:
-        problem = "ZSTD decompression failed"
+        data = bytearray(open(units, "rb").read())
+        at = data.find(payload)
+        assert at > 0 and data.find(payload, at + 1) < 0  # the mask column is stored as it is, once
+        if damage == "frame":
+            for k in range(12, 28):  # inside the frame: past the stream length and the frame header
+                data[at + k] ^= 0xA5
+            problem = "ZSTD decompression failed"
+        else:
+            k = next(k for k, x in enumerate(payload) if (x != 0 if damage == "cleared" else x != 0xFF))
+            was = int(np.unpackbits(np.frombuffer(payload[k:k + 1], np.uint8)).sum())
+            data[at + k] = 0 if damage == "cleared" else 0xFF
+            problem = f"it holds {changed - was if damage == 'cleared' else changed + 8 - was} changed entries where the run counted {changed}"
+        open(units, "wb").write(bytes(data))
     want = f"Error: the stored mask of tensor '{tensor}' (elements {start}…{stop - 1}) of run {run_id} is corrupt ({problem}"
     fix = f"the store's file {units} is damaged; restore it from a copy, or submit the pair again into a new store"
     runner = CliRunner()
