@@ -441,6 +441,35 @@ def test_a_stack_of_experts_pairs_expert_by_expert_with_per_expert_tensors(tmp_p
     assert res.matching.startswith(f"{len(slices) + 1} tensors compared: {len(slices)} fused_slice, 1 exact")
 
 
+@pytest.mark.parametrize("case", ["rows+", "rows-", "cols+", "cols-", "2-D", "large"])
+def test_a_stack_pairs_only_with_per_expert_tensors_that_add_up_to_it(tmp_path, case):
+    """A stack with two rows more, or fewer, per expert than the other side's gate and up,
+    per-expert tensors one column wider or narrower, or a 2-D tensor under a stack's name:
+    nothing is split, each side keeps its own tensors, listed. Sizes past 256 (``large``,
+    320 rows an expert) pair."""
+    e_, i_, h_ = (2, 160, 8) if case == "large" else (E, I, H)
+    g = _g(3)
+    wide = {"cols+": 1, "cols-": -1}.get(case, 0)
+    per = {f"m.mlp.experts.{e}.{p}.weight": torch.randn(i_, h_ + wide, generator=g).bfloat16()
+           for e in range(e_) for p in ("gate_proj", "up_proj")}
+    rows = 2 * i_ + {"rows+": 2, "rows-": -2}.get(case, 0)
+    stack = {"m.mlp.experts.gate_up_proj": torch.randn(e_, rows, h_, generator=g).bfloat16()}
+    if case == "2-D":
+        stack = {"m.mlp.experts.gate_up_proj": torch.randn(e_ * rows, h_, generator=g).bfloat16()}
+    stack["m.conv.weight"] = torch.randn(4, 3, 3, generator=g)  # 3-D, no stack's name, only in tuned
+    write_checkpoint(tmp_path / "b", per)
+    write_checkpoint(tmp_path / "t", stack)
+    res = submit(str(tmp_path / "b"), str(tmp_path / "t"), _opts(tmp_path, rank="off"))
+    got = {n: (r["status"], r["match"]) for n, r in _by_tensor(str(tmp_path / "store"), res.run_id).items()}
+    assert got.pop("m.conv.weight") == ("only_in_tuned", "none")
+    if case == "large":
+        assert got["m.mlp.experts.gate_up_proj"] == ("fused", "none")
+        assert all(got[n] == ("ok", "fused_slice") for n in per) and len(got) == len(per) + 1
+    else:
+        assert got == {"m.mlp.experts.gate_up_proj": ("only_in_tuned", "none")} | {n: ("only_in_base", "none")
+                                                                                     for n in per}
+
+
 # -- fused projections ---------------------------------------------------------------------
 
 P = "model.layers.0"
