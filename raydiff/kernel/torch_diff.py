@@ -23,12 +23,17 @@ _SIGNED = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _BIT_WEIGHTS = 1 << torch.arange(8, dtype=torch.int32)  # LSB-first, as masks.py stores
 
 
+def read_only_tensor(a: np.ndarray) -> torch.Tensor:
+    """``torch.from_numpy`` of an array that may be read-only (a view of a checkpoint's
+    memory map), without torch's warning about it, which a user would otherwise see on every
+    run that hands such a view to torch: what takes these tensors only reads them."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)
+        return torch.from_numpy(a)
+
+
 def _to_device(bits: np.ndarray, device: str) -> torch.Tensor:
-    signed = np.dtype(f"i{bits.dtype.itemsize}")
-    with warnings.catch_warnings():  # mmapped inputs are read-only; torch only reads them
-        warnings.simplefilter("ignore", UserWarning)
-        t = torch.from_numpy(bits.view(signed))
-    return t.to(device, non_blocking=True)
+    return read_only_tensor(bits.view(np.dtype(f"i{bits.dtype.itemsize}"))).to(device, non_blocking=True)
 
 
 def _packbits(mask: torch.Tensor) -> np.ndarray:

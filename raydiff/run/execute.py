@@ -12,7 +12,6 @@ import hashlib
 import os
 import time
 import traceback
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
@@ -324,7 +323,9 @@ class Executor:
         out: dict[str, object] = {}
         if self.ctx.subspace_k or self.ctx.rank_mode == "exact":
             assert w is not None
-            a, b = (_read_only_tensor(np.ascontiguousarray(x, np.float32)).to(self.device) for x in w)
+            from raydiff.kernel.torch_diff import read_only_tensor  # F32 values are views of the memory map
+
+            a, b = (read_only_tensor(np.ascontiguousarray(x, np.float32)).to(self.device) for x in w)
             if self.ctx.subspace_k:  # None for a matrix holding NaN or ±Inf
                 sub = science.subspace(a, b, self.ctx.subspace_k)
                 if sub is not None:
@@ -369,17 +370,6 @@ class Executor:
             **{k: extra.get(k) for k in _SCIENCE_FIELDS},
         ))
         return Done("spectrum", s.tensor_index, s.base.nbytes + s.tuned.nbytes, time.perf_counter() - t0)
-
-
-def _read_only_tensor(a: np.ndarray) -> torch.Tensor:
-    """``torch.from_numpy`` of an array that may be read-only (an F32 matrix is a view of the
-    checkpoint's memory map), without torch's warning about it, which a user would see on
-    every ``--rank exact`` run of an F32 checkpoint: what takes these tensors only reads them."""
-    import torch
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)
-        return torch.from_numpy(a)
 
 
 def needs_values(s: SpectrumTask, ctx: RunContext) -> bool:
