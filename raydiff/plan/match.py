@@ -135,7 +135,7 @@ def prefix_rule(base: set[str], tuned: set[str]) -> tuple[str, str] | None:
         for k in _cuts(n):
             found = rests.get(n[k:])
             if found:
-                if len(found) == 1 and found[0] != n[:k]:
+                if len(found) == 1:  # its prefix is not n's: the two names are on different sides
                     votes[(n[:k], found[0])] += 1
                 break
     if not votes:
